@@ -1,0 +1,204 @@
+"""The job spec: one pydantic model, validated once, up front.
+
+Every field carries its default and a one-line meaning; README's spec reference is
+generated from these descriptions (tests/test_readme.py keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from client.errors import SpecError
+
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+SYNTHETIC_DATASETS = ("classification", "regression")
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_.]*")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    layers: list[int] = Field(
+        default=[64, 64, 10],
+        description="m_0 (inputs) ... m_L (outputs); L = len-1 layers",
+    )
+    activation: Literal["relu", "tanh", "sigmoid"] = Field(
+        default="relu", description="hidden layers; the output layer is linear"
+    )
+    loss: Literal["cross_entropy", "mse"] = Field(
+        default="cross_entropy",
+        description="cross_entropy (softmax, labels are class ids) | mse (mean over samples and outputs)",
+    )
+    init_scale: float = Field(default=1.0, gt=0, description="sigma: W^(l)_ij ~ N(0, sigma^2 / m_{l-1}); biases 0")
+    seed: int = Field(default=0, ge=0, description="seeds init, shuffling and data splits")
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> ModelSpec:
+        if len(self.layers) < 2:
+            raise ValueError("layers: needs at least 2 widths (inputs and outputs), got " + str(self.layers))
+        if any(m < 1 for m in self.layers):
+            raise ValueError(f"layers: every width must be >= 1, got {self.layers}")
+        if self.loss == "cross_entropy" and self.layers[-1] < 2:
+            raise ValueError("layers: cross_entropy needs >= 2 outputs (one per class), got " f"{self.layers[-1]}")
+        return self
+
+
+class DataSpec(_Strict):
+    source: Literal["synthetic", "sklearn", "file"] = Field(default="sklearn", description="where the data comes from")
+    name: str | None = Field(
+        default="digits",
+        description="sklearn: digits | iris | wine | breast_cancer | diabetes; "
+        "synthetic: classification | regression",
+    )
+    path: str | None = Field(
+        default=None, description="file: .npz with X (n, d) and y (n,) or (n, k); .npy/.csv/.parquet too"
+    )
+    n_samples: int = Field(default=1000, ge=2, description="synthetic: number of samples")
+    n_features: int = Field(default=20, ge=1, description="synthetic: number of features")
+    n_classes: int = Field(default=2, ge=2, description="synthetic classification: number of classes")
+    condition_number: float = Field(
+        default=1.0, ge=1.0, description="synthetic regression: condition number of the feature covariance"
+    )
+    noise: float = Field(default=0.0, ge=0.0, description="synthetic: label noise (std for regression)")
+    validation_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="held out, never trained on"
+    )
+    standardize: bool = Field(default=False, description="z-score features with training-set statistics")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataSpec:
+        if self.source == "sklearn" and self.name not in SKLEARN_DATASETS:
+            raise ValueError(f"name: sklearn dataset must be one of {', '.join(SKLEARN_DATASETS)}, got {self.name!r}")
+        if self.source == "synthetic" and self.name not in SYNTHETIC_DATASETS:
+            raise ValueError(
+                f"name: synthetic dataset must be one of {', '.join(SYNTHETIC_DATASETS)}, got {self.name!r}"
+            )
+        if self.source == "file" and not self.path:
+            raise ValueError("path: required when source is 'file'")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    method: Literal["sgd", "heavy_ball", "nesterov"] = Field(default="heavy_ball", description="update rule")
+    lr: float = Field(default=0.1, gt=0, description="eta")
+    alpha: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="heavy ball: W+ = W - alpha*eta*g + (1 - alpha)(W - W_prev); ignored by sgd",
+    )
+    schedule: Literal["constant", "inverse_time", "inverse_power"] = Field(
+        default="constant", description="step size eta_t as a function of the step t"
+    )
+    decay_steps: float = Field(default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)")
+    power: float = Field(default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)")
+
+
+class BatchSpec(_Strict):
+    size: int | None = Field(default=128, ge=1, description="n'; null or >= n means the full batch (GD)")
+    growth: float = Field(default=1.0, ge=1.0, description="n' is multiplied by this after every epoch")
+    max_size: int | None = Field(default=None, ge=1, description="cap on the grown n' (default n)")
+
+
+class StoppingSpec(_Strict):
+    max_epochs: int = Field(default=100, ge=0, description="stop after this many epochs")
+    max_steps: int | None = Field(default=None, ge=0, description="stop after this many steps")
+    weight_change_tol: float | None = Field(
+        default=None, gt=0, description="||W_t - W_{t-t'}|| / ||W_{t-t'}|| < tol, t' = steps of the last epoch"
+    )
+    grad_tol: float | None = Field(
+        default=None, gt=0, description="||mean of the last t' minibatch gradients|| < tol, after warmup_steps"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="T0: grad_tol is only checked for t >= T0")
+    target_loss: float | None = Field(default=None, description="training loss (epoch mean) <= target")
+    patience: int | None = Field(
+        default=None, ge=1, description="epochs without validation-loss improvement > min_delta"
+    )
+    min_delta: float = Field(default=0.0, ge=0, description="smallest validation-loss drop that counts")
+
+
+class ClusterSpec(_Strict):
+    num_workers: int = Field(default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray")
+    mode: Literal["sync", "async"] = Field(
+        default="sync", description="sync: one exact minibatch step per round; async: bounded staleness"
+    )
+    max_staleness: int = Field(
+        default=4, ge=0, description="async: a gradient older than this many versions is dropped"
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto | cpu | gpu (error if none)")
+    dtype: Literal["float32", "float64"] = Field(default="float32", description="floating-point type")
+
+
+class JobSpec(_Strict):
+    name: str | None = Field(default=None, description="optional label")
+    priority: int = Field(default=0, description="higher runs first; FIFO within a priority")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    stopping: StoppingSpec = Field(default_factory=StoppingSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    init_weights: str | None = Field(default=None, description="optional .npz to start from instead of random init")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> JobSpec:
+        if self.cluster.mode == "async" and self.cluster.num_workers == 0:
+            raise ValueError("cluster.mode: async needs num_workers >= 1")
+        if self.stopping.patience is not None and self.data.validation_fraction == 0.0:
+            raise ValueError("stopping.patience: needs validation data (data.validation_fraction > 0)")
+        return self
+
+
+def field_errors(error: ValidationError) -> list[dict[str, str]]:
+    """pydantic's errors as [{field, message}], the field dotted (``stopping.max_epochs``)."""
+    out = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        # Model validators name their field in the message ("layers: ..."): fold it into the location.
+        head, sep, tail = msg.partition(": ")
+        if sep and _FIELD_NAME.fullmatch(head):
+            loc = f"{loc}.{head}" if loc else head
+            msg = tail
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append({"field": loc or "(spec)", "message": msg})
+    return out
+
+
+def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
+    """A JobSpec from a YAML/JSON path, a dict or a JobSpec; SpecError names every bad field."""
+    if isinstance(source, JobSpec):
+        return source
+    if isinstance(source, (str, Path)):
+        source = read_spec_file(Path(source))
+    if not isinstance(source, dict):
+        raise SpecError("the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}])
+    try:
+        return JobSpec.model_validate(source)
+    except ValidationError as e:
+        errors = field_errors(e)
+        raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec ({e.strerror})", [{"field": "(file)", "message": str(e)}]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise SpecError(f"{path}: not valid YAML/JSON: {e}", [{"field": "(file)", "message": str(e)}]) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of fields", [{"field": "(file)", "message": "not a mapping"}])
+    return data

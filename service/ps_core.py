@@ -1,0 +1,85 @@
+"""The parameter server's logic without Ray: combine gradient sums, update (W, u), keep epoch statistics.
+
+The Ray actor (service/parameter_server.py) and the in-process engine (service/local_engine.py) are thin
+shells over this class, so both compute exactly the same step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from client.spec import JobSpec
+from service.checkpoint import load_checkpoint, save_checkpoint
+from service.criteria import GradientStats
+from service.optim import OptState, Optimizer, new_state
+from workers.backend import to_numpy
+
+
+class ServerCore:
+    def __init__(self, spec: JobSpec, W0: np.ndarray, xp=np, checkpoint: str | Path | None = None):
+        self.xp = xp
+        self.dtype = np.dtype(spec.cluster.dtype)
+        self.optimizer = Optimizer(spec.optimizer, spec.model.layers)
+        self.meta: dict | None = None
+        if checkpoint is not None and Path(checkpoint).exists():
+            arrays, self.meta = load_checkpoint(checkpoint)
+            self.state = OptState(
+                W=xp.asarray(arrays["W"], dtype=self.dtype),
+                u=xp.asarray(arrays["u"], dtype=self.dtype),
+                step=self.meta["step"],
+                version=self.meta["version"],
+            )
+        else:
+            self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp)
+        self.stats = GradientStats(self.state.W.shape[0], xp)
+        self.step_losses: list[float] = []
+        self.samples = 0
+
+    def apply(self, grad_sum, loss_sum: float, count: int) -> None:
+        """One step of (26)+(27): g_B = grad_sum / count; the update never depends on how many parts."""
+        g = grad_sum / count  # (p,) a new buffer: grad_sum may be a read-only object-store view
+        self.optimizer.regularize(g, self.state.W)
+        self.stats.add(g)
+        self.optimizer.apply(self.state, g)
+        self.step_losses.append(loss_sum / count)
+        self.samples += count
+
+    def apply_parts(self, parts) -> None:
+        """Sync mode: sum the K workers' (grad_sum, loss_sum, count) into one exact minibatch step."""
+        grad_sum, loss_sum, count = parts[0]
+        if len(parts) > 1:
+            grad_sum = grad_sum.copy()
+            for g, l, c in parts[1:]:
+                grad_sum += g
+                loss_sum += l
+                count += c
+        self.apply(grad_sum, loss_sum, count)
+
+    def end_epoch(self) -> dict:
+        """The epoch's figures; resets the running sums for the next epoch."""
+        grad_avg_norm, grad_noise = self.stats.summary()
+        out = {
+            "step_losses": np.asarray(self.step_losses, dtype=np.float64),
+            "samples": self.samples,
+            "step": self.state.step,
+            "grad_avg_norm": grad_avg_norm,
+            "grad_noise": grad_noise,
+            "lr": self.optimizer.lr(max(self.state.step - 1, 0)),
+        }
+        self.stats.reset()
+        self.step_losses, self.samples = [], 0
+        return out
+
+    def weights(self) -> np.ndarray:
+        """A host copy of W that later steps cannot change."""
+        W = to_numpy(self.state.W)
+        return W.copy() if W is self.state.W else W
+
+    def checkpoint(self, path: str | Path, meta: dict) -> None:
+        save_checkpoint(
+            path,
+            {"W": self.weights(), "u": to_numpy(self.state.u)},
+            {**meta, "step": self.state.step, "version": self.state.version},
+        )

@@ -1,0 +1,40 @@
+"""Step sizes eta_t as pure functions of the step t, and the batch size n'_e as a function of the epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from client.spec import BatchSpec, OptimizerSpec
+
+Schedule = Callable[[int], float]
+
+
+def constant(eta: float) -> Schedule:
+    """eta_t = eta: SGD then wanders at a noise floor instead of converging."""
+    return lambda t: eta
+
+
+def inverse_time(eta: float, decay_steps: float) -> Schedule:
+    """eta_t = eta / (1 + t / decay_steps): sum eta_t = inf, eta_t -> 0 (Robbins-Monro)."""
+    return lambda t: eta / (1.0 + t / decay_steps)
+
+
+def inverse_power(eta: float, power: float) -> Schedule:
+    """eta_t = eta / (1 + t)^power; Robbins-Monro for 0.5 < power <= 1."""
+    return lambda t: eta / (1.0 + t) ** power
+
+
+def make_schedule(opt: OptimizerSpec) -> Schedule:
+    if opt.schedule == "inverse_time":
+        return inverse_time(opt.lr, opt.decay_steps)
+    if opt.schedule == "inverse_power":
+        return inverse_power(opt.lr, opt.power)
+    return constant(opt.lr)
+
+
+def batch_size(batch: BatchSpec, n: int, epoch: int) -> int:
+    """n'_e = min(max_size, round(n'_0 * growth^e)), never more than n; null or >= n is full-batch GD."""
+    if batch.size is None or batch.size >= n:
+        return n
+    cap = min(batch.max_size or n, n)
+    return max(1, min(cap, round(batch.size * batch.growth**epoch)))
