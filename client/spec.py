@@ -158,19 +158,68 @@ class JobSpec(_Strict):
         return self
 
 
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_KINDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping of fields",
+    "model_type": "a mapping of fields",
+    "model_attributes_type": "a mapping of fields",
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain_message(e: dict) -> str:
+    """pydantic's wording rewritten as DESIGN.md's: what is allowed, then what was given."""
+    kind, ctx = e["type"], e.get("ctx") or {}
+    got = f", got {_shown(e['input'])}" if "input" in e else ""
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        key, op = _BOUNDS[kind]
+        bound = ctx[key]
+        bound = f"{bound:g}" if isinstance(bound, float) else str(bound)
+        return f"must be {op} {bound}{got}"
+    if kind == "literal_error" and "expected" in ctx:
+        return f"must be one of {ctx['expected']}{got}"
+    if kind in _KINDS:
+        return f"must be {_KINDS[kind]}{got}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    return e["msg"]
+
+
 def field_errors(error: ValidationError) -> list[dict[str, str]]:
     """pydantic's errors as [{field, message}], the field dotted (``stopping.max_epochs``)."""
     out = []
     for e in error.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        # Model validators name their field in the message ("layers: ..."): fold it into the location.
-        head, sep, tail = msg.partition(": ")
-        if sep and _FIELD_NAME.fullmatch(head):
-            loc = f"{loc}.{head}" if loc else head
-            msg = tail
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+        if e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            # Model validators name their field in the message ("layers: ..."): fold it into the location.
+            head, sep, tail = msg.partition(": ")
+            if sep and _FIELD_NAME.fullmatch(head):
+                loc = f"{loc}.{head}" if loc else head
+                msg = tail
+        else:
+            msg = _plain_message(e)
         out.append({"field": loc or "(spec)", "message": msg})
     return out
 
@@ -194,11 +243,14 @@ def read_spec_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise SpecError(f"{path}: cannot read spec ({e.strerror})", [{"field": "(file)", "message": str(e)}]) from None
+        msg = f"{path}: cannot read spec ({e.strerror})"
+        raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise SpecError(f"{path}: not valid YAML/JSON: {e}", [{"field": "(file)", "message": str(e)}]) from None
+        msg = f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: the spec must be a mapping of fields", [{"field": "(file)", "message": "not a mapping"}])
+        msg = f"{path}: the spec must be a mapping of fields, got {type(data).__name__}"
+        raise SpecError(msg, [{"field": "(file)", "message": msg}])
     return data

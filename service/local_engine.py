@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from client.spec import JobSpec
+from service.checkpoint import load_checkpoint, save_checkpoint
 from service.ps_core import ServerCore
 from workers.backend import get_backend
 from workers.data import Dataset
@@ -15,19 +16,16 @@ from workers.mlp import MLP
 
 class LocalEngine:
     drives_steps = False  # the trainer hands it one batch at a time
+    recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
 
-    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray, checkpoint: str | Path | None = None):
+    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
         self.backend = get_backend(spec.cluster.device)
         xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
         self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
         self.X = xp.asarray(dataset.X_train, dtype=dtype)  # (n, m_0)
         self.y = xp.asarray(dataset.y_train if dataset.classification else dataset.y_train.astype(dtype))
-        self.core = ServerCore(spec, W0, xp, checkpoint)
+        self.core = ServerCore(spec, W0, xp)
         self.grad = xp.empty(self.mlp.p, dtype=dtype)
-
-    @property
-    def resumed_meta(self) -> dict | None:
-        return self.core.meta
 
     def step(self, batch: np.ndarray) -> None:
         idx = self.backend.asarray(batch)
@@ -41,7 +39,13 @@ class LocalEngine:
         return self.core.weights()
 
     def checkpoint(self, path: str | Path, meta: dict) -> None:
-        self.core.checkpoint(path, meta)
+        arrays, counters = self.core.snapshot()
+        save_checkpoint(path, arrays, {**meta, **counters})
+
+    def restore(self, path: str | Path) -> dict:
+        arrays, meta = load_checkpoint(path)
+        self.core.restore(arrays, meta)
+        return meta
 
     def describe(self) -> str:
         return f"in-process on {self.backend.describe()}"

@@ -6,33 +6,20 @@ shells over this class, so both compute exactly the same step.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from client.spec import JobSpec
-from service.checkpoint import load_checkpoint, save_checkpoint
 from service.criteria import GradientStats
 from service.optim import OptState, Optimizer, new_state
 from workers.backend import to_numpy
 
 
 class ServerCore:
-    def __init__(self, spec: JobSpec, W0: np.ndarray, xp=np, checkpoint: str | Path | None = None):
+    def __init__(self, spec: JobSpec, W0: np.ndarray, xp=np):
         self.xp = xp
         self.dtype = np.dtype(spec.cluster.dtype)
         self.optimizer = Optimizer(spec.optimizer, spec.model.layers)
-        self.meta: dict | None = None
-        if checkpoint is not None and Path(checkpoint).exists():
-            arrays, self.meta = load_checkpoint(checkpoint)
-            self.state = OptState(
-                W=xp.asarray(arrays["W"], dtype=self.dtype),
-                u=xp.asarray(arrays["u"], dtype=self.dtype),
-                step=self.meta["step"],
-                version=self.meta["version"],
-            )
-        else:
-            self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp)
+        self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp)
         self.stats = GradientStats(self.state.W.shape[0], xp)
         self.step_losses: list[float] = []
         self.samples = 0
@@ -77,9 +64,18 @@ class ServerCore:
         W = to_numpy(self.state.W)
         return W.copy() if W is self.state.W else W
 
-    def checkpoint(self, path: str | Path, meta: dict) -> None:
-        save_checkpoint(
-            path,
-            {"W": self.weights(), "u": to_numpy(self.state.u)},
-            {**meta, "step": self.state.step, "version": self.state.version},
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, counters) of everything an update changes: what a checkpoint must hold."""
+        arrays = {"W": self.weights(), "u": to_numpy(self.state.u).copy()}
+        return arrays, {"step": self.state.step, "version": self.state.version}
+
+    def restore(self, arrays: dict[str, np.ndarray], counters: dict) -> None:
+        xp = self.xp
+        self.state = OptState(
+            W=xp.asarray(arrays["W"], dtype=self.dtype).copy(),
+            u=xp.asarray(arrays["u"], dtype=self.dtype).copy(),
+            step=counters["step"],
+            version=counters["version"],
         )
+        self.stats.reset()
+        self.step_losses, self.samples = [], 0

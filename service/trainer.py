@@ -8,7 +8,9 @@ on Ray (service/ray_engine.py). An engine offers:
     run_epoch(epoch, batch_size, max_steps, should_cancel) -> bool   # drives_steps engines only
     end_epoch() -> dict                     # step_losses, samples, step, grad_avg_norm, grad_noise, lr, ...
     weights() -> np.ndarray                 # W after the last step, on the host
-    checkpoint(path, meta); resumed_meta; describe(); close()
+    checkpoint(path, meta); restore(path) -> meta
+    recoverable: tuple of exception types   # a lost parameter server; then recover() and resume
+    describe(); close()
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,17 @@ def initial_weights(spec: JobSpec) -> np.ndarray:
     return init_params(layers, spec.model.init_scale, np.random.default_rng([spec.model.seed, 0]), np, dtype)
 
 
+def make_engine(spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+    """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
+    if spec.cluster.num_workers == 0:
+        from service.local_engine import LocalEngine
+
+        return LocalEngine(spec, dataset, W0)
+    from service.ray_engine import AsyncRayEngine, SyncRayEngine
+
+    return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, dataset, W0)
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Every epoch visits each training row once, in a fresh order that depends only on (seed, epoch)."""
     return np.random.default_rng([seed, 2, epoch]).permutation(n)
@@ -97,80 +110,119 @@ def _first_non_finite(step_losses: np.ndarray) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
+@dataclass
+class Progress:
+    """Where a job stands between epochs; stored in every checkpoint so a resumed job picks up here."""
+
+    epoch: int = 0
+    step: int = 0
+    samples_seen: int = 0
+    elapsed_seconds: float = 0.0
+    stopper: dict | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Progress:
+        return cls(**{k: meta[k] for k in ("epoch", "step", "samples_seen", "elapsed_seconds", "stopper") if k in meta})
+
+
+MAX_RECOVERIES = 3
+
+
 def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: Hooks | None = None) -> TrainResult:
-    """Train until a stopping criterion is met, the job is cancelled, or it diverges."""
+    """Train until a stopping criterion is met, the job is cancelled, or it diverges.
+
+    With ``hooks.job_dir`` the job resumes from its checkpoint there, and a parameter server lost
+    mid-epoch (``engine.recoverable``) is restored from the last checkpoint and the epoch redone.
+    """
     hooks = hooks or Hooks()
     job_dir = Path(hooks.job_dir) if hooks.job_dir else None
-    stopper = Stopper(spec.stopping)
+    checkpoint = job_dir / CHECKPOINT if job_dir else None
+    best_file = job_dir / BEST_WEIGHTS if job_dir else None
+    layers = spec.model.layers
     validate = Validator(spec, dataset)
-    n = dataset.n_train
-    meta = engine.resumed_meta or {}
-    epoch, t = meta.get("epoch", 0), meta.get("step", 0)
-    elapsed_before = meta.get("elapsed_seconds", 0.0)
-    samples_seen = meta.get("samples_seen", 0)
-    if "stopper" in meta:
-        stopper.load_state(meta["stopper"])
-    W_prev = engine.weights()
-    best = load_npz(job_dir / BEST_WEIGHTS) if job_dir and meta and (job_dir / BEST_WEIGHTS).exists() else None
-    best_W = from_dict(best, spec.model.layers, W_prev.dtype) if best else None
     metrics: list[EpochMetrics] = []
-    started = time.perf_counter()
+
+    def resume() -> tuple[Progress, Stopper, np.ndarray]:
+        meta = engine.restore(checkpoint) if checkpoint and checkpoint.exists() else {}
+        progress, stopper = Progress.from_meta(meta), Stopper(spec.stopping)
+        if progress.stopper:
+            stopper.load_state(progress.stopper)
+        del metrics[progress.epoch :]  # epochs after the checkpoint are redone and reported again
+        return progress, stopper, engine.weights()
+
+    progress, stopper, W_prev = resume()
+    best_W = from_dict(load_npz(best_file), layers, W_prev.dtype) if best_file and best_file.exists() else None
 
     def finish(state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
         if job_dir:
-            save_npz(job_dir / LAST_WEIGHTS, to_dict(W, spec.model.layers))
+            save_npz(job_dir / LAST_WEIGHTS, to_dict(W, layers))
         return TrainResult(state, reason, W, best_W, error, metrics)
 
-    if spec.stopping.max_epochs == 0 or (spec.stopping.max_steps == 0):
+    if spec.stopping.max_epochs == 0 or spec.stopping.max_steps == 0:
         reason = StopReason.MAX_EPOCHS if spec.stopping.max_epochs == 0 else StopReason.MAX_STEPS
         return finish(JobState.SUCCEEDED, reason, W_prev)
 
+    recoveries = 0
     while True:
-        bs = batch_size(spec.batch, n, epoch)
-        order = epoch_order(spec.model.seed, epoch, n)
+        n = dataset.n_train
+        bs = batch_size(spec.batch, n, progress.epoch)
         steps = math.ceil(n / bs)
         if spec.stopping.max_steps is not None:
-            steps = min(steps, spec.stopping.max_steps - t)
+            steps = min(steps, spec.stopping.max_steps - progress.step)
         epoch_start = time.perf_counter()
-        if engine.drives_steps:
-            cancelled = engine.run_epoch(epoch, bs, steps, hooks.should_cancel)
-        else:
-            cancelled = False
-            for i in range(steps):
-                if hooks.should_cancel():
-                    cancelled = True
-                    break
-                engine.step(order[i * bs : (i + 1) * bs])
-        res = engine.end_epoch()
-        W = engine.weights()
+        try:
+            if engine.drives_steps:
+                cancelled = engine.run_epoch(progress.epoch, bs, steps, hooks.should_cancel)
+            else:
+                cancelled = False
+                order = epoch_order(spec.model.seed, progress.epoch, n)
+                for i in range(steps):
+                    if hooks.should_cancel():
+                        cancelled = True
+                        break
+                    engine.step(order[i * bs : (i + 1) * bs])
+            res = engine.end_epoch()
+            W = engine.weights()
+        except engine.recoverable:
+            recoveries += 1
+            if recoveries > MAX_RECOVERIES:
+                raise
+            engine.recover()
+            progress, stopper, W_prev = resume()
+            continue
         epoch_seconds = time.perf_counter() - epoch_start
         done = len(res["step_losses"])
         bad = _first_non_finite(res["step_losses"])
         if bad is not None or not np.isfinite(W).all():
-            at = t + (bad + 1 if bad is not None else done)
-            msg = f"diverged at epoch {epoch + 1}, step {at}: the loss became non-finite (try a smaller optimizer.lr)"
+            at = progress.step + (bad + 1 if bad is not None else done)
+            msg = (
+                f"diverged at epoch {progress.epoch + 1}, step {at}: the loss became non-finite "
+                "(try a smaller optimizer.lr)"
+            )
             return finish(JobState.FAILED, StopReason.DIVERGED, W_prev, msg)
         if cancelled and done == 0:
             return finish(JobState.CANCELLED, StopReason.CANCELLED, W)
-        epoch += 1
-        t = res["step"]
-        samples_seen += res["samples"]
+        progress.epoch += 1
+        progress.step = res["step"]
+        progress.samples_seen += res["samples"]
+        progress.elapsed_seconds += epoch_seconds
         train_loss = float(res["step_losses"].mean()) if done else None
         val_loss, val_acc = validate(W)
-        if stopper.observe_validation(epoch, val_loss):
+        if stopper.observe_validation(progress.epoch, val_loss):
             best_W = W.copy()
-            if job_dir:
-                save_npz(job_dir / BEST_WEIGHTS, to_dict(W, spec.model.layers))
-        outcome = EpochOutcome(epoch, t, train_loss, val_loss, relative_change(W, W_prev), res["grad_avg_norm"])
+            if best_file:
+                save_npz(best_file, to_dict(W, layers))
+        outcome = EpochOutcome(
+            progress.epoch, progress.step, train_loss, val_loss, relative_change(W, W_prev), res["grad_avg_norm"]
+        )
         criteria, stop = stopper.check(outcome)
         if cancelled:
             stop = StopReason.CANCELLED
-        elapsed = elapsed_before + time.perf_counter() - started
         m = EpochMetrics(
             job_id=job_id,
-            epoch=epoch,
-            step=t,
-            samples_seen=samples_seen,
+            epoch=progress.epoch,
+            step=progress.step,
+            samples_seen=progress.samples_seen,
             batch_size=bs,
             lr=res["lr"],
             train_loss=train_loss,
@@ -181,7 +233,7 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
             grad_avg_norm=res["grad_avg_norm"],
             grad_noise=res["grad_noise"],
             samples_per_second=res["samples"] / epoch_seconds if epoch_seconds > 0 else 0.0,
-            elapsed_seconds=elapsed,
+            elapsed_seconds=progress.elapsed_seconds,
             staleness_mean=res.get("staleness_mean"),
             staleness_max=res.get("staleness_max"),
             dropped_gradients=res.get("dropped"),
@@ -193,9 +245,23 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
         if stop is not None:
             state = JobState.CANCELLED if stop == StopReason.CANCELLED else JobState.SUCCEEDED
             return finish(state, stop, W)
-        if job_dir:
-            engine.checkpoint(
-                job_dir / CHECKPOINT,
-                {"epoch": epoch, "elapsed_seconds": elapsed, "samples_seen": samples_seen, "stopper": stopper.state()},
-            )
+        if checkpoint:
+            progress.stopper = stopper.state()
+            engine.checkpoint(checkpoint, asdict(progress))
         W_prev = W
+
+
+def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, dataset: Dataset | None = None):
+    """Load the data, build the engine the spec asks for, train, and release the engine.
+
+    Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
+    Ray must already be connected when ``cluster.num_workers`` > 0 (service.ray_engine.connect).
+    """
+    from workers.data import load_dataset
+
+    dataset = dataset if dataset is not None else load_dataset(spec.data, spec.model)
+    engine = make_engine(spec, dataset, initial_weights(spec))
+    try:
+        return run(spec, dataset, engine, job_id, hooks)
+    finally:
+        engine.close()

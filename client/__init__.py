@@ -1,0 +1,26 @@
+"""polyak's client: the job spec and wire models, the SDK (Client, Job) and its typed errors.
+
+Imports no Ray, service or worker code, and no matplotlib: submitting a job stays light.
+"""
+
+from client.errors import JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.models import Criterion, EpochMetrics, JobInfo, JobState, StopReason
+from client.sdk import Client, Job
+from client.spec import JobSpec, parse_spec
+
+__all__ = [
+    "Client",
+    "Criterion",
+    "EpochMetrics",
+    "Job",
+    "JobInfo",
+    "JobNotFound",
+    "JobSpec",
+    "JobState",
+    "PolyakError",
+    "ServerError",
+    "SpecError",
+    "StopReason",
+    "Unauthorized",
+    "parse_spec",
+]

@@ -1,0 +1,350 @@
+"""The SDK: a typed HTTP client for the polyak service, and a handle on one job.
+
+Every call goes through ``Client._send``: it adds the bearer token, turns transport failures and
+error answers into the typed errors of ``client.errors`` (always carrying the server's message),
+and ``Client._request`` parses the answer into the wire model the caller asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from client.errors import JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.models import EpochMetrics, JobInfo, JobState
+from client.spec import JobSpec, parse_spec
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+
+_EVENT_MODELS: dict[str, type[BaseModel]] = {"epoch": EpochMetrics, "state": JobInfo, "end": JobInfo}
+
+
+class Client:
+    """Talks to one polyak server. ``transport`` is handed to httpx (tests pass an ``httpx.MockTransport``).
+
+    ``retries`` and ``backoff`` bound how ``Job.stream``/``Job.wait`` reconnect a dropped event
+    stream: up to ``retries`` attempts in a row without a new epoch, sleeping ``backoff * 2**k`` s.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        retries: int = 5,
+        backoff: float = 0.5,
+    ):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        token = token if token is not None else os.environ.get("POLYAK_TOKEN") or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- the API, one method per endpoint ---------------------------------------------------------
+
+    def submit(self, spec: str | Path | dict[str, Any] | JobSpec) -> Job:
+        """Queue a job. The spec is validated here first, so a bad one fails before any request."""
+        body = parse_spec(spec).model_dump(mode="json")
+        info = self._request("POST", "/jobs", JobInfo, json=body)
+        return Job(info.id, self)
+
+    def get(self, job_id: str) -> JobInfo:
+        return self._request("GET", f"/jobs/{job_id}", JobInfo)
+
+    def list(self, state: JobState | str | None = None) -> list[JobInfo]:
+        return self._request("GET", "/jobs", list[JobInfo], params={"state": _value(state)})
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return self._request("POST", f"/jobs/{job_id}/cancel", JobInfo)
+
+    def metrics(self, job_id: str) -> list[EpochMetrics]:
+        return self._request("GET", f"/jobs/{job_id}/metrics", list[EpochMetrics])
+
+    def weights(self, job_id: str, which: str = "last") -> dict[str, np.ndarray]:
+        """The job's weights (``last`` or ``best``) as ``{"W1": ..., "b1": ..., ...}``."""
+        path = f"/jobs/{job_id}/weights"
+        response = self._send("GET", path, params={"which": which})
+        try:
+            return _read_npz(response.content)
+        except (ValueError, OSError, EOFError) as e:
+            raise ServerError(f"GET {self.url}{path}: answer is not a readable .npz ({e})") from None
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health", dict[str, Any])
+
+    def events(self, job_id: str, after: int | None = None) -> Iterator[tuple[str, BaseModel]]:
+        """The job's Server-Sent Events as ``(kind, model)``: ``epoch`` -> EpochMetrics,
+        ``state``/``end`` -> JobInfo; ends when the server closes. ``after`` skips epochs <= after."""
+        return self._events(job_id, after, deadline=None)
+
+    def job(self, job_id: str) -> Job:
+        return Job(job_id, self)
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, into: Any, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        try:
+            return _adapter(into).validate_json(response.content)
+        except ValidationError as e:
+            raise ServerError(f"{method} {self.url}{path}: unreadable answer: {_first_error(e)}") from None
+
+    def _send(self, method: str, path: str, params: dict | None = None, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, params=_drop_none(params), **kwargs)
+        except httpx.TransportError as e:
+            raise self._transport_error(e, method, path) from None
+        if not response.is_success:
+            raise _error_from(response)
+        return response
+
+    def _events(self, job_id: str, after: int | None, deadline: float | None) -> Iterator[tuple[str, Any]]:
+        path = f"/jobs/{job_id}/events"
+        # With a deadline, no single read may block past it; keep-alive comments re-arm the read timeout.
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = max(0.01, min(timeout, deadline - time.monotonic()))
+        params = _drop_none({"after": after})
+        try:
+            with self._http.stream("GET", path, params=params, timeout=timeout) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _error_from(response)
+                for kind, data in parse_sse(_before(response.iter_lines(), deadline)):
+                    if kind in _EVENT_MODELS:
+                        yield kind, self._parse_event(kind, data, path)
+        except httpx.TransportError as e:
+            raise self._transport_error(e, "GET", path) from None
+
+    def _parse_event(self, kind: str, data: str, path: str) -> BaseModel:
+        try:
+            return _EVENT_MODELS[kind].model_validate_json(data)
+        except ValidationError as e:
+            raise ServerError(f"GET {self.url}{path}: unreadable {kind} event: {_first_error(e)}") from None
+
+    def _transport_error(self, error: httpx.TransportError, method: str, path: str) -> ServerError:
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return ServerError(
+                f"cannot reach polyak server at {self.url}: is `polyak serve` running? ({error})"
+            )
+        detail = str(error) or type(error).__name__
+        return ServerError(f"{method} {self.url}{path}: connection to the polyak server failed: {detail}")
+
+
+class Job:
+    """A handle on one job: its id and the client that reaches it."""
+
+    def __init__(self, id: str, client: Client):
+        self.id = id
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, url={self.client.url!r})"
+
+    def info(self) -> JobInfo:
+        return self.client.get(self.id)
+
+    def cancel(self) -> JobInfo:
+        return self.client.cancel(self.id)
+
+    def metrics(self) -> list[EpochMetrics]:
+        return self.client.metrics(self.id)
+
+    def weights(self, which: str = "last") -> dict[str, np.ndarray]:
+        return self.client.weights(self.id, which)
+
+    def stream(self) -> Iterator[EpochMetrics]:
+        """Every epoch's metrics, history first then live, each exactly once, until the job ends."""
+        for kind, model in self._follow(deadline=None):
+            if kind == "epoch":
+                yield model
+
+    def events(self) -> Iterator[tuple[str, BaseModel]]:
+        """Like ``Client.events``, but surviving dropped connections: every epoch once, ``end`` last."""
+        return self._follow(deadline=None)
+
+    def wait(self, timeout: float | None = None, poll: float = 2.0) -> JobInfo:
+        """The final JobInfo once the job ends; TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            try:
+                return self._follow_to_end(deadline)
+            except ServerError:
+                # The stream gave up (e.g. a proxy that buffers SSE); plain requests may still get through.
+                return self._poll(deadline, poll)
+        except TimeoutError:
+            raise TimeoutError(f"job {self.id} did not finish within {timeout:g} s") from None
+
+    def _follow_to_end(self, deadline: float | None) -> JobInfo:
+        final = None
+        for kind, model in self._follow(deadline):
+            if kind == "end":
+                final = model
+        return final
+
+    def _poll(self, deadline: float | None, poll: float) -> JobInfo:
+        while True:
+            info = self.info()
+            if info.state.is_terminal():
+                return info
+            _sleep(poll, deadline)
+
+    def _follow(self, deadline: float | None) -> Iterator[tuple[str, BaseModel]]:
+        """Events until ``end``, reconnecting with ``after=<last epoch seen>`` when the stream drops."""
+        last_epoch: int | None = None
+        failures = 0
+        while True:
+            try:
+                for kind, model in self.client._events(self.id, last_epoch, deadline):
+                    if kind == "epoch":
+                        # A server that ignores `after` must not make us yield an epoch twice.
+                        if last_epoch is not None and model.epoch <= last_epoch:
+                            continue
+                        last_epoch = model.epoch
+                        # Only a new epoch is progress: a server that replays its state and drops
+                        # the connection again must still run out of retries.
+                        failures = 0
+                    yield kind, model
+                    if kind == "end":
+                        return
+                cause = "the stream ended before the job did"
+            except ServerError as e:
+                cause = e.message
+            failures += 1
+            if failures > self.client.retries:
+                raise ServerError(
+                    f"lost the event stream of job {self.id} after {self.client.retries} reconnects: {cause}"
+                )
+            _sleep(self.client.backoff * 2 ** (failures - 1), deadline)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(event, data)`` for each Server-Sent Event in ``lines``; comments and ``id``/``retry`` skipped."""
+    kind, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, "\n".join(data)
+            kind, data = "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+    if data:
+        yield kind, "\n".join(data)
+
+
+def _before(lines: Iterator[str], deadline: float | None) -> Iterator[str]:
+    # Checked per line, keep-alive comments included, so a quiet job cannot outlast the deadline.
+    for line in lines:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        yield line
+
+
+def _sleep(seconds: float, deadline: float | None) -> None:
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        seconds = min(seconds, left)
+    time.sleep(seconds)
+
+
+def _error_from(response: httpx.Response) -> PolyakError:
+    status = response.status_code
+    detail = _detail(response)
+    if detail is None:
+        text = response.text.strip()[:200] or response.reason_phrase
+        return ServerError(f"{response.request.method} {response.request.url}: HTTP {status}: {text}", status)
+    message, errors = detail
+    if status in (401, 403):
+        return Unauthorized(message, status)
+    if status == 404:
+        return JobNotFound(message, status)
+    if status in (400, 422):
+        return SpecError(message, errors, status)
+    if status >= 500:
+        return ServerError(message, status)
+    return PolyakError(message, status)
+
+
+def _detail(response: httpx.Response) -> tuple[str, list[dict[str, str]]] | None:
+    """The error body's message and field errors; None when the body is not polyak's JSON error."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "detail" not in body:
+        return None
+    detail = body["detail"]
+    if isinstance(detail, list):
+        # FastAPI's own request validation (a bad query parameter) puts pydantic's error list here.
+        errors = [_field_error(e) for e in detail if isinstance(e, dict)]
+        return "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors
+    errors = body.get("errors")
+    errors = [_field_error(e) for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+    return str(detail), errors
+
+
+def _field_error(error: dict[str, Any]) -> dict[str, str]:
+    if "field" in error:
+        return {"field": str(error["field"]), "message": str(error.get("message", ""))}
+    loc = [str(p) for p in error.get("loc", []) if p not in ("body", "query", "path")]
+    return {"field": ".".join(loc) or "(request)", "message": str(error.get("msg", ""))}
+
+
+def _read_npz(content: bytes) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(io.BytesIO(content)):
+        raise ValueError("not a zip archive")
+    with np.load(io.BytesIO(content), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+@cache
+def _adapter(into: Any) -> TypeAdapter:
+    return TypeAdapter(into)
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(body)"
+    return f"{loc}: {first['msg']} ({error.error_count()} error(s))"
+
+
+def _drop_none(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if params is None else {k: v for k, v in params.items() if v is not None}
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)

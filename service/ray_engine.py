@@ -1,0 +1,191 @@
+"""The Ray runtime behind the trainer's engine interface: one parameter server, K gradient workers.
+
+sync: every step is one exact minibatch step of (26). The driver only submits calls: each worker's
+``gradient`` takes the previous ``apply``'s ObjectRef as its weights, and ``apply`` takes the workers'
+ObjectRefs as its gradients, so gradients and weights move worker <-> server through the object store
+and never through the driver. A small window of steps stays in flight, which hides the driver's
+submission latency while keeping cancel close to "at the next step".
+
+async: each worker runs its own pull/compute/push loop over its shard; the server drops gradients
+more than ``max_staleness`` versions old.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from client.spec import JobSpec
+from service.checkpoint import load_checkpoint, save_checkpoint
+from service.parameter_server import ParameterServer
+from workers.data import Dataset, shard_bounds
+from workers.gradient_worker import GradientWorker
+
+log = logging.getLogger(__name__)
+
+STEPS_IN_FLIGHT = 4
+RECONNECT_SECONDS = 120
+
+
+class ParameterServerLost(RuntimeError):
+    """The parameter server died (or restarted) mid-epoch; its last checkpoint is the way back."""
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join or start Ray; True when this call started a local instance (the caller shuts it down).
+
+    No address (or "local") starts a single-node Ray on this machine, never joining a cluster that
+    happens to run here. Any other address joins that cluster and ships the three packages with the job.
+    """
+    if ray.is_initialized():
+        return False
+    if address in (None, "", "local"):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    import client
+    import service
+    import workers
+
+    packages = [str(Path(m.__file__).parent) for m in (client, service, workers)]
+    ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING)
+    return False
+
+
+def resolve_device(device: str, num_workers: int) -> str:
+    """auto -> gpu when the cluster has a GPU for every worker, else cpu; gpu without GPUs is an error."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "gpu" and gpus < num_workers:
+        raise ValueError(
+            f"cluster.device: gpu needs {num_workers} GPU(s) (one per worker) but the Ray cluster has {gpus:g}"
+        )
+    if device == "auto":
+        return "gpu" if gpus >= num_workers else "cpu"
+    return device
+
+
+class RayEngine:
+    recoverable = (ParameterServerLost, RayActorError)
+
+    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+        K = spec.cluster.num_workers
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if K > cpus:
+            raise ValueError(f"cluster.num_workers = {K} needs {K} CPUs but the Ray cluster has {cpus:g}")
+        self.device = resolve_device(spec.cluster.device, K)
+        spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"device": self.device})})
+        spec_json = spec.model_dump_json()
+        self.bounds = shard_bounds(dataset.n_train, K)
+        self.W0 = np.asarray(W0)
+        # Restarted workers rebuild their shard and Ray retries the call they died in: gradient() is pure.
+        worker_options = dict(
+            num_cpus=1, num_gpus=1 if self.device == "gpu" else 0, max_restarts=-1, max_task_retries=-1
+        )
+        self.workers = [
+            ray.remote(GradientWorker).options(**worker_options).remote(spec_json, k, K) for k in range(K)
+        ]
+        # A restarted server comes back empty: recover() and the trainer put W0 or the checkpoint back.
+        server = ray.remote(ParameterServer).options(num_cpus=0, max_restarts=-1, max_task_retries=0)
+        self.server = server.remote(spec_json, self.W0.size)
+        self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
+        self._reset()
+
+    def _connect(self) -> None:
+        self.incarnation = ray.get(self.server.ping.remote())
+        self.inflight: deque = deque()
+        self.w_ref = self.server.weights.remote()
+        self.W = np.array(ray.get(self.w_ref))
+
+    # -- the trainer's interface --------------------------------------------------------------------
+    def end_epoch(self) -> dict:
+        try:
+            figures, W = ray.get(self.server.end_epoch.remote())
+        finally:
+            self.inflight.clear()
+        if figures.pop("incarnation") != self.incarnation:
+            raise ParameterServerLost("the parameter server restarted during the epoch")
+        self.W = np.array(W)
+        return figures
+
+    def weights(self) -> np.ndarray:
+        return self.W
+
+    def checkpoint(self, path: str | Path, meta: dict) -> None:
+        arrays, counters = ray.get(self.server.snapshot.remote())
+        save_checkpoint(path, arrays, {**meta, **counters})
+
+    def restore(self, path: str | Path) -> dict:
+        arrays, meta = load_checkpoint(path)
+        ray.get(self.server.restore.remote(arrays, meta))
+        self._connect()
+        return meta
+
+    def recover(self) -> None:
+        """Wait for the restarted server, then put it back at the initial weights (a checkpoint may follow)."""
+        ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=30)
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                ray.get(self.server.ping.remote(), timeout=10)
+                break
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        log.warning("parameter server lost; restored and resuming from the last checkpoint")
+        self._reset()
+
+    def _reset(self) -> None:
+        """Back to the initial weights and an empty momentum buffer."""
+        ray.get(self.server.restore.remote({"W": self.W0, "u": np.zeros_like(self.W0)}, {"step": 0, "version": 0}))
+        self._connect()
+
+    def describe(self) -> str:
+        rows = ", ".join(str(i["rows"]) for i in self.worker_info)
+        return f"Ray {self.mode}, {len(self.workers)} worker(s) on {self.worker_info[0]['device']} (shard rows: {rows})"
+
+    def close(self) -> None:
+        for actor in (*self.workers, self.server):
+            ray.kill(actor, no_restart=True)
+
+
+class SyncRayEngine(RayEngine):
+    mode = "sync"
+    drives_steps = False
+
+    def step(self, batch: np.ndarray) -> None:
+        """Split the batch's rows by shard, one ``gradient`` call per worker holding some, one ``apply``."""
+        shard_of = np.searchsorted(self.bounds, batch, side="right") - 1
+        parts = []
+        for k, worker in enumerate(self.workers):
+            rows = batch[shard_of == k] - self.bounds[k]
+            if rows.size:
+                parts.append(worker.gradient.remote(self.w_ref, rows))
+        self.w_ref = self.server.apply.remote(*parts)
+        self.inflight.append(self.w_ref)
+        if len(self.inflight) > STEPS_IN_FLIGHT:
+            ray.wait([self.inflight.popleft()], fetch_local=False)
+
+
+class AsyncRayEngine(RayEngine):
+    mode = "async"
+    drives_steps = True
+
+    def run_epoch(self, epoch: int, batch_size: int, max_steps: int, should_cancel) -> bool:
+        """Let every worker pass over its shard once; True when cancelled part-way."""
+        ray.get(self.server.begin_epoch.remote(max_steps))
+        runs = [w.run_async_epoch.remote(self.server, epoch, batch_size) for w in self.workers]
+        pending, cancelled = runs, False
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
+            if pending and not cancelled and should_cancel():
+                self.server.stop.remote()
+                cancelled = True
+        ray.get(runs)
+        return cancelled
+

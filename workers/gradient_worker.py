@@ -1,0 +1,70 @@
+"""The gradient worker: a Ray actor and a thin shell over workers/mlp.py.
+
+It builds its own data shard from the spec (nothing is shipped through the driver), keeps it on the
+GPU when the device is gpu, and returns (gradient sum, loss sum, count) for the rows it is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from client.spec import JobSpec
+from workers.backend import get_backend, to_numpy
+from workers.data import load_shard
+from workers.mlp import MLP
+
+# Status strings of ParameterServer.push, repeated here because workers never import service code.
+APPLIED, STALE, STOP = "applied", "stale", "stop"
+
+
+class GradientWorker:
+    def __init__(self, spec_json: str, shard: int, num_shards: int):
+        spec = JobSpec.model_validate_json(spec_json)
+        self.backend = get_backend(spec.cluster.device)
+        if self.backend.device == "cpu":
+            # One BLAS thread per worker: K workers on K cores, not K x cores threads fighting.
+            from threadpoolctl import threadpool_limits
+
+            self._limits = threadpool_limits(limits=1)
+        xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
+        X, y = load_shard(spec.data, spec.model, shard, num_shards)
+        self.X = xp.asarray(X, dtype=dtype)  # (n_k, m_0)
+        self.y = xp.asarray(y if spec.model.loss == "cross_entropy" else y.astype(dtype))
+        self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
+        self.grad = xp.empty(self.mlp.p, dtype=dtype)
+        self.dtype = dtype
+        self.seed = spec.model.seed
+        self.shard = shard
+
+    def info(self) -> dict:
+        return {"rows": int(self.X.shape[0]), "device": self.backend.describe(), "shard": self.shard}
+
+    def gradient(self, W: np.ndarray, rows: np.ndarray):
+        """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""
+        xp = self.backend.xp
+        idx = xp.asarray(rows)
+        grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
+        return to_numpy(grad_sum), loss_sum, count
+
+    def run_async_epoch(self, server, epoch: int, batch_size: int) -> int:
+        """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.
+
+        A stale gradient is recomputed at fresh weights. After a restart the worker skips the batches
+        the server already applied this epoch. Returns the number of pushes that were applied.
+        """
+        n = self.X.shape[0]
+        order = np.random.default_rng([self.seed, 3, epoch, self.shard]).permutation(n)
+        done, version, (w_ref,) = ray.get(server.join_epoch.remote(self.shard))
+        applied = 0
+        for start in range(done * batch_size, n, batch_size):
+            rows = order[start : start + batch_size]
+            while True:
+                g, loss_sum, count = self.gradient(ray.get(w_ref), rows)
+                status, version, (w_ref,) = ray.get(server.push.remote(g, loss_sum, count, version, self.shard))
+                if status != STALE:
+                    break
+            if status == STOP:
+                break
+            applied += 1
+        return applied
