@@ -48,9 +48,9 @@ class ParameterServer:
         return self.core.state.W  # serialised on return, before any later call can change it
 
     # -- async -------------------------------------------------------------------------------------
-    def begin_epoch(self, step_limit: int) -> None:
-        """Async: the PS stops accepting gradients after ``step_limit`` more steps (or ``stop``)."""
-        self._begin_epoch(self.core.state.step + step_limit)
+    def begin_epoch(self, step_budget: int | None) -> None:
+        """Async: the PS stops accepting gradients after ``step_budget`` more steps (or ``stop``)."""
+        self._begin_epoch(None if step_budget is None else self.core.state.step + step_budget)
 
     def stop(self) -> None:
         self.stopped = True

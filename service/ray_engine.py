@@ -176,9 +176,9 @@ class AsyncRayEngine(RayEngine):
     mode = "async"
     drives_steps = True
 
-    def run_epoch(self, epoch: int, batch_size: int, max_steps: int, should_cancel) -> bool:
-        """Let every worker pass over its shard once; True when cancelled part-way."""
-        ray.get(self.server.begin_epoch.remote(max_steps))
+    def run_epoch(self, epoch: int, batch_size: int, step_budget: int | None, should_cancel) -> bool:
+        """Let every worker pass over its shard once (at most ``step_budget`` steps); True when cancelled."""
+        ray.get(self.server.begin_epoch.remote(step_budget))
         runs = [w.run_async_epoch.remote(self.server, epoch, batch_size) for w in self.workers]
         pending, cancelled = runs, False
         while pending:

@@ -5,7 +5,7 @@ on Ray (service/ray_engine.py). An engine offers:
 
     drives_steps: bool                      # False: the trainer hands it batches; True: async workers drive
     step(batch)                             # one exact minibatch step of (26) over these training rows
-    run_epoch(epoch, batch_size, max_steps, should_cancel) -> bool   # drives_steps engines only
+    run_epoch(epoch, batch_size, step_budget, should_cancel) -> bool  # drives_steps engines only
     end_epoch() -> dict                     # step_losses, samples, step, grad_avg_norm, grad_noise, lr, ...
     weights() -> np.ndarray                 # W after the last step, on the host
     checkpoint(path, meta); restore(path) -> meta
@@ -166,16 +166,15 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
     while True:
         n = dataset.n_train
         bs = batch_size(spec.batch, n, progress.epoch)
-        steps = math.ceil(n / bs)
-        if spec.stopping.max_steps is not None:
-            steps = min(steps, spec.stopping.max_steps - progress.step)
+        budget = None if spec.stopping.max_steps is None else spec.stopping.max_steps - progress.step
         epoch_start = time.perf_counter()
         try:
-            if engine.drives_steps:
-                cancelled = engine.run_epoch(progress.epoch, bs, steps, hooks.should_cancel)
+            if engine.drives_steps:  # async: each worker passes over its own shard, t' = sum_k ceil(n_k / n')
+                cancelled = engine.run_epoch(progress.epoch, bs, budget, hooks.should_cancel)
             else:
                 cancelled = False
                 order = epoch_order(spec.model.seed, progress.epoch, n)
+                steps = math.ceil(n / bs) if budget is None else min(math.ceil(n / bs), budget)
                 for i in range(steps):
                     if hooks.should_cancel():
                         cancelled = True

@@ -1,0 +1,207 @@
+"""The Ray runtime: sync equals the in-process loop, async converges, faults are survived."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from client.models import EpochMetrics, JobState, StopReason
+from client.spec import parse_spec
+from service.ray_engine import AsyncRayEngine, SyncRayEngine
+from service.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
+from workers.data import load_dataset
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def digits_spec(**overrides):
+    spec = {
+        "model": {"layers": [64, 32, 10], "seed": 3},
+        "data": {"source": "sklearn", "name": "digits", "validation_fraction": 0.2, "standardize": True},
+        "optimizer": {"method": "heavy_ball", "lr": 0.5, "alpha": 0.2},
+        "batch": {"size": 100},
+        "stopping": {"max_epochs": 3},
+        "cluster": {"num_workers": 2, "device": "cpu", "dtype": "float64"},
+    }
+    for path, value in overrides.items():
+        section, key = path.split(".")
+        spec[section][key] = value
+    return parse_spec(spec)
+
+
+def train(spec, hooks=None, engine_hook=None):
+    ds = load_dataset(spec.data, spec.model)
+    engine = make_engine(spec, ds, initial_weights(spec))
+    try:
+        if engine_hook:
+            hooks = engine_hook(engine)
+        return run(spec, ds, engine, "t", hooks)
+    finally:
+        engine.close()
+
+
+def test_sync_is_deterministic_and_equals_the_in_process_loop():
+    local = train(digits_spec(**{"cluster.num_workers": 0}))
+    one = train(digits_spec(**{"cluster.num_workers": 1}))
+    two = train(digits_spec())
+    again = train(digits_spec())
+    np.testing.assert_array_equal(two.weights, again.weights)  # same spec and seed -> identical weights
+    np.testing.assert_allclose(one.weights, local.weights, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(two.weights, local.weights, rtol=0, atol=1e-10)
+    for a, b in zip(local.metrics, two.metrics):
+        assert a.step == b.step and a.samples_seen == b.samples_seen
+        assert a.train_loss == pytest.approx(b.train_loss, abs=1e-12)
+        assert a.grad_noise == pytest.approx(b.grad_noise, rel=1e-8)
+
+
+def test_full_batch_gd_trajectory_is_the_same_for_one_and_two_workers():
+    per_epoch = {}
+    for k in (1, 2):
+        spec = digits_spec(**{"cluster.num_workers": k, "batch.size": None, "stopping.max_epochs": 6})
+        result = train(spec)
+        per_epoch[k] = [(m.train_loss, m.weight_norm) for m in result.metrics]
+        assert [m.step for m in result.metrics] == [1, 2, 3, 4, 5, 6]  # full batch: one step per epoch
+        assert all(m.batch_size == 1438 for m in result.metrics)
+    np.testing.assert_allclose(per_epoch[1], per_epoch[2], rtol=1e-12)
+
+
+def test_the_update_is_an_average_not_a_sum_of_worker_gradients():
+    """If the server summed the K parts, K=2 would take twice the step of K=1 from the same W0."""
+    spec1 = digits_spec(**{"cluster.num_workers": 1, "batch.size": None, "stopping.max_epochs": 1})
+    spec2 = digits_spec(**{"batch.size": None, "stopping.max_epochs": 1})
+    w0 = initial_weights(spec1)
+    d1 = np.linalg.norm(train(spec1).weights - w0)
+    d2 = np.linalg.norm(train(spec2).weights - w0)
+    assert d2 == pytest.approx(d1, rel=1e-10)
+
+
+def test_metrics_carry_every_field_of_the_design():
+    seen: list[EpochMetrics] = []
+    result = train(digits_spec(**{"stopping.weight_change_tol": 1e-9}), Hooks(on_epoch=seen.append))
+    assert result.state == JobState.SUCCEEDED and result.stop_reason == StopReason.MAX_EPOCHS
+    assert [m.epoch for m in seen] == [1, 2, 3]
+    m = seen[-1]
+    assert m.job_id == "t" and m.step == 3 * 15 and m.samples_seen == 3 * 1438 and m.batch_size == 100
+    assert m.lr == 0.5
+    for name in ("train_loss", "val_loss", "val_accuracy", "weight_norm", "weight_change", "grad_avg_norm",
+                 "grad_noise", "samples_per_second", "elapsed_seconds"):
+        value = getattr(m, name)
+        assert value is not None and np.isfinite(value) and value >= 0, name
+    assert m.staleness_mean is None and m.staleness_max is None  # sync steps are never stale
+    assert [c.name for c in m.criteria] == ["weight_change", "max_epochs"]
+    assert m.criteria[1].value == 3 and m.criteria[1].threshold == 3 and m.criteria[1].met
+    assert m.stop == StopReason.MAX_EPOCHS
+
+
+def test_async_converges_on_digits_and_reports_staleness():
+    result = train(digits_spec(**{"cluster.mode": "async", "stopping.max_epochs": 8, "batch.size": 50}))
+    assert result.state == JobState.SUCCEEDED
+    last = result.metrics[-1]
+    assert last.val_accuracy >= 0.9
+    assert last.staleness_mean is not None and 0 <= last.staleness_mean <= last.staleness_max <= 4
+    # every row of both shards is used once per epoch: t' = ceil(719/50) + ceil(719/50)
+    assert [m.step for m in result.metrics][:2] == [15 + 15, 30 + 30]
+
+
+def test_async_drops_gradients_older_than_max_staleness():
+    result = train(digits_spec(**{"cluster.mode": "async", "cluster.max_staleness": 0, "batch.size": 20,
+                                  "stopping.max_epochs": 2}))
+    assert result.state == JobState.SUCCEEDED
+    assert all(m.staleness_max == 0 for m in result.metrics)  # nothing older than 0 versions was applied
+    assert sum(m.dropped_gradients for m in result.metrics) > 0  # two workers race: some pushes were stale
+    assert result.metrics[-1].step == 2 * (36 + 36)  # dropped batches were recomputed, none lost
+
+
+def killer(at_step: int, target):
+    """A should_cancel hook that kills an actor of the engine just before the given step."""
+
+    def hook(engine):
+        calls = {"n": 0}
+
+        def should_cancel():
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                ray.kill(target(engine), no_restart=False)
+            return False
+
+        return Hooks(should_cancel=should_cancel, job_dir=hook.job_dir)
+
+    return hook
+
+
+def test_a_killed_worker_is_restarted_and_sync_weights_equal_an_undisturbed_run(tmp_path):
+    spec = digits_spec(**{"stopping.max_epochs": 4})
+    undisturbed = train(spec)
+    hook = killer(at_step=20, target=lambda e: e.workers[1])
+    hook.job_dir = tmp_path
+    disturbed = train(spec, engine_hook=hook)
+    assert disturbed.state == JobState.SUCCEEDED and len(disturbed.metrics) == 4
+    np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
+
+
+def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path):
+    spec = digits_spec(**{"stopping.max_epochs": 4})
+    undisturbed = train(spec)
+    hook = killer(at_step=40, target=lambda e: e.server)  # mid-epoch 3: the checkpoint holds epoch 2
+    hook.job_dir = tmp_path
+    disturbed = train(spec, engine_hook=hook)
+    assert disturbed.state == JobState.SUCCEEDED
+    assert [m.epoch for m in disturbed.metrics] == [1, 2, 3, 4]
+    assert (tmp_path / CHECKPOINT).exists()
+    np.testing.assert_allclose(disturbed.weights, undisturbed.weights, rtol=0, atol=1e-12)
+
+
+def test_async_goes_on_after_a_worker_is_killed(tmp_path):
+    spec = digits_spec(**{"cluster.mode": "async", "stopping.max_epochs": 3, "batch.size": 50})
+
+    def hook(engine):
+        def on_epoch(m):
+            if m.epoch == 1:
+                ray.kill(engine.workers[0], no_restart=False)
+
+        return Hooks(on_epoch=on_epoch, job_dir=tmp_path)
+
+    result = train(spec, engine_hook=hook)
+    assert result.state == JobState.SUCCEEDED and [m.epoch for m in result.metrics] == [1, 2, 3]
+    assert result.metrics[-1].step == 3 * 30
+
+
+def test_cancel_takes_effect_at_the_next_step_and_keeps_the_last_weights():
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        return calls["n"] > 20  # 15 steps of epoch 1, then 5 of epoch 2
+
+    result = train(digits_spec(**{"stopping.max_epochs": 10}), Hooks(should_cancel=should_cancel))
+    assert result.state == JobState.CANCELLED and result.stop_reason == StopReason.CANCELLED
+    assert [m.step for m in result.metrics] == [15, 20]
+    assert result.metrics[-1].stop == StopReason.CANCELLED
+    reference = train(digits_spec(**{"stopping.max_steps": 20, "cluster.num_workers": 0}))
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=0, atol=1e-10)
+
+
+def test_engines_are_chosen_by_the_spec():
+    ds = load_dataset(digits_spec().data, digits_spec().model)
+    for mode, cls in (("sync", SyncRayEngine), ("async", AsyncRayEngine)):
+        spec = digits_spec(**{"cluster.mode": mode, "cluster.num_workers": 1})
+        engine = make_engine(spec, ds, initial_weights(spec))
+        try:
+            assert isinstance(engine, cls)
+            assert engine.worker_info == [{"rows": 1438, "device": engine.worker_info[0]["device"], "shard": 0}]
+            assert engine.worker_info[0]["device"].startswith("cpu")
+        finally:
+            engine.close()
+
+
+def test_more_workers_than_cpus_is_a_clear_error():
+    spec = digits_spec(**{"cluster.num_workers": 64})
+    with pytest.raises(ValueError, match=r"cluster.num_workers = 64 needs 64 CPUs but the Ray cluster has 2"):
+        train(spec)
+
+
+def test_gpu_without_gpus_is_a_clear_error():
+    spec = digits_spec(**{"cluster.device": "gpu"})
+    with pytest.raises(ValueError, match=r"cluster.device: gpu needs 2 GPU\(s\).*has 0"):
+        train(spec)
