@@ -93,5 +93,63 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
         sys.exit(130)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=".polyak",
+              show_default=True, help="job database, checkpoints, weights; a restart on it resumes every job")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to join (auto, ADDR); default: a local Ray, started when a job needs it")
+@click.option("--max-concurrent-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="jobs running at once (each also needs its workers' CPUs/GPUs free)")
+@click.option("--token", "server_token", envvar="POLYAK_TOKEN", default=None,
+              help="require 'Authorization: Bearer TOKEN' on every route but /health  [env: POLYAK_TOKEN]")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="data.path and init_weights must lie in this folder; relative ones resolve against it")
+def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
+          server_token: str | None, data_root: Path | None) -> None:
+    """Run the job service: HTTP API, durable job queue and scheduler."""
+    import ipaddress
+    import logging
+    import sqlite3
+
+    import uvicorn
+
+    from service.api import create_app
+    from service.cluster import Cluster, ClusterUnavailable
+    from service.scheduler import Scheduler
+    from service.store import Store
+
+    server_token = server_token or None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may well resolve to a public address
+        loopback = False
+    if not loopback and server_token is None:
+        _fail(f"refusing to listen on {host} without a token: anyone who can reach it could run jobs. "
+              "Pass --token (or set POLYAK_TOKEN), or listen on 127.0.0.1.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        store = Store(data_dir)
+    except (OSError, sqlite3.Error) as e:
+        _fail(f"cannot open the job database in {data_dir}: {e}")
+    cluster = Cluster(ray_address)
+    try:
+        if ray_address:
+            cluster.connect()  # a wrong address should fail now, not with the first job
+        scheduler = Scheduler(store, cluster, max_concurrent_jobs)
+        app = create_app(scheduler, token=server_token, data_root=data_root)
+        logging.getLogger("polyak").info(
+            "polyak serving on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
+            data_dir.resolve(), max_concurrent_jobs, ", token required" if server_token else "")
+        # Open event streams would otherwise hold a shutdown until their jobs end.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    except ClusterUnavailable as e:
+        _fail(str(e))
+    finally:
+        cluster.shutdown()
+        store.close()
+
+
 def main() -> None:
     cli(prog_name="polyak")

@@ -1,8 +1,7 @@
 """The parameter server: a Ray actor holding (W, u, t, version), a thin shell over ServerCore.
 
-Sync mode: ``apply(*parts)`` receives the K workers' gradient sums (Ray resolves the ObjectRefs, so no
-gradient passes through the driver), takes one exact step and returns the new W — Ray stores that
-return value once, and the next step's workers read it zero-copy from the object store.
+Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/ray_engine.py):
+W goes to the K workers, their gradient sums come back, and ``apply`` takes one exact step.
 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
 answers with the current version and a reference to W, put in the object store once per version.
@@ -39,13 +38,17 @@ class ParameterServer:
         self.dropped = 0
         self.applied_by_shard: dict[int, int] = {}
 
-    # -- sync --------------------------------------------------------------------------------------
-    def weights(self) -> np.ndarray:
+    # -- sync (the compiled graph's two server nodes) ------------------------------------------------
+    def current(self, _rows) -> np.ndarray:
+        """W for this step's workers; serialised into the graph's channel before apply can change it."""
         return self.core.state.W
 
-    def apply(self, *parts) -> np.ndarray:
+    def apply(self, *parts) -> int:
         self.core.apply_parts(parts)
-        return self.core.state.W  # serialised on return, before any later call can change it
+        return self.core.state.version
+
+    def step_count(self) -> int:
+        return self.core.state.step
 
     # -- async -------------------------------------------------------------------------------------
     def begin_epoch(self, step_budget: int | None) -> None:

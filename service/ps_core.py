@@ -35,6 +35,7 @@ class ServerCore:
 
     def apply_parts(self, parts) -> None:
         """Sync mode: sum the K workers' (grad_sum, loss_sum, count) into one exact minibatch step."""
+        parts = [part for part in parts if part[2] > 0]  # a shard may hold none of a step's rows
         grad_sum, loss_sum, count = parts[0]
         if len(parts) > 1:
             grad_sum = grad_sum.copy()

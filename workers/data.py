@@ -178,12 +178,20 @@ def check_fits(ds: Dataset, layers) -> None:
 
 # -- the dataset a job trains on -----------------------------------------------------------------
 def load_dataset(data: DataSpec, model: ModelSpec) -> Dataset:
-    """Load, check, split (seeded) and standardize with training statistics. Cached per process."""
-    return _load_cached(data.model_dump_json(), model.model_dump_json())
+    """Load, check, split (seeded) and standardize with training statistics. Cached per process; a data
+    file is read again when it has changed on disk (the cache key holds its size and modification time)."""
+    version = None
+    if data.source == "file" and data.path:
+        try:
+            st = Path(data.path).stat()
+            version = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            version = None  # _file reports the missing file
+    return _load_cached(data.model_dump_json(), model.model_dump_json(), version)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(data_json: str, model_json: str) -> Dataset:
+def _load_cached(data_json: str, model_json: str, file_version: tuple | None = None) -> Dataset:
     data, model = DataSpec.model_validate(json.loads(data_json)), ModelSpec.model_validate(json.loads(model_json))
     if data.source == "sklearn":
         X, y, classification = _sklearn(data.name)

@@ -40,9 +40,14 @@ class GradientWorker:
     def info(self) -> dict:
         return {"rows": int(self.X.shape[0]), "device": self.backend.describe(), "shard": self.shard}
 
+    def ping(self) -> int:
+        return self.shard
+
     def gradient(self, W: np.ndarray, rows: np.ndarray):
         """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""
         xp = self.backend.xp
+        if len(rows) == 0:  # this step's random batch drew nothing from this shard
+            return np.zeros(self.mlp.p, dtype=self.dtype), 0.0, 0
         idx = xp.asarray(rows)
         grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
         return to_numpy(grad_sum), loss_sum, count

@@ -1,0 +1,270 @@
+"""The HTTP API of DESIGN.md over a Scheduler (FastAPI; OpenAPI at /docs).
+
+Errors are ``{"detail": message}``, plus ``"errors": [{field, message}]`` for a rejected spec (422).
+Bad input of any kind is a 4xx: a request never reaches the scheduler unvalidated, and the scheduler
+itself turns whatever a job raises into that job's ``failed`` state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from client.errors import SpecError
+from client.models import EpochMetrics, JobInfo, JobState
+from client.spec import parse_spec
+from service.checkpoint import load_checkpoint
+from service.cluster import ClusterUnavailable
+from service.events import KEEPALIVE_SECONDS, job_events
+from service.job import Job
+from service.paths import resolve_paths
+from service.scheduler import Scheduler
+from service.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS
+from workers.mlp import to_dict
+
+log = logging.getLogger("polyak")
+
+MAX_BODY_BYTES = 1 << 20
+_SPEC_SCHEMA = {"$ref": "#/components/schemas/JobSpec"}
+_SPEC_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the job spec, as JSON or YAML (Content-Type application/yaml or text/yaml)",
+        "content": {media: {"schema": _SPEC_SCHEMA} for media in ("application/json", "application/yaml")},
+    }
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {
+        "description": "no such job",
+        "content": {"application/json": {"example": {"detail": "no job with id ..."}}},
+    }
+}
+# Module level: FastAPI resolves the (string) annotations of the routes against this module's names.
+_bearer = HTTPBearer(auto_error=False, description="when the server runs with --token / POLYAK_TOKEN")
+_NPZ = {"content": {"application/octet-stream": {}}, "description": "the .npz file"}
+
+
+class BadBody(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(
+    scheduler: Scheduler,
+    *,
+    token: str | None = None,
+    data_root: Path | None = None,
+    keepalive: float = KEEPALIVE_SECONDS,
+) -> FastAPI:
+    """The app; its lifespan starts the scheduler (recovering jobs a previous server left) and stops it."""
+    store = scheduler.store
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(scheduler.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(
+        title="polyak",
+        summary="Distributed minibatch SGD with heavy-ball momentum on Ray, as a job service",
+        lifespan=lifespan,
+    )
+    _add_error_handlers(app)
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if token is None:
+            return
+        if credentials is None:
+            raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>' (polyak --token)")
+        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise _unauthorized("wrong bearer token")
+
+    api = APIRouter(dependencies=[Depends(authorize)])
+
+    def job_or_404(job_id: str) -> Job:
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job with id {job_id}")
+        return job
+
+    @api.post("/jobs", status_code=201, response_model=JobInfo, openapi_extra=_SPEC_BODY)
+    async def submit(request: Request) -> JobInfo:
+        """Queue a job: 201 with its JobInfo (queued); 422 naming every bad field of the spec."""
+        raw = _read_spec(await _body(request), request.headers.get("content-type", ""))
+
+        def queue() -> JobInfo:
+            job = scheduler.submit(resolve_paths(parse_spec(raw), data_root))
+            return scheduler.info(job.id)
+
+        return await run_in_threadpool(queue)
+
+    @api.get("/jobs", response_model=list[JobInfo])
+    def list_jobs(state: JobState | None = None) -> list[JobInfo]:
+        """All jobs, newest first; ``?state=`` keeps those in one state."""
+        return scheduler.infos(state)
+
+    @api.get("/jobs/{job_id}", response_model=JobInfo, responses=_NOT_FOUND)
+    def get_job(job_id: str) -> JobInfo:
+        return scheduler.info(job_or_404(job_id).id)
+
+    @api.get("/jobs/{job_id}/metrics", response_model=list[EpochMetrics], responses=_NOT_FOUND)
+    def get_metrics(job_id: str) -> list[EpochMetrics]:
+        """Every epoch's metrics so far, in order."""
+        return store.metrics(job_or_404(job_id).id)
+
+    @api.get("/jobs/{job_id}/events", responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
+    async def events(
+        job_id: str,
+        after: int | None = Query(None, ge=0, description="replay only epochs after this one"),
+        last_event_id: int | None = Header(None, ge=0, description="what a reconnecting EventSource sends"),
+    ) -> StreamingResponse:
+        """Server-Sent Events: ``state`` now, the epochs so far, then live ``epoch`` and ``state``
+        events; ``end`` with the final JobInfo, then the stream closes. ``: keep-alive`` comments
+        every 10 s."""
+        await run_in_threadpool(job_or_404, job_id)
+
+        def snapshot(after: int) -> tuple[JobInfo, list[EpochMetrics]]:
+            return scheduler.info(job_id), store.metrics(job_id, after)
+
+        start = after if after is not None else (last_event_id or 0)
+        stream = job_events(scheduler.bus, job_id, start, snapshot, keepalive)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    @api.post("/jobs/{job_id}/cancel", response_model=JobInfo, responses=_NOT_FOUND)
+    def cancel(job_id: str) -> JobInfo:
+        """A queued job is cancelled at once; a running one stops at its next step, keeping its last
+        weights and metrics. Cancelling a finished job changes nothing."""
+        if scheduler.cancel(job_id) is None:
+            raise HTTPException(404, f"no job with id {job_id}")
+        return scheduler.info(job_id)
+
+    @api.get(
+        "/jobs/{job_id}/weights",
+        response_class=Response,
+        responses={**_NOT_FOUND, 200: _NPZ},
+    )
+    def weights(job_id: str, which: Literal["last", "best"] = "last") -> Response:
+        """The weights file (W1, b1, ..., WL, bL): ``last`` (a running job's latest checkpoint) or
+        ``best`` (lowest validation loss; needs validation data)."""
+        job = job_or_404(job_id)
+        folder = store.job_dir(job.id)
+        if which == "best":
+            best = _file(folder / BEST_WEIGHTS, job, which)
+            if best is None:
+                raise HTTPException(404, f"job {job.id} has no best weights: {_why_no_best(job)}")
+            return best
+        if job.state.is_terminal() and (found := _file(folder / LAST_WEIGHTS, job, which)):
+            return found
+        if (folder / CHECKPOINT).is_file():
+            arrays, _ = load_checkpoint(folder / CHECKPOINT)
+            buffer = io.BytesIO()
+            np.savez(buffer, **to_dict(arrays["W"], job.spec.model.layers))
+            headers = _attachment(job, which)
+            return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
+        when = "before its first epoch ended" if job.state.is_terminal() else "yet"
+        raise HTTPException(404, f"job {job.id} has no weights {when} (it is {job.state.value})")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Service, Ray and queue status; open even when the server wants a token."""
+        counts = store.counts()
+        return {
+            "status": "ok",
+            "ray": scheduler.cluster.status(),
+            "queue": {
+                "queued": counts["queued"],
+                "running": counts["running"],
+                "max_concurrent_jobs": scheduler.max_concurrent,
+            },
+            "jobs": counts,
+        }
+
+    app.include_router(api)
+    return app
+
+
+# -- request bodies --------------------------------------------------------------------------------
+async def _body(request: Request) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BadBody(413, f"request body is over {MAX_BODY_BYTES} bytes: a job spec is a few hundred")
+    return bytes(body)
+
+
+def _read_spec(body: bytes, content_type: str) -> dict[str, Any]:
+    """The body as a mapping: JSON when the Content-Type says so, else YAML (a superset of JSON), so
+    ``application/yaml``, ``text/yaml`` and whatever ``curl -d`` sends all work."""
+    media = content_type.split(";")[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    if not body.strip():
+        raise BadBody(400, "request body is empty: send the job spec as JSON or YAML")
+    kind = "JSON" if is_json else "YAML"
+    try:
+        text = body.decode("utf-8")
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # JSON's and UTF-8's errors are ValueErrors
+        raise BadBody(400, f"request body is not valid {kind}: {e}") from None
+    if not isinstance(data, dict):
+        # Never handed to parse_spec, which would read a string as a path on this server.
+        message = f"the job spec must be a mapping of fields, got {type(data).__name__}"
+        raise SpecError(message, [{"field": "(spec)", "message": message}])
+    return data
+
+
+# -- answers ---------------------------------------------------------------------------------------
+def _file(path: Path, job: Job, which: str) -> FileResponse | None:
+    if not path.is_file():
+        return None
+    return FileResponse(path, media_type="application/octet-stream", headers=_attachment(job, which))
+
+
+def _attachment(job: Job, which: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{job.id}-{which}.npz"'}
+
+
+def _why_no_best(job: Job) -> str:
+    if job.spec.data.validation_fraction == 0:
+        return "it has no validation data (data.validation_fraction is 0); use which=last"
+    return f"no epoch has been validated yet (it is {job.state.value})"
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SpecError)
+    async def spec_error(request: Request, e: SpecError) -> JSONResponse:
+        return JSONResponse({"detail": f"invalid job spec: {e.message}", "errors": e.errors}, status_code=422)
+
+    @app.exception_handler(BadBody)
+    async def bad_body(request: Request, e: BadBody) -> JSONResponse:
+        return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.exception_handler(ClusterUnavailable)
+    async def no_cluster(request: Request, e: ClusterUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)

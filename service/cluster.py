@@ -1,0 +1,101 @@
+"""The Ray cluster as the scheduler sees it: joined (or started) on first need, asked for its size.
+
+Without an address a local Ray starts with the first job that needs workers, so a service that
+only runs ``num_workers: 0`` jobs never pays for Ray. Ray is imported only in here and the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from client.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 0
+    gpus: float = 0
+
+    def fits_in(self, other: Resources) -> bool:
+        return self.cpus <= other.cpus and self.gpus <= other.gpus
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.cpus + other.cpus, self.gpus + other.gpus)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.cpus - other.cpus, self.gpus - other.gpus)
+
+
+def needs(spec: JobSpec, capacity: Resources) -> Resources:
+    """One CPU per worker actor, plus one GPU each when it computes on a GPU.
+
+    ``auto`` means gpu when the cluster has a GPU per worker: the same rule as ray_engine.resolve_device.
+    """
+    k = spec.cluster.num_workers
+    gpu = spec.cluster.device == "gpu" or (spec.cluster.device == "auto" and k > 0 and capacity.gpus >= k)
+    return Resources(cpus=k, gpus=k if gpu else 0)
+
+
+class ClusterUnavailable(RuntimeError):
+    """Ray could not be started or joined."""
+
+
+class Cluster:
+    def __init__(self, address: str | None = None):
+        self.address = address
+        self._lock = threading.Lock()
+        self._connected = False
+        self._started_here = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self) -> None:
+        """Join the cluster, or start a local Ray; idempotent and safe from any thread."""
+        with self._lock:
+            if self._connected:
+                return
+            from service.ray_engine import connect
+
+            try:
+                self._started_here = connect(self.address)
+            except Exception as e:  # Ray raises many kinds for "not there"; the caller needs one
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+                raise ClusterUnavailable(f"cannot start or join {where}: {type(e).__name__}: {e}") from e
+            self._connected = True
+
+    def capacity(self) -> Resources:
+        """Total CPUs and GPUs of the cluster (queried each time: a cluster may autoscale)."""
+        import ray
+
+        self.connect()
+        total = ray.cluster_resources()
+        return Resources(total.get("CPU", 0), total.get("GPU", 0))
+
+    def status(self) -> dict[str, Any]:
+        """For /health: never connects, never raises."""
+        out: dict[str, Any] = {"connected": self._connected, "address": self.address or "local"}
+        if not self._connected:
+            out["note"] = "Ray starts with the first job that needs workers (cluster.num_workers > 0)"
+            return out
+        try:
+            import ray
+
+            total, free = ray.cluster_resources(), ray.available_resources()
+            out.update(cpus=total.get("CPU", 0), gpus=total.get("GPU", 0),
+                       free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0))
+        except Exception as e:  # a cluster that went away must not take /health with it
+            out.update(connected=False, error=f"{type(e).__name__}: {e}")
+        return out
+
+    def shutdown(self) -> None:
+        """Stop Ray if this service started it; leave a joined cluster running."""
+        with self._lock:
+            if self._started_here:
+                import ray
+
+                ray.shutdown()
+            self._connected = self._started_here = False

@@ -1,0 +1,37 @@
+"""Which files a submitted job may read: ``data.path`` and ``init_weights`` are the server's files.
+
+Relative paths resolve against ``--data-root`` (or the server's working directory without one) and
+are stored absolute, so a job means the same file wherever the server is started from later. With a
+data root, a path that leaves it (``..``, an absolute path, a symlink pointing out) is rejected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.errors import SpecError
+from client.spec import JobSpec
+
+
+def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
+    """The spec with its file paths absolute and checked; SpecError naming the field otherwise."""
+    data, init = spec.data, spec.init_weights
+    if data.source == "file":
+        data = data.model_copy(update={"path": _resolve("data.path", data.path, data_root)})
+    if init:
+        init = _resolve("init_weights", init, data_root)
+    return spec.model_copy(update={"data": data, "init_weights": init})
+
+
+def _resolve(field: str, value: str, root: Path | None) -> str:
+    base = root.resolve() if root else Path.cwd()
+    path = (base / value).resolve()  # follows symlinks: where the file really is decides
+    if root and not path.is_relative_to(base):
+        raise _error(field, f"{value} is outside the server's data root {base}")
+    if not path.is_file():
+        raise _error(field, f"{value} does not exist on the server or is not a file")
+    return str(path)
+
+
+def _error(field: str, message: str) -> SpecError:
+    return SpecError(f"{field}: {message}", [{"field": field, "message": message}])

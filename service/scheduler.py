@@ -1,0 +1,292 @@
+"""The queue and the scheduler: which queued job runs next, and running it.
+
+Order: jobs that were running when the server died come first (they resume), then priority (higher
+first), then submission (FIFO). The queue is taken strictly in that order: the first job that cannot
+start holds back those behind it, so a job that needs many CPUs is never starved by small ones.
+
+Admission: a free job slot (``--max-concurrent-jobs``) and the CPUs/GPUs the job's workers need,
+counted against the cluster's total minus what this service's running jobs hold. Ray's own
+``available_resources`` lags actor creation by a moment, so it would let two jobs take the same CPU.
+
+Each job runs ``train_job`` in its own thread of this process (the Ray driver). Whatever a job
+raises ends that job ``failed``; nothing a job does can stop the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from client.errors import SpecError
+from client.models import EpochMetrics, JobInfo, JobState, StopReason
+from client.spec import JobSpec
+from service.cluster import Cluster, Resources, needs
+from service.events import Bus
+from service.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
+from service.store import Store
+from service.trainer import Hooks, train_job
+
+log = logging.getLogger("polyak")
+
+POLL_SECONDS = 5.0  # a pass also runs this often unwoken: a cluster may have grown
+
+
+def queue_key(job: Job) -> tuple:
+    return (not job.resumed, -job.priority, job.seq)
+
+
+def unfit(spec: JobSpec, capacity: Resources) -> SpecError | None:
+    """Why the job can never run on a cluster of this size, naming the spec field; None if it can."""
+    need, k = needs(spec, capacity), spec.cluster.num_workers
+    if need.cpus > capacity.cpus:
+        field_, msg = "cluster.num_workers", (
+            f"{k} workers need {_count(k, 'CPU')} (one each) but the Ray cluster has {capacity.cpus:g}"
+        )
+    elif need.gpus > capacity.gpus:
+        field_, msg = "cluster.device", (
+            f"gpu needs {_count(k, 'GPU')} (one per worker) but the Ray cluster has {capacity.gpus:g}"
+        )
+    else:
+        return None
+    return SpecError(f"{field_}: {msg}", [{"field": field_, "message": msg}])
+
+
+def shortfall(need: Resources, free: Resources) -> str:
+    parts = []
+    if need.cpus > free.cpus:
+        parts.append(f"needs {_count(need.cpus, 'CPU')}, {free.cpus:g} free")
+    if need.gpus > free.gpus:
+        parts.append(f"needs {_count(need.gpus, 'GPU')}, {free.gpus:g} free")
+    return "; ".join(parts)
+
+
+def _count(n: float, unit: str) -> str:
+    return f"{n:g} {unit}{'' if n == 1 else 's'}"
+
+
+@dataclass
+class _Run:
+    """A job this process is running: what it holds, and its cancel flag."""
+
+    job_id: str
+    holds: Resources
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        cluster: Cluster,
+        max_concurrent: int = 1,
+        train: Callable = train_job,
+    ):
+        self.store = store
+        self.cluster = cluster
+        self.max_concurrent = max_concurrent
+        self.bus = Bus()
+        self._train = train  # tests hand in a stand-in for train_job
+        self._lock = threading.Lock()  # one decision at a time about who runs: dispatch, cancel
+        self._running: dict[str, _Run] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Requeue the jobs a previous server left running (they resume), then start dispatching."""
+        for job in self.store.jobs(RUNNING):
+            # A write the crash cut short; the file it was to replace is still whole.
+            for tmp in self.store.job_dir(job.id).glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+            note = "server restarted: resumes from its last checkpoint"
+            self._set_state(job.id, QUEUED, recovery=True, note=note)
+        self._dispatcher = threading.Thread(target=self._loop, name="polyak-scheduler", daemon=True)
+        self._wake.set()
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop dispatching and interrupt running jobs at their next step; they stay ``running`` in the
+        store, so the next start resumes them from their checkpoints."""
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+        with self._lock:
+            threads = [r.thread for r in self._running.values() if r.thread is not None]
+        for t in threads:
+            t.join(timeout)
+
+    # -- the API's verbs -----------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> Job:
+        """Queue a job; SpecError if the cluster is too small for it ever to run."""
+        if spec.cluster.num_workers > 0:
+            error = unfit(spec, self.cluster.capacity())
+            if error is not None:
+                raise error
+        job = self.store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+        _log_state(job)
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+        with self._lock:
+            job = self.store.get(job_id)
+            if job is None:
+                return None
+            if job.state == QUEUED:
+                job = self._set_state(job_id, CANCELLED, StopReason.CANCELLED, note="cancelled while queued")
+            elif job.state == RUNNING and job_id in self._running:
+                self._running[job_id].cancel.set()
+                log.info("job %s: cancel requested; it stops at its next step", job_id)
+        self._wake.set()
+        return job
+
+    def queue(self) -> list[Job]:
+        """Queued jobs in the order they will start."""
+        return sorted(self.store.jobs(QUEUED), key=queue_key)
+
+    def info(self, job_id: str) -> JobInfo | None:
+        job = self.store.get(job_id)
+        return None if job is None else self._info(job)
+
+    def infos(self, state: JobState | None = None) -> list[JobInfo]:
+        """Newest first."""
+        positions = {j.id: i for i, j in enumerate(self.queue(), start=1)}
+        jobs = reversed(self.store.jobs(state))
+        return [j.info(positions.get(j.id), self.store.latest_metrics(j.id)) for j in jobs]
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    # -- dispatching ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._dispatch()
+            except Exception:
+                log.exception("scheduling pass failed; retrying in %g s", POLL_SECONDS)
+
+    def _dispatch(self) -> None:
+        # Connecting to Ray may take seconds: done before taking the lock that cancel() also needs.
+        wants_ray = any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED))
+        capacity = self.cluster.capacity() if wants_ray else Resources()
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            free = capacity
+            for run in self._running.values():
+                free -= run.holds
+            behind = None  # the waiting reason of every job after the first that lacks resources
+            for job in self.queue():
+                need = needs(job.spec, capacity)
+                if behind is not None:
+                    reason = behind
+                elif len(self._running) >= self.max_concurrent:
+                    reason = f"all {self.max_concurrent} job slot(s) busy (--max-concurrent-jobs)"
+                elif (error := unfit(job.spec, capacity)) is not None:
+                    self._set_state(job.id, FAILED, StopReason.ERROR, error.message, note="too big now")
+                    continue
+                elif not need.fits_in(free):
+                    reason = shortfall(need, free)
+                    behind = f"behind job {job.id}, which {reason}"
+                else:
+                    self._start(job, need)
+                    free -= need
+                    continue
+                if reason != job.waiting_reason:
+                    self.store.set_waiting_reason(job.id, reason)
+
+    def _start(self, job: Job, need: Resources) -> None:
+        job = self._set_state(job.id, RUNNING)
+        run = _Run(job.id, need)
+        run.thread = threading.Thread(target=self._run, args=(job, run), name=f"job-{job.id}", daemon=True)
+        self._running[job.id] = run
+        run.thread.start()
+
+    # -- one job, in its own thread ------------------------------------------------------------------
+    def _run(self, job: Job, run: _Run) -> None:
+        hooks = Hooks(
+            on_epoch=lambda m: self._on_epoch(m, run),
+            should_cancel=lambda: run.cancel.is_set() or self._stopping.is_set(),
+            job_dir=self.store.job_dir(job.id),
+        )
+        try:
+            if job.spec.cluster.num_workers > 0:
+                self.cluster.connect()
+            result = self._train(job.spec, job.id, hooks)
+            state, reason, error = result.state, result.stop_reason, result.error
+        except (ValueError, SpecError) as e:  # bad data, weights or spec: the message says which
+            state, reason, error = FAILED, StopReason.ERROR, str(e)
+        except Exception as e:
+            log.exception("job %s raised", job.id)
+            state, reason, error = FAILED, StopReason.ERROR, f"{type(e).__name__}: {e}"
+        try:
+            if self._interrupted_by_shutdown(run, reason):
+                log.info("job %s interrupted by shutdown: resumes from its checkpoint at next start", job.id)
+            else:
+                self._set_state(job.id, state, reason, error)
+        except Exception:
+            log.exception("job %s: could not record its end", job.id)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+            self._wake.set()
+
+    def _on_epoch(self, m: EpochMetrics, run: _Run) -> None:
+        # The partial epoch a shutdown cuts short is redone when the job resumes: not history.
+        if m.stop == StopReason.CANCELLED and self._interrupted_by_shutdown(run, m.stop):
+            return
+        self.store.record_epoch(m)
+        self.bus.publish(m.job_id, "epoch", m)
+
+    def _interrupted_by_shutdown(self, run: _Run, reason: StopReason) -> bool:
+        if not self._stopping.is_set() or run.cancel.is_set():
+            return False
+        return reason in (StopReason.CANCELLED, StopReason.ERROR)
+
+    # -- state changes -------------------------------------------------------------------------------
+    def _set_state(
+        self,
+        job_id: str,
+        state: JobState,
+        stop_reason: StopReason | None = None,
+        error: str | None = None,
+        *,
+        recovery: bool = False,
+        note: str | None = None,
+    ) -> Job:
+        """Record, announce to listeners and log one state change."""
+        job = self.store.transition(
+            job_id, state, recovery=recovery, note=note, stop_reason=stop_reason, error=error
+        )
+        self.bus.publish(job_id, "state", self._info(job))
+        _log_state(job, note)
+        return job
+
+    def _info(self, job: Job) -> JobInfo:
+        position = None
+        if job.state == QUEUED:
+            position = next((i for i, j in enumerate(self.queue(), start=1) if j.id == job.id), None)
+        return job.info(position, self.store.latest_metrics(job.id))
+
+
+def _log_state(job: Job, note: str | None = None) -> None:
+    name = f" ({job.name})" if job.name else ""
+    details = [f"priority {job.priority}"] if job.state == QUEUED else []
+    if job.stop_reason and job.state.is_terminal():
+        details.append(f"stop: {job.stop_reason.value}")
+    if job.error:
+        details.append(f"error: {job.error}")
+    if note:
+        details.append(note)
+    log.info("job %s%s %s%s", job.id, name, job.state.value, f" [{'; '.join(details)}]" if details else "")

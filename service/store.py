@@ -1,0 +1,229 @@
+"""The durable side of the service: SQLite (WAL) at <data-dir>/polyak.db, files under <data-dir>/jobs/<id>/.
+
+Three tables: ``jobs`` (one row per job, its current state), ``state_changes`` (every transition,
+never rewritten) and ``metrics`` (one row per (job, epoch): a resumed job that reports an epoch again
+overwrites it, so the history holds every epoch exactly once). One connection behind a lock, and
+every write is one short ``BEGIN IMMEDIATE`` transaction: a process killed at any moment leaves the
+database as it was after the last committed write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from client.models import EpochMetrics, JobState, StopReason
+from client.spec import JobSpec
+from service.job import Job, check_transition, utcnow
+
+DB_NAME = "polyak.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id             TEXT NOT NULL UNIQUE,
+    priority       INTEGER NOT NULL,
+    spec           TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    started_at     TEXT,
+    finished_at    TEXT,
+    epoch          INTEGER,
+    stop_reason    TEXT,
+    error          TEXT,
+    waiting_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS state_changes (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    state  TEXT NOT NULL,
+    at     TEXT NOT NULL,
+    note   TEXT
+);
+CREATE INDEX IF NOT EXISTS state_changes_by_job ON state_changes (job_id);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    epoch  INTEGER NOT NULL,
+    data   TEXT NOT NULL,
+    PRIMARY KEY (job_id, epoch)
+) WITHOUT ROWID;
+"""
+_COLUMNS = (
+    "seq, id, spec, state, created_at, started_at, finished_at, epoch, stop_reason, error, waiting_reason"
+)
+
+
+class Store:
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly in _write, never implicitly by sqlite3.
+        self._db = sqlite3.connect(self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL survives a killed process; only a power cut can lose the last commits.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def job_dir(self, job_id: str) -> Path:
+        """Checkpoint, best and last weights of one job (written by the trainer)."""
+        return self.data_dir / "jobs" / job_id
+
+    def journal_mode(self) -> str:
+        return self._read("PRAGMA journal_mode")[0][0]
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def add(self, job: Job) -> Job:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (id, priority, spec, state, created_at) VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.priority, job.spec.model_dump_json(), job.state.value, _iso(job.created_at)),
+            )
+            db.execute(
+                "INSERT INTO state_changes (job_id, state, at) VALUES (?, ?, ?)",
+                (job.id, job.state.value, _iso(job.created_at)),
+            )
+            seq = cursor.lastrowid
+        return replace(job, seq=seq)
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        """Jobs in submission order, all or those in ``state``."""
+        if state is None:
+            rows = self._read(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq")
+        else:
+            rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq", (state.value,))
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in JobState), 0)
+        counts.update(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        return counts
+
+    def transition(
+        self,
+        job_id: str,
+        new: JobState,
+        *,
+        recovery: bool = False,
+        note: str | None = None,
+        stop_reason: StopReason | None = None,
+        error: str | None = None,
+    ) -> Job:
+        """Move a job to ``new`` if the lifecycle allows it (InvalidTransition if not); records the change."""
+        now = _iso(utcnow())
+        with self._write() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            check_transition(JobState(row[0]), new, recovery)
+            db.execute(
+                """UPDATE jobs SET state = ?, waiting_reason = NULL,
+                       started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,
+                       finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
+                       stop_reason = COALESCE(?, stop_reason), error = COALESCE(?, error)
+                   WHERE id = ?""",
+                (
+                    new.value,
+                    new == JobState.RUNNING,
+                    now,
+                    new.is_terminal(),
+                    now,
+                    stop_reason.value if stop_reason else None,
+                    error,
+                    job_id,
+                ),
+            )
+            db.execute(
+                "INSERT INTO state_changes (job_id, state, at, note) VALUES (?, ?, ?, ?)",
+                (job_id, new.value, now, note),
+            )
+        return self.get(job_id)
+
+    def set_waiting_reason(self, job_id: str, reason: str | None) -> None:
+        with self._write() as db:
+            sql = "UPDATE jobs SET waiting_reason = ? WHERE id = ? AND state = 'queued'"
+            db.execute(sql, (reason, job_id))
+
+    def history(self, job_id: str) -> list[tuple[JobState, datetime, str | None]]:
+        """Every state the job entered, oldest first, with when and why."""
+        rows = self._read(
+            "SELECT state, at, note FROM state_changes WHERE job_id = ? ORDER BY rowid", (job_id,)
+        )
+        return [(JobState(s), datetime.fromisoformat(at), note) for s, at, note in rows]
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def record_epoch(self, m: EpochMetrics) -> None:
+        """Upsert on (job, epoch): an epoch redone after a resume replaces the first report of it."""
+        with self._write() as db:
+            db.execute(
+                """INSERT INTO metrics (job_id, epoch, data) VALUES (?, ?, ?)
+                   ON CONFLICT (job_id, epoch) DO UPDATE SET data = excluded.data""",
+                (m.job_id, m.epoch, m.model_dump_json()),
+            )
+            db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (m.epoch, m.job_id))
+
+    def metrics(self, job_id: str, after: int = 0) -> list[EpochMetrics]:
+        rows = self._read(
+            "SELECT data FROM metrics WHERE job_id = ? AND epoch > ? ORDER BY epoch", (job_id, after)
+        )
+        return [EpochMetrics.model_validate_json(r[0]) for r in rows]
+
+    def latest_metrics(self, job_id: str) -> EpochMetrics | None:
+        rows = self._read("SELECT data FROM metrics WHERE job_id = ? ORDER BY epoch DESC LIMIT 1", (job_id,))
+        return EpochMetrics.model_validate_json(rows[0][0]) if rows else None
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _job(row: tuple) -> Job:
+    seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting = row
+    return Job(
+        id=job_id,
+        spec=JobSpec.model_validate_json(spec),
+        state=JobState(state),
+        created_at=datetime.fromisoformat(created),
+        seq=seq,
+        started_at=_time(started),
+        finished_at=_time(finished),
+        epoch=epoch,
+        stop_reason=StopReason(stop_reason) if stop_reason else None,
+        error=error,
+        waiting_reason=waiting,
+    )
