@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,7 +37,9 @@ class ModelSpec(_Strict):
         default="cross_entropy",
         description="cross_entropy (softmax, labels are class ids) | mse (mean over samples and outputs)",
     )
-    init_scale: float = Field(default=1.0, gt=0, description="sigma: W^(l)_ij ~ N(0, sigma^2 / m_{l-1}); biases 0")
+    init_scale: float = Field(
+        default=1.0, gt=0, description="sigma: W^(l)_ij ~ N(0, sigma^2 / m_{l-1}); biases 0"
+    )
     seed: int = Field(default=0, ge=0, description="seeds init, shuffling and data splits")
 
     @model_validator(mode="after")
@@ -47,12 +49,16 @@ class ModelSpec(_Strict):
         if any(m < 1 for m in self.layers):
             raise ValueError(f"layers: every width must be >= 1, got {self.layers}")
         if self.loss == "cross_entropy" and self.layers[-1] < 2:
-            raise ValueError("layers: cross_entropy needs >= 2 outputs (one per class), got " f"{self.layers[-1]}")
+            raise ValueError(
+                f"layers: cross_entropy needs >= 2 outputs (one per class), got {self.layers[-1]}"
+            )
         return self
 
 
 class DataSpec(_Strict):
-    source: Literal["synthetic", "sklearn", "file"] = Field(default="sklearn", description="where the data comes from")
+    source: Literal["synthetic", "sklearn", "file"] = Field(
+        default="sklearn", description="where the data comes from"
+    )
     name: str | None = Field(
         default="digits",
         description="sklearn: digits | iris | wine | breast_cancer | diabetes; "
@@ -68,15 +74,15 @@ class DataSpec(_Strict):
         default=1.0, ge=1.0, description="synthetic regression: condition number of the feature covariance"
     )
     noise: float = Field(default=0.0, ge=0.0, description="synthetic: label noise (std for regression)")
-    validation_fraction: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="held out, never trained on"
-    )
+    validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="held out, never trained on")
     standardize: bool = Field(default=False, description="z-score features with training-set statistics")
 
     @model_validator(mode="after")
     def _check_source(self) -> DataSpec:
         if self.source == "sklearn" and self.name not in SKLEARN_DATASETS:
-            raise ValueError(f"name: sklearn dataset must be one of {', '.join(SKLEARN_DATASETS)}, got {self.name!r}")
+            raise ValueError(
+                f"name: sklearn dataset must be one of {', '.join(SKLEARN_DATASETS)}, got {self.name!r}"
+            )
         if self.source == "synthetic" and self.name not in SYNTHETIC_DATASETS:
             raise ValueError(
                 f"name: synthetic dataset must be one of {', '.join(SYNTHETIC_DATASETS)}, got {self.name!r}"
@@ -98,9 +104,15 @@ class OptimizerSpec(_Strict):
     schedule: Literal["constant", "inverse_time", "inverse_power"] = Field(
         default="constant", description="step size eta_t as a function of the step t"
     )
-    decay_steps: float = Field(default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)")
-    power: float = Field(default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power")
-    weight_decay: float = Field(default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)")
+    decay_steps: float = Field(
+        default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)"
+    )
+    power: float = Field(
+        default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power"
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)"
+    )
 
 
 class BatchSpec(_Strict):
@@ -113,10 +125,14 @@ class StoppingSpec(_Strict):
     max_epochs: int = Field(default=100, ge=0, description="stop after this many epochs")
     max_steps: int | None = Field(default=None, ge=0, description="stop after this many steps")
     weight_change_tol: float | None = Field(
-        default=None, gt=0, description="||W_t - W_{t-t'}|| / ||W_{t-t'}|| < tol, t' = steps of the last epoch"
+        default=None,
+        gt=0,
+        description="||W_t - W_{t-t'}|| / ||W_{t-t'}|| < tol, t' = steps of the last epoch",
     )
     grad_tol: float | None = Field(
-        default=None, gt=0, description="||mean of the last t' minibatch gradients|| < tol, after warmup_steps"
+        default=None,
+        gt=0,
+        description="||mean of the last t' minibatch gradients|| < tol, after warmup_steps",
     )
     warmup_steps: int = Field(default=0, ge=0, description="T0: grad_tol is only checked for t >= T0")
     target_loss: float | None = Field(default=None, description="training loss (epoch mean) <= target")
@@ -127,14 +143,18 @@ class StoppingSpec(_Strict):
 
 
 class ClusterSpec(_Strict):
-    num_workers: int = Field(default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray")
+    num_workers: int = Field(
+        default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray"
+    )
     mode: Literal["sync", "async"] = Field(
         default="sync", description="sync: one exact minibatch step per round; async: bounded staleness"
     )
     max_staleness: int = Field(
         default=4, ge=0, description="async: a gradient older than this many versions is dropped"
     )
-    device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto | cpu | gpu (error if none)")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="auto | cpu | gpu (error if none)"
+    )
     dtype: Literal["float32", "float64"] = Field(default="float32", description="floating-point type")
 
 
@@ -147,7 +167,9 @@ class JobSpec(_Strict):
     batch: BatchSpec = Field(default_factory=BatchSpec)
     stopping: StoppingSpec = Field(default_factory=StoppingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    init_weights: str | None = Field(default=None, description="optional .npz to start from instead of random init")
+    init_weights: str | None = Field(
+        default=None, description="optional .npz to start from instead of random init"
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobSpec:
@@ -231,7 +253,9 @@ def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
     if isinstance(source, (str, Path)):
         source = read_spec_file(Path(source))
     if not isinstance(source, dict):
-        raise SpecError("the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}])
+        raise SpecError(
+            "the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}]
+        )
     try:
         return JobSpec.model_validate(source)
     except ValidationError as e:
@@ -254,3 +278,35 @@ def read_spec_file(path: Path) -> dict[str, Any]:
         msg = f"{path}: the spec must be a mapping of fields, got {type(data).__name__}"
         raise SpecError(msg, [{"field": "(file)", "message": msg}])
     return data
+
+
+def _allowed(annotation) -> str:
+    """Literal choices as a|b|c, other types by name (``int or null``)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    nullable = " or null" if type(None) in get_args(annotation) else ""
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(map(str, args))
+    if get_origin(annotation) is list:
+        return f"list of {args[0].__name__}"
+    if args and get_origin(args[0]) is Literal:
+        return " \\| ".join(map(str, get_args(args[0]))) + nullable
+    if args:
+        return " or ".join(getattr(a, "__name__", str(a)) for a in args) + nullable
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def spec_reference() -> str:
+    """Every JobSpec field as a Markdown table: README's spec reference is this text, verbatim."""
+    rows = ["| field | allowed | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                walk(info.annotation, f"{prefix}{name}.")
+                continue
+            default = json.dumps(info.get_default(call_default_factory=True))
+            meaning = info.description.replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {_allowed(info.annotation)} | `{default}` | {meaning} |")
+
+    walk(JobSpec, "")
+    return "\n".join(rows) + "\n"
