@@ -26,7 +26,12 @@ from workers.data import load_dataset
 from workers.mlp import MLP
 
 CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 12)]
-ROWS = [("in-process", 0, "sync"), ("ray sync K=1", 1, "sync"), ("ray sync K=2", 2, "sync"), ("ray async K=2", 2, "async")]
+ROWS = [
+    ("in-process", 0, "sync"),
+    ("ray sync K=1", 1, "sync"),
+    ("ray sync K=2", 2, "sync"),
+    ("ray async K=2", 2, "async"),
+]
 
 
 def spec_for(layers, batch, steps, workers, mode):
@@ -81,7 +86,8 @@ def main() -> None:
           f"{'step ms':>9}{'compute':>9}{'comm':>8}{'update':>8}")
     for layers, batch, steps in CASES:
         steps = max(steps // 3, 4) if args.quick else steps
-        dataset = load_dataset(spec_for(layers, batch, steps, 0, "sync").data, spec_for(layers, batch, steps, 0, "sync").model)
+        base = spec_for(layers, batch, steps, 0, "sync")
+        dataset = load_dataset(base.data, base.model)
         baseline = None
         for name, workers, mode in ROWS:
             spec = spec_for(layers, batch, steps, workers, mode)

@@ -10,7 +10,7 @@ import numpy as np
 
 from client.spec import JobSpec
 from service.criteria import GradientStats
-from service.optim import OptState, Optimizer, new_state
+from service.optim import Optimizer, OptState, new_state
 from workers.backend import to_numpy
 
 

@@ -49,7 +49,7 @@ def test_sync_is_deterministic_and_equals_the_in_process_loop():
     np.testing.assert_array_equal(two.weights, again.weights)  # same spec and seed -> identical weights
     np.testing.assert_allclose(one.weights, local.weights, rtol=0, atol=1e-10)
     np.testing.assert_allclose(two.weights, local.weights, rtol=0, atol=1e-10)
-    for a, b in zip(local.metrics, two.metrics):
+    for a, b in zip(local.metrics, two.metrics, strict=True):
         assert a.step == b.step and a.samples_seen == b.samples_seen
         assert a.train_loss == pytest.approx(b.train_loss, abs=1e-12)
         assert a.grad_noise == pytest.approx(b.grad_noise, rel=1e-8)
