@@ -18,6 +18,7 @@ server drops gradients more than ``max_staleness`` versions old.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -48,10 +49,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join or start Ray; True when this call started a local instance (the caller shuts it down).
 
     No address (or "local") starts a single-node Ray on this machine, never joining a cluster that
-    happens to run here. Any other address joins that cluster and ships the three packages with the job.
+    happens to run here — except inside a Ray job's entrypoint, which joins the cluster running the job.
+    Any other address joins that cluster and ships the three packages with the job.
     """
     if ray.is_initialized():
         return False
+    if address is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        address = "auto"  # the entrypoint of a Ray job (`ray job submit`): join the job's own cluster
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         return True
