@@ -37,9 +37,7 @@ class ModelSpec(_Strict):
         default="cross_entropy",
         description="cross_entropy (softmax, labels are class ids) | mse (mean over samples and outputs)",
     )
-    init_scale: float = Field(
-        default=1.0, gt=0, description="sigma: W^(l)_ij ~ N(0, sigma^2 / m_{l-1}); biases 0"
-    )
+    init_scale: float = Field(default=1.0, gt=0, description="sigma: W^(l)_ij ~ N(0, sigma^2 / m_{l-1}); biases 0")
     seed: int = Field(default=0, ge=0, description="seeds init, shuffling and data splits")
 
     @model_validator(mode="after")
@@ -49,20 +47,15 @@ class ModelSpec(_Strict):
         if any(m < 1 for m in self.layers):
             raise ValueError(f"layers: every width must be >= 1, got {self.layers}")
         if self.loss == "cross_entropy" and self.layers[-1] < 2:
-            raise ValueError(
-                f"layers: cross_entropy needs >= 2 outputs (one per class), got {self.layers[-1]}"
-            )
+            raise ValueError(f"layers: cross_entropy needs >= 2 outputs (one per class), got {self.layers[-1]}")
         return self
 
 
 class DataSpec(_Strict):
-    source: Literal["synthetic", "sklearn", "file"] = Field(
-        default="sklearn", description="where the data comes from"
-    )
+    source: Literal["synthetic", "sklearn", "file"] = Field(default="sklearn", description="where the data comes from")
     name: str | None = Field(
         default="digits",
-        description="sklearn: digits | iris | wine | breast_cancer | diabetes; "
-        "synthetic: classification | regression",
+        description="sklearn: digits | iris | wine | breast_cancer | diabetes; synthetic: classification | regression",
     )
     path: str | None = Field(
         default=None, description="file: .npz with X (n, d) and y (n,) or (n, k); .npy/.csv/.parquet too"
@@ -80,9 +73,7 @@ class DataSpec(_Strict):
     @model_validator(mode="after")
     def _check_source(self) -> DataSpec:
         if self.source == "sklearn" and self.name not in SKLEARN_DATASETS:
-            raise ValueError(
-                f"name: sklearn dataset must be one of {', '.join(SKLEARN_DATASETS)}, got {self.name!r}"
-            )
+            raise ValueError(f"name: sklearn dataset must be one of {', '.join(SKLEARN_DATASETS)}, got {self.name!r}")
         if self.source == "synthetic" and self.name not in SYNTHETIC_DATASETS:
             raise ValueError(
                 f"name: synthetic dataset must be one of {', '.join(SYNTHETIC_DATASETS)}, got {self.name!r}"
@@ -104,15 +95,9 @@ class OptimizerSpec(_Strict):
     schedule: Literal["constant", "inverse_time", "inverse_power"] = Field(
         default="constant", description="step size eta_t as a function of the step t"
     )
-    decay_steps: float = Field(
-        default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)"
-    )
-    power: float = Field(
-        default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power"
-    )
-    weight_decay: float = Field(
-        default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)"
-    )
+    decay_steps: float = Field(default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)")
+    power: float = Field(default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)")
 
 
 class BatchSpec(_Strict):
@@ -143,18 +128,14 @@ class StoppingSpec(_Strict):
 
 
 class ClusterSpec(_Strict):
-    num_workers: int = Field(
-        default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray"
-    )
+    num_workers: int = Field(default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray")
     mode: Literal["sync", "async"] = Field(
         default="sync", description="sync: one exact minibatch step per round; async: bounded staleness"
     )
     max_staleness: int = Field(
         default=4, ge=0, description="async: a gradient older than this many versions is dropped"
     )
-    device: Literal["auto", "cpu", "gpu"] = Field(
-        default="auto", description="auto | cpu | gpu (error if none)"
-    )
+    device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto | cpu | gpu (error if none)")
     dtype: Literal["float32", "float64"] = Field(default="float32", description="floating-point type")
 
 
@@ -167,9 +148,7 @@ class JobSpec(_Strict):
     batch: BatchSpec = Field(default_factory=BatchSpec)
     stopping: StoppingSpec = Field(default_factory=StoppingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    init_weights: str | None = Field(
-        default=None, description="optional .npz to start from instead of random init"
-    )
+    init_weights: str | None = Field(default=None, description="optional .npz to start from instead of random init")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobSpec:
@@ -253,9 +232,7 @@ def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
     if isinstance(source, (str, Path)):
         source = read_spec_file(Path(source))
     if not isinstance(source, dict):
-        raise SpecError(
-            "the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}]
-        )
+        raise SpecError("the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}])
     try:
         return JobSpec.model_validate(source)
     except ValidationError as e:

@@ -10,35 +10,71 @@ import numpy as np
 from client.models import Criterion, StopReason
 from client.spec import StoppingSpec
 
-
 # When several criteria are met in one epoch the job reports the first: convergence before budgets.
 PRECEDENCE = ("target_loss", "weight_change", "gradient", "early_stopping", "max_steps", "max_epochs")
 
 
 class GradientStats:
-    """Running sums of one epoch's minibatch gradients: g-bar and the noise around it in O(p) memory."""
+    """Running sums of one epoch's minibatch gradients: g-bar and the noise around it in O(p) memory.
+
+    The sum of the g_B is kept in float64. Adding a float32 vector to a float64 one goes through NumPy's
+    casting buffers and costs about ten same-type adds, so float32 gradients are first summed in a float32
+    block of at most ``FOLD_EVERY`` of them, which is folded into the float64 total when full and before
+    any read (its rounding error stays that of a short float32 sum)."""
+
+    FOLD_EVERY = 32
 
     def __init__(self, p: int, xp=np):
         self.xp = xp
-        self.total = xp.zeros(p, dtype=np.float64)
+        self._total = xp.zeros(p, dtype=np.float64)
+        self._block = None  # float32 partial sum, allocated on the first float32 gradient
+        self._in_block = 0
         self.sq_norms = 0.0
         self.count = 0
 
-    def add(self, g) -> None:
-        self.total += g
-        self.sq_norms += float(self.xp.dot(g, g))
+    @property
+    def total(self):
+        """The sum of the gradients added since the last reset, float64."""
+        self._fold()
+        return self._total
+
+    def _fold(self) -> None:
+        if self._in_block:
+            self._total += self._block
+            self._in_block = 0
+
+    def add(self, g) -> float:
+        """Count one minibatch gradient; returns ||g||^2 (non-finite when the step diverged)."""
+        if g.dtype == np.float64:
+            self._total += g
+        else:
+            if self._block is None or self._block.dtype != g.dtype:
+                self._fold()
+                self._block = self.xp.empty_like(g)
+            if self._in_block == 0:
+                self._block[...] = g
+            else:
+                self._block += g
+            self._in_block += 1
+            if self._in_block == self.FOLD_EVERY:
+                self._fold()
+        sq_norm = float(self.xp.dot(g, g))
+        self.sq_norms += sq_norm
         self.count += 1
+        return sq_norm
 
     def summary(self) -> tuple[float | None, float | None]:
         """(||g-bar||, sqrt(mean_t ||g_B^t - g-bar||^2)); both None before any step."""
         if self.count == 0:
             return None, None
-        mean_sq_norm = float(self.xp.dot(self.total, self.total)) / self.count**2
+        total = self.total
+        mean_sq_norm = float(self.xp.dot(total, total)) / self.count**2
         noise_sq = self.sq_norms / self.count - mean_sq_norm  # E||g_B||^2 - ||g-bar||^2
         return math.sqrt(mean_sq_norm), math.sqrt(max(noise_sq, 0.0))
 
     def reset(self) -> None:
-        self.total[...] = 0
+        self._total[...] = 0
+        self._in_block = 0
         self.sq_norms = 0.0
         self.count = 0
 
@@ -96,7 +132,9 @@ class Stopper:
                 met=self.epochs_without_improvement >= s.patience,
             )
         if s.max_steps is not None:
-            found["max_steps"] = Criterion(name="max_steps", value=o.step, threshold=s.max_steps, met=o.step >= s.max_steps)
+            found["max_steps"] = Criterion(
+                name="max_steps", value=o.step, threshold=s.max_steps, met=o.step >= s.max_steps
+            )
         found["max_epochs"] = Criterion(
             name="max_epochs", value=o.epoch, threshold=s.max_epochs, met=o.epoch >= s.max_epochs
         )

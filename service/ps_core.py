@@ -6,6 +6,8 @@ shells over this class, so both compute exactly the same step.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from client.spec import JobSpec
@@ -23,14 +25,16 @@ class ServerCore:
         self.stats = GradientStats(self.state.W.shape[0], xp)
         self.step_losses: list[float] = []
         self.samples = 0
+        self._g = xp.empty_like(self.state.W)  # g_B; grad_sum itself may be a read-only object-store view
 
     def apply(self, grad_sum, loss_sum: float, count: int) -> None:
         """One step of (26)+(27): g_B = grad_sum / count; the update never depends on how many parts."""
-        g = grad_sum / count  # (p,) a new buffer: grad_sum may be a read-only object-store view
+        g = self.xp.divide(grad_sum, count, out=self._g)  # (p,)
         self.optimizer.regularize(g, self.state.W)
-        self.stats.add(g)
+        sq_norm = self.stats.add(g)
         self.optimizer.apply(self.state, g)
-        self.step_losses.append(loss_sum / count)
+        # A non-finite gradient marks the step as diverged even while its loss is still finite.
+        self.step_losses.append(loss_sum / count if math.isfinite(sq_norm) else math.nan)
         self.samples += count
 
     def apply_parts(self, parts) -> None:

@@ -51,7 +51,7 @@ def make_spec():
 
 @pytest.fixture
 def train_local():
-    """train_local(spec, hooks=None, engine_wrapper=None) -> (TrainResult, dataset, engine), in this process."""
+    """train_local(spec, hooks=None, engine_wrapper=None) -> (TrainResult, dataset, engine), in-process."""
     from service.local_engine import LocalEngine
     from service.trainer import Hooks, initial_weights, run
     from workers.data import load_dataset
@@ -73,7 +73,7 @@ def rng():
 
 
 class TorchReference:
-    """The same MLP in PyTorch, built from a flat W (Wl = torch.nn.Linear.weight): the independent reference."""
+    """The same MLP in PyTorch, built from a flat W (Wl = torch.nn.Linear.weight): the reference."""
 
     ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
 
@@ -103,18 +103,19 @@ class TorchReference:
         """Mean loss of a batch: CrossEntropyLoss / MSELoss with their default (mean) reduction."""
         torch = self.torch
         if loss == "cross_entropy":
-            return torch.nn.CrossEntropyLoss()(out, torch.as_tensor(np.asarray(Y), dtype=torch.long))
-        return torch.nn.MSELoss()(out, torch.as_tensor(np.asarray(Y), dtype=out.dtype))
+            return torch.nn.CrossEntropyLoss()(out, torch.as_tensor(np.array(Y), dtype=torch.long))
+        return torch.nn.MSELoss()(out, torch.as_tensor(np.array(Y), dtype=out.dtype))
 
     def loss_and_grad(self, layers, activation, loss, W, X, Y, dtype=None):
         """(mean loss, gradient of the mean loss as a flat float64 vector in polyak's layout)."""
         torch = self.torch
         dtype = dtype or torch.float64
         model = self.model(layers, activation, W, dtype)
-        value = self.loss(loss, model(torch.as_tensor(np.asarray(X), dtype=dtype)), Y)
+        value = self.loss(loss, model(torch.as_tensor(np.array(X), dtype=dtype)), Y)
         value.backward()
         linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-        grad = np.concatenate([p.grad.double().numpy().ravel() for lin in linears for p in (lin.weight, lin.bias)])
+        grads = [p.grad.double().numpy().ravel() for lin in linears for p in (lin.weight, lin.bias)]
+        grad = np.concatenate(grads)
         return float(value.detach()), grad
 
     def mean_loss(self, layers, activation, loss, W, X, Y, dtype=None):
@@ -122,7 +123,7 @@ class TorchReference:
         dtype = dtype or torch.float64
         with torch.no_grad():
             model = self.model(layers, activation, W, dtype)
-            return float(self.loss(loss, model(torch.as_tensor(np.asarray(X), dtype=dtype)), Y))
+            return float(self.loss(loss, model(torch.as_tensor(np.array(X), dtype=dtype)), Y))
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +147,9 @@ class Replay:
         n = dataset.n_train
         X = dataset.X_train.astype(spec.cluster.dtype).astype(np.float64)
         y = dataset.y_train
-        mask = np.concatenate([np.r_[np.ones(o * i), np.zeros(o)] for i, o in zip(layers, layers[1:])])
+        mask = np.concatenate(
+            [np.r_[np.ones(o * i), np.zeros(o)] for i, o in zip(layers[:-1], layers[1:], strict=True)]
+        )
         W = initial_weights(spec).astype(np.float64)
         u = np.zeros_like(W)
         out = {"weights": [W.copy()], "losses": [], "grads": [], "epoch_of_step": [], "batch_sizes": []}
@@ -193,7 +196,8 @@ class Replay:
 
 @pytest.fixture(scope="session")
 def replay(torch_ref):
-    """replay(spec, dataset, steps) -> {W, weights (after each step), losses, grads, epoch_of_step, batch_sizes}."""
+    """replay(spec, dataset, steps) -> {W, weights (after each step), losses, grads, epoch_of_step,
+    batch_sizes}."""
     return Replay(torch_ref)
 
 

@@ -54,7 +54,8 @@ def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, bool]:
 
 
 def regression_with_condition(n: int, d: int, kappa: float, noise: float, rng: np.random.Generator):
-    """Linear data whose feature covariance has condition number kappa: MSE is a kappa-conditioned quadratic."""
+    """Linear data whose feature covariance has condition number kappa: MSE is a kappa-conditioned
+    quadratic."""
     scales = kappa ** (-0.5 * np.linspace(0.0, 1.0, d))  # std per principal direction, from 1 to 1/sqrt(kappa)
     rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
     X = (rng.standard_normal((n, d)) * scales) @ rotation.T  # (n, d), covariance Q diag(scales^2) Q^T
@@ -100,7 +101,9 @@ def _table(path: Path, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: reading .parquet needs pyarrow (pip install 'polyak[parquet]')") from None
         table = np.column_stack([c.to_numpy(zero_copy_only=False) for c in pq.read_table(path).columns])
     if table.ndim != 2 or table.shape[1] <= n_targets:
-        raise DataError(f"{path}: expected a 2-D table of features then {n_targets} target column(s), got {table.shape}")
+        raise DataError(
+            f"{path}: expected a 2-D table of features then {n_targets} target column(s), got {table.shape}"
+        )
     return table[:, :-n_targets], table[:, -n_targets:].squeeze(axis=1) if n_targets == 1 else table[:, -n_targets:]
 
 
@@ -135,6 +138,8 @@ def _check(X, y, classification: bool, origin: str) -> tuple[np.ndarray, np.ndar
     if X.ndim != 2:
         raise DataError(f"{origin}: X must be 2-D (n, d), got shape {X.shape}")
     y = np.asarray(y)
+    if y.ndim == 0:
+        raise DataError(f"{origin}: y must hold one target per row of X, got a single value")
     if y.shape[0] != X.shape[0]:
         raise DataError(f"{origin}: X has {X.shape[0]} rows but y has {y.shape[0]}")
     if X.shape[0] < 2:
@@ -192,7 +197,10 @@ def load_dataset(data: DataSpec, model: ModelSpec) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(data_json: str, model_json: str, file_version: tuple | None = None) -> Dataset:
-    data, model = DataSpec.model_validate(json.loads(data_json)), ModelSpec.model_validate(json.loads(model_json))
+    data, model = (
+        DataSpec.model_validate(json.loads(data_json)),
+        ModelSpec.model_validate(json.loads(model_json)),
+    )
     if data.source == "sklearn":
         X, y, classification = _sklearn(data.name)
         origin = f"sklearn dataset {data.name!r}"
@@ -209,7 +217,9 @@ def _load_cached(data_json: str, model_json: str, file_version: tuple | None = N
     perm = np.random.default_rng([model.seed, 1]).permutation(X.shape[0])
     n_val = int(round(data.validation_fraction * X.shape[0]))
     if data.validation_fraction > 0 and not 1 <= n_val < X.shape[0]:
-        raise DataError(f"data.validation_fraction = {data.validation_fraction} leaves no training or no validation rows")
+        raise DataError(
+            f"data.validation_fraction = {data.validation_fraction} leaves no training or no validation rows"
+        )
     val, train = perm[:n_val], perm[n_val:]
     X_train, X_val = X[train], X[val]
     if data.standardize:

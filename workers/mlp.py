@@ -22,13 +22,13 @@ LOSSES = ("cross_entropy", "mse")
 
 def param_count(layers) -> int:
     """p = sum_l m_l (m_{l-1} + 1)."""
-    return sum(m_out * (m_in + 1) for m_in, m_out in zip(layers[:-1], layers[1:]))
+    return sum(m_out * (m_in + 1) for m_in, m_out in zip(layers[:-1], layers[1:], strict=True))
 
 
 def layer_slices(layers) -> list[tuple[slice, slice]]:
     """(weight slice, bias slice) of the flat vector for each layer."""
     out, start = [], 0
-    for m_in, m_out in zip(layers[:-1], layers[1:]):
+    for m_in, m_out in zip(layers[:-1], layers[1:], strict=True):
         w_end = start + m_out * m_in
         out.append((slice(start, w_end), slice(w_end, w_end + m_out)))
         start = w_end + m_out
@@ -39,7 +39,7 @@ def unflatten(flat, layers) -> list[tuple]:
     """Views (W^(l) (m_l, m_{l-1}), b^(l) (m_l,)) into ``flat``; writing to them writes to ``flat``."""
     return [
         (flat[ws].reshape(m_out, m_in), flat[bs])
-        for (ws, bs), m_in, m_out in zip(layer_slices(layers), layers[:-1], layers[1:])
+        for (ws, bs), m_in, m_out in zip(layer_slices(layers), layers[:-1], layers[1:], strict=True)
     ]
 
 
@@ -54,7 +54,7 @@ def weight_mask(layers, xp: ModuleType = np, dtype=np.float32):
 def init_params(layers, sigma: float, rng: np.random.Generator, xp: ModuleType = np, dtype=np.float32):
     """W^(l)_ij ~ N(0, sigma^2 / m_{l-1}), biases 0. Drawn with NumPy so CPU and GPU runs start equal."""
     flat = np.zeros(param_count(layers), dtype=np.float64)
-    for (Wl, _), m_in in zip(unflatten(flat, layers), layers[:-1]):
+    for (Wl, _), m_in in zip(unflatten(flat, layers), layers[:-1], strict=True):
         Wl[...] = rng.standard_normal(Wl.shape) * (sigma / np.sqrt(m_in))
     return xp.asarray(flat.astype(dtype))
 
@@ -103,23 +103,31 @@ class MLP:
 
     # -- buffers ---------------------------------------------------------------------------------
     def _work(self, n: int):
-        """Per-layer buffers for a batch of n rows: pre-activations/activations and deltas."""
+        """Per-layer buffers for a batch of n rows: pre-activations/activations, deltas, and per hidden
+        layer either relu's mask phi'(z) > 0 (bool, kept from the forward pass) or a float scratch."""
         if n not in self._buffers:
             if len(self._buffers) > 4:  # batch sizes grow with batch.growth: keep only recent ones
                 self._buffers.pop(next(iter(self._buffers)))
             xp, dt = self.xp, self.dtype
             acts = [xp.empty((n, m), dtype=dt) for m in self.layers[1:]]
             deltas = [xp.empty((n, m), dtype=dt) for m in self.layers[1:]]
-            scratch = [xp.empty((n, m), dtype=dt) for m in self.layers[1:-1]]
+            hidden_dt = bool if self.activation == "relu" else dt
+            scratch = [xp.empty((n, m), dtype=hidden_dt) for m in self.layers[1:-1]]
             self._buffers[n] = (acts, deltas, scratch)
         return self._buffers[n]
 
     # -- forward ---------------------------------------------------------------------------------
-    def _phi_(self, z):
-        """Activation in place: z becomes phi(z)."""
+    def _phi_(self, z, mask=None):
+        """Activation in place: z becomes phi(z). relu with a ``mask`` buffer also records z > 0 there for
+        the backward pass, and zeroes by multiplying with it (two cheap passes instead of maximum's one slow
+        one). A NaN stays NaN (and -inf becomes NaN, not 0), so a diverging step still shows in its loss."""
         xp = self.xp
         if self.activation == "relu":
-            xp.maximum(z, 0, out=z)
+            if mask is None:
+                xp.maximum(z, 0, out=z)
+            else:
+                xp.greater(z, 0, out=mask)
+                xp.multiply(z, mask, out=z)
         elif self.activation == "tanh":
             xp.tanh(z, out=z)
         else:  # sigmoid = 1 / (1 + exp(-z)); exp overflowing to inf gives the right limit 0
@@ -130,8 +138,9 @@ class MLP:
             xp.reciprocal(z, out=z)
         return z
 
-    def forward(self, W, X, acts=None):
-        """Activations x^(1..L) of a batch; x^(L) is the linear output f(x). acts: optional buffers."""
+    def forward(self, W, X, acts=None, masks=None):
+        """Activations x^(1..L) of a batch; x^(L) is the linear output f(x).
+        acts: optional output buffers; masks: optional relu mask buffers of the hidden layers."""
         xp = self.xp
         a = X  # (n', m_0)
         out = []
@@ -140,7 +149,10 @@ class MLP:
             z = acts[l] if acts is not None else xp.empty((X.shape[0], Wl.shape[0]), dtype=self.dtype)
             xp.matmul(a, Wl.T, out=z)  # (n', m_l)
             z += bl
-            a = self._phi_(z) if l < len(params) - 1 else z
+            if l < len(params) - 1:
+                a = self._phi_(z, masks[l] if masks is not None else None)
+            else:
+                a = z
             out.append(a)
         return out
 
@@ -168,11 +180,10 @@ class MLP:
         return loss_sum
 
     def _phi_prime_(self, a, d, scratch):
-        """d *= phi'(z), with phi' written in terms of a = phi(z)."""
+        """d *= phi'(z), with phi' written in terms of a = phi(z); relu's ``scratch`` is the forward mask."""
         xp = self.xp
         if self.activation == "relu":
-            xp.greater(a, 0, out=scratch)
-            d *= scratch
+            xp.multiply(d, scratch, out=d)
         elif self.activation == "tanh":
             xp.multiply(a, a, out=scratch)
             xp.subtract(1, scratch, out=scratch)
@@ -187,7 +198,7 @@ class MLP:
         xp = self.xp
         n = X.shape[0]
         acts, deltas, scratch = self._work(n)
-        self.forward(W, X, acts)
+        self.forward(W, X, acts, scratch if self.activation == "relu" else None)
         grad = grad_out if grad_out is not None else xp.empty(self.p, dtype=self.dtype)
         params = unflatten(W, self.layers)
         grads = unflatten(grad, self.layers)
