@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.dag import InputNode
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayError, RaySystemError
 
 from client.spec import JobSpec
 from service.checkpoint import load_checkpoint, save_checkpoint
@@ -207,7 +207,9 @@ class SyncRayEngine(RayEngine):
         try:
             while len(self.inflight) > keep:
                 ray.get(self.inflight.popleft())
-        except RayError:
+        except RayError as e:
+            if not isinstance(getattr(e, "cause", None) or e, (RayActorError, RaySystemError, RayChannelError)):
+                raise  # an error in our own code, not a lost actor: re-running would fail the same way
             self._repair()
 
     def _repair(self) -> None:
