@@ -27,7 +27,7 @@ from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import parse_spec
 from service.checkpoint import load_checkpoint
 from service.cluster import ClusterUnavailable
-from service.events import KEEPALIVE_SECONDS, job_events
+from service.events import job_events
 from service.job import Job
 from service.paths import resolve_paths
 from service.scheduler import Scheduler
@@ -57,6 +57,8 @@ _NPZ = {"content": {"application/octet-stream": {}}, "description": "the .npz fi
 
 
 class BadBody(Exception):
+    """A request body that is not a spec at all (empty, too big, not JSON/YAML): 400 or 413."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
@@ -67,9 +69,10 @@ def create_app(
     *,
     token: str | None = None,
     data_root: Path | None = None,
-    keepalive: float = KEEPALIVE_SECONDS,
 ) -> FastAPI:
-    """The app; its lifespan starts the scheduler (recovering jobs a previous server left) and stops it."""
+    """The app. Its lifespan starts the scheduler (recovering jobs a previous server left); on the way
+    out it stops the scheduler, then the Ray it started. Here, not after ``uvicorn.run``: uvicorn
+    re-raises the SIGTERM it shut down on, and nothing after it runs."""
     store = scheduler.store
 
     @asynccontextmanager
@@ -79,6 +82,7 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(scheduler.stop)
+            await run_in_threadpool(scheduler.cluster.shutdown)
 
     app = FastAPI(
         title="polyak",
@@ -107,12 +111,7 @@ def create_app(
     async def submit(request: Request) -> JobInfo:
         """Queue a job: 201 with its JobInfo (queued); 422 naming every bad field of the spec."""
         raw = _read_spec(await _body(request), request.headers.get("content-type", ""))
-
-        def queue() -> JobInfo:
-            job = scheduler.submit(resolve_paths(parse_spec(raw), data_root))
-            return scheduler.info(job.id)
-
-        return await run_in_threadpool(queue)
+        return await run_in_threadpool(lambda: scheduler.submit(resolve_paths(parse_spec(raw), data_root)))
 
     @api.get("/jobs", response_model=list[JobInfo])
     def list_jobs(state: JobState | None = None) -> list[JobInfo]:
@@ -143,7 +142,7 @@ def create_app(
             return scheduler.info(job_id), store.metrics(job_id, after)
 
         start = after if after is not None else (last_event_id or 0)
-        stream = job_events(scheduler.bus, job_id, start, snapshot, keepalive)
+        stream = job_events(scheduler.bus, job_id, start, snapshot)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
@@ -178,8 +177,10 @@ def create_app(
             np.savez(buffer, **to_dict(arrays["W"], job.spec.model.layers))
             headers = _attachment(job, which)
             return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
-        when = "before its first epoch ended" if job.state.is_terminal() else "yet"
-        raise HTTPException(404, f"job {job.id} has no weights {when} (it is {job.state.value})")
+        if job.state.is_terminal():
+            ended = "was cancelled" if job.state == JobState.CANCELLED else job.state.value
+            raise HTTPException(404, f"job {job.id} has no weights: it {ended} before its first epoch")
+        raise HTTPException(404, f"job {job.id} has no weights yet: it is {job.state.value}, no epoch done")
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -111,6 +111,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     """Run the job service: HTTP API, durable job queue and scheduler."""
     import ipaddress
     import logging
+    import os
     import sqlite3
 
     import uvicorn
@@ -129,6 +130,9 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
         _fail(f"refusing to listen on {host} without a token: anyone who can reach it could run jobs. "
               "Pass --token (or set POLYAK_TOKEN), or listen on 127.0.0.1.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # Ray's driver would take SIGTERM over from uvicorn and die on it at once: no graceful shutdown,
+    # and the local Ray left running.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         store = Store(data_dir)
     except (OSError, sqlite3.Error) as e:
@@ -136,17 +140,19 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     cluster = Cluster(ray_address)
     try:
         if ray_address:
-            cluster.connect()  # a wrong address should fail now, not with the first job
+            cluster.capacity()  # a wrong address should fail now, not with the first job
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
         app = create_app(scheduler, token=server_token, data_root=data_root)
         logging.getLogger("polyak").info(
-            "polyak serving on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
+            "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
             data_dir.resolve(), max_concurrent_jobs, ", token required" if server_token else "")
         # Open event streams would otherwise hold a shutdown until their jobs end.
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     except ClusterUnavailable as e:
         _fail(str(e))
-    finally:
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down on
+        pass
+    finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port in use)
         cluster.shutdown()
         store.close()
 

@@ -39,7 +39,7 @@ def needs(spec: JobSpec, capacity: Resources) -> Resources:
 
 
 class ClusterUnavailable(RuntimeError):
-    """Ray could not be started or joined."""
+    """Ray could not be started, joined or reached."""
 
 
 class Cluster:
@@ -48,10 +48,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._connected = False
         self._started_here = False
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
+        self._last_capacity: Resources | None = None  # for /health, which must never wait on Ray
 
     def connect(self) -> None:
         """Join the cluster, or start a local Ray; idempotent and safe from any thread."""
@@ -68,27 +65,25 @@ class Cluster:
             self._connected = True
 
     def capacity(self) -> Resources:
-        """Total CPUs and GPUs of the cluster (queried each time: a cluster may autoscale)."""
+        """Total CPUs and GPUs of the cluster (asked each time: a cluster may autoscale)."""
         import ray
 
         self.connect()
-        total = ray.cluster_resources()
-        return Resources(total.get("CPU", 0), total.get("GPU", 0))
+        try:
+            total = ray.cluster_resources()
+        except Exception as e:
+            raise ClusterUnavailable(f"the Ray cluster does not answer: {type(e).__name__}: {e}") from e
+        self._last_capacity = Resources(total.get("CPU", 0), total.get("GPU", 0))
+        return self._last_capacity
 
     def status(self) -> dict[str, Any]:
-        """For /health: never connects, never raises."""
+        """For /health: what was last seen. Never asks Ray, whose calls can block for a minute when
+        its head is gone."""
         out: dict[str, Any] = {"connected": self._connected, "address": self.address or "local"}
         if not self._connected:
             out["note"] = "Ray starts with the first job that needs workers (cluster.num_workers > 0)"
-            return out
-        try:
-            import ray
-
-            total, free = ray.cluster_resources(), ray.available_resources()
-            out.update(cpus=total.get("CPU", 0), gpus=total.get("GPU", 0),
-                       free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0))
-        except Exception as e:  # a cluster that went away must not take /health with it
-            out.update(connected=False, error=f"{type(e).__name__}: {e}")
+        elif self._last_capacity is not None:
+            out.update(cpus=self._last_capacity.cpus, gpus=self._last_capacity.gpus)
         return out
 
     def shutdown(self) -> None:

@@ -64,6 +64,7 @@ class Job:
     stop_reason: StopReason | None = None
     error: str | None = None
     waiting_reason: str | None = None
+    cancel_requested: bool = False
 
     @property
     def name(self) -> str | None:

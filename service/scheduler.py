@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState, StopReason
 from client.spec import JobSpec
-from service.cluster import Cluster, Resources, needs
+from service.cluster import Cluster, ClusterUnavailable, Resources, needs
 from service.events import Bus
 from service.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
 from service.store import Store
@@ -70,7 +71,6 @@ def _count(n: float, unit: str) -> str:
 class _Run:
     """A job this process is running: what it holds, and its cancel flag."""
 
-    job_id: str
     holds: Resources
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -102,8 +102,11 @@ class Scheduler:
             # A write the crash cut short; the file it was to replace is still whole.
             for tmp in self.store.job_dir(job.id).glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
-            note = "server restarted: resumes from its last checkpoint"
-            self._set_state(job.id, QUEUED, recovery=True, note=note)
+            if job.cancel_requested:
+                self._set_state(job.id, CANCELLED, StopReason.CANCELLED, note="cancelled before the server stopped")
+            else:
+                note = "server restarted: resumes from its last checkpoint"
+                self._set_state(job.id, QUEUED, recovery=True, note=note)
         self._dispatcher = threading.Thread(target=self._loop, name="polyak-scheduler", daemon=True)
         self._wake.set()
         self._dispatcher.start()
@@ -113,24 +116,27 @@ class Scheduler:
         store, so the next start resumes them from their checkpoints."""
         self._stopping.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
         with self._lock:
             threads = [r.thread for r in self._running.values() if r.thread is not None]
         for t in threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # -- the API's verbs -----------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> Job:
-        """Queue a job; SpecError if the cluster is too small for it ever to run."""
+    def submit(self, spec: JobSpec) -> JobInfo:
+        """Queue a job and describe it as queued; SpecError if the cluster is too small for it ever to run."""
         if spec.cluster.num_workers > 0:
             error = unfit(spec, self.cluster.capacity())
             if error is not None:
                 raise error
-        job = self.store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+        with self._lock:  # so that created_at runs in seq's order: FIFO reads the same by either
+            job = self.store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
         _log_state(job)
+        info = self._info(job)
         self._wake.set()
-        return job
+        return info
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
@@ -141,6 +147,7 @@ class Scheduler:
             if job.state == QUEUED:
                 job = self._set_state(job_id, CANCELLED, StopReason.CANCELLED, note="cancelled while queued")
             elif job.state == RUNNING and job_id in self._running:
+                self.store.request_cancel(job_id)
                 self._running[job_id].cancel.set()
                 log.info("job %s: cancel requested; it stops at its next step", job_id)
         self._wake.set()
@@ -160,10 +167,6 @@ class Scheduler:
         jobs = reversed(self.store.jobs(state))
         return [j.info(positions.get(j.id), self.store.latest_metrics(j.id)) for j in jobs]
 
-    def running_count(self) -> int:
-        with self._lock:
-            return len(self._running)
-
     # -- dispatching ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -177,12 +180,18 @@ class Scheduler:
                 log.exception("scheduling pass failed; retrying in %g s", POLL_SECONDS)
 
     def _dispatch(self) -> None:
-        # Connecting to Ray may take seconds: done before taking the lock that cancel() also needs.
-        wants_ray = any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED))
-        capacity = self.cluster.capacity() if wants_ray else Resources()
+        # Ray may take seconds to start (a minute to fail): asked before taking the lock cancel() needs.
+        capacity, no_ray = None, "waiting for Ray to start"
+        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+            try:
+                capacity = self.cluster.capacity()
+            except ClusterUnavailable as e:
+                no_ray = str(e)
         with self._lock:
             if self._stopping.is_set():
                 return
+            ray_ready = capacity is not None
+            capacity = capacity or Resources()
             free = capacity
             for run in self._running.values():
                 free -= run.holds
@@ -193,8 +202,12 @@ class Scheduler:
                     reason = behind
                 elif len(self._running) >= self.max_concurrent:
                     reason = f"all {self.max_concurrent} job slot(s) busy (--max-concurrent-jobs)"
+                elif job.spec.cluster.num_workers > 0 and not ray_ready:
+                    reason = no_ray  # or it came in after this pass asked: the next one will
+                    behind = f"behind job {job.id}, which needs Ray ({reason})"
                 elif (error := unfit(job.spec, capacity)) is not None:
-                    self._set_state(job.id, FAILED, StopReason.ERROR, error.message, note="too big now")
+                    note = "the cluster shrank below its needs"
+                    self._set_state(job.id, FAILED, StopReason.ERROR, error.message, note=note)
                     continue
                 elif not need.fits_in(free):
                     reason = shortfall(need, free)
@@ -208,7 +221,7 @@ class Scheduler:
 
     def _start(self, job: Job, need: Resources) -> None:
         job = self._set_state(job.id, RUNNING)
-        run = _Run(job.id, need)
+        run = _Run(need)
         run.thread = threading.Thread(target=self._run, args=(job, run), name=f"job-{job.id}", daemon=True)
         self._running[job.id] = run
         run.thread.start()

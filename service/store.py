@@ -27,8 +27,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     id             TEXT NOT NULL UNIQUE,
-    priority       INTEGER NOT NULL,
-    spec           TEXT NOT NULL,
+    spec           TEXT NOT NULL,  -- name and priority are in here: json_extract(spec, '$.priority')
     state          TEXT NOT NULL,
     created_at     TEXT NOT NULL,
     started_at     TEXT,
@@ -36,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     epoch          INTEGER,
     stop_reason    TEXT,
     error          TEXT,
-    waiting_reason TEXT
+    waiting_reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS state_changes (
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS metrics (
 ) WITHOUT ROWID;
 """
 _COLUMNS = (
-    "seq, id, spec, state, created_at, started_at, finished_at, epoch, stop_reason, error, waiting_reason"
+    "seq, id, spec, state, created_at, started_at, finished_at, epoch, stop_reason, error, waiting_reason, "
+    "cancel_requested"
 )
 
 
@@ -80,15 +81,12 @@ class Store:
         """Checkpoint, best and last weights of one job (written by the trainer)."""
         return self.data_dir / "jobs" / job_id
 
-    def journal_mode(self) -> str:
-        return self._read("PRAGMA journal_mode")[0][0]
-
     # -- jobs ----------------------------------------------------------------------------------------
     def add(self, job: Job) -> Job:
         with self._write() as db:
             cursor = db.execute(
-                "INSERT INTO jobs (id, priority, spec, state, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job.id, job.priority, job.spec.model_dump_json(), job.state.value, _iso(job.created_at)),
+                "INSERT INTO jobs (id, spec, state, created_at) VALUES (?, ?, ?, ?)",
+                (job.id, job.spec.model_dump_json(), job.state.value, _iso(job.created_at)),
             )
             db.execute(
                 "INSERT INTO state_changes (job_id, state, at) VALUES (?, ?, ?)",
@@ -159,6 +157,11 @@ class Store:
             sql = "UPDATE jobs SET waiting_reason = ? WHERE id = ? AND state = 'queued'"
             db.execute(sql, (reason, job_id))
 
+    def request_cancel(self, job_id: str) -> None:
+        """Remembered, so that a running job cancelled just before the server dies is not resumed."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
     def history(self, job_id: str) -> list[tuple[JobState, datetime, str | None]]:
         """Every state the job entered, oldest first, with when and why."""
         rows = self._read(
@@ -213,7 +216,7 @@ def _time(text: str | None) -> datetime | None:
 
 
 def _job(row: tuple) -> Job:
-    seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting = row
+    seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting, cancel = row
     return Job(
         id=job_id,
         spec=JobSpec.model_validate_json(spec),
@@ -226,4 +229,5 @@ def _job(row: tuple) -> Job:
         stop_reason=StopReason(stop_reason) if stop_reason else None,
         error=error,
         waiting_reason=waiting,
+        cancel_requested=bool(cancel),
     )

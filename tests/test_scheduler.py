@@ -1,0 +1,274 @@
+"""The scheduler on a real store, with a stand-in cluster and trainer: order, admission, cancel, failures.
+
+The stand-in trainer runs until the test lets its job finish (or the job is cancelled), so every
+decision the scheduler makes can be looked at while it holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from client.errors import SpecError
+from client.models import EpochMetrics, JobState, StopReason
+from client.spec import JobSpec
+from service.cluster import ClusterUnavailable, Resources
+from service.scheduler import Scheduler
+from service.store import Store
+from service.trainer import TrainResult
+
+QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
+
+
+class FakeCluster:
+    def __init__(self, cpus: float = 2, gpus: float = 0):
+        self.size = Resources(cpus, gpus)
+
+    def connect(self) -> None:
+        pass
+
+    def capacity(self) -> Resources:
+        return self.size
+
+
+class LostCluster(FakeCluster):
+    def capacity(self) -> Resources:
+        raise ClusterUnavailable("the Ray cluster does not answer: GetTimeoutError")
+
+
+class FakeTrainer:
+    """Reports one epoch, then waits for ``finish(job_id)`` (or a cancel); ``fail`` makes a job raise."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self.fail: dict[str, Exception] = {}
+        self._done: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _event(self, job_id: str) -> threading.Event:
+        with self._lock:
+            return self._done.setdefault(job_id, threading.Event())
+
+    def finish(self, job_id: str) -> None:
+        self._event(job_id).set()
+
+    def __call__(self, spec: JobSpec, job_id: str, hooks) -> TrainResult:
+        self.started.append(job_id)
+        if job_id in self.fail:
+            raise self.fail[job_id]
+        hooks.on_epoch(epoch_metrics(job_id, 1))
+        while not self._event(job_id).wait(0.01):
+            if hooks.should_cancel():
+                return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, np.zeros(3))
+        return TrainResult(JobState.SUCCEEDED, StopReason.MAX_EPOCHS, np.zeros(3))
+
+
+def epoch_metrics(job_id: str, epoch: int) -> EpochMetrics:
+    return EpochMetrics(
+        job_id=job_id, epoch=epoch, step=epoch, samples_seen=epoch, batch_size=1, lr=0.1, train_loss=1.0,
+        weight_norm=1.0, weight_change=None, grad_avg_norm=None, grad_noise=None, samples_per_second=1.0,
+        elapsed_seconds=0.1, criteria=[],
+    )
+
+
+def spec(priority: int = 0, workers: int = 0, device: str = "cpu") -> JobSpec:
+    return JobSpec(priority=priority, cluster={"num_workers": workers, "device": device})
+
+
+def wait_until(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def make_scheduler(tmp_path):
+    made: list[tuple[Scheduler, Store]] = []
+
+    def make(max_concurrent=1, cpus=2, gpus=0, trainer: FakeTrainer | None = None, cluster=None):
+        store = Store(tmp_path)
+        cluster = cluster or FakeCluster(cpus, gpus)
+        scheduler = Scheduler(store, cluster, max_concurrent, train=trainer or FakeTrainer())
+        made.append((scheduler, store))
+        return scheduler
+
+    yield make
+    for scheduler, store in made:
+        scheduler.stop(timeout=5)
+        store.close()
+
+
+def state(scheduler: Scheduler, job_id: str) -> JobState:
+    return scheduler.store.get(job_id).state
+
+
+def test_queue_order_is_priority_then_fifo(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(trainer=trainer)
+    jobs = [scheduler.submit(spec(p)).id for p in (0, 5, 0, 5, 1)]
+    expected = [jobs[1], jobs[3], jobs[4], jobs[0], jobs[2]]
+    assert [j.id for j in scheduler.queue()] == expected
+    assert [scheduler.info(j).queue_position for j in expected] == [1, 2, 3, 4, 5]
+
+    scheduler.start()
+    for job_id in expected:
+        wait_until(lambda job_id=job_id: state(scheduler, job_id) == RUNNING)
+        trainer.finish(job_id)
+    wait_until(lambda: all(state(scheduler, j) == JobState.SUCCEEDED for j in jobs))
+    assert trainer.started == expected
+    assert [m.epoch for m in scheduler.store.metrics(jobs[0])] == [1]
+
+
+def test_a_job_left_running_resumes_before_the_queue(make_scheduler, tmp_path):
+    first = make_scheduler()
+    interrupted = first.submit(spec(0)).id
+    first.store.transition(interrupted, RUNNING)  # as if the server died while running it
+    urgent = first.submit(spec(9)).id
+
+    trainer = FakeTrainer()
+    second = make_scheduler(trainer=trainer)
+    second.start()
+    wait_until(lambda: trainer.started)
+    assert trainer.started == [interrupted]
+    assert [s for s, _, _ in second.store.history(interrupted)] == [QUEUED, RUNNING, QUEUED, RUNNING]
+    assert state(second, urgent) == QUEUED
+    trainer.finish(interrupted)
+    wait_until(lambda: trainer.started == [interrupted, urgent])
+
+
+def test_a_job_cancelled_just_before_the_server_died_is_not_resumed(make_scheduler):
+    first = make_scheduler()
+    job = first.submit(spec()).id
+    first.store.transition(job, RUNNING)
+    first.store.request_cancel(job)  # then the server died before the job saw it
+
+    trainer = FakeTrainer()
+    second = make_scheduler(trainer=trainer)
+    second.start()
+    got = second.store.get(job)
+    assert (got.state, got.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
+    time.sleep(0.1)
+    assert trainer.started == []
+
+
+def test_admission_waits_for_cpus_and_says_why(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(max_concurrent=3, cpus=2, trainer=trainer)
+    scheduler.start()
+    big = scheduler.submit(spec(workers=2)).id
+    wait_until(lambda: state(scheduler, big) == RUNNING)
+    small = scheduler.submit(spec(workers=1)).id
+    local = scheduler.submit(spec(workers=0)).id
+    # Strict order: the job behind waits too, though it needs no CPUs, so `small` is never starved.
+    behind = f"behind job {small}, which needs 1 CPU, 0 free"
+    wait_until(lambda: scheduler.info(local).waiting_reason == behind)
+    assert scheduler.info(small).waiting_reason == "needs 1 CPU, 0 free"
+    assert scheduler.info(local).queue_position == 2
+
+    trainer.finish(big)
+    wait_until(lambda: state(scheduler, small) == RUNNING and state(scheduler, local) == RUNNING)
+    assert scheduler.info(small).waiting_reason is None
+
+
+def test_a_job_waits_while_ray_is_gone_and_says_so(make_scheduler):
+    first = make_scheduler()
+    job = first.submit(spec(workers=1)).id  # accepted while the cluster was there
+
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(trainer=trainer, cluster=LostCluster())
+    scheduler.start()
+    wait_until(lambda: scheduler.info(job).waiting_reason)
+    assert scheduler.info(job).waiting_reason == "the Ray cluster does not answer: GetTimeoutError"
+    assert scheduler.cancel(job).state == JobState.CANCELLED
+    assert trainer.started == []
+
+
+def test_a_full_set_of_job_slots_is_the_reason(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(max_concurrent=1, trainer=trainer)
+    scheduler.start()
+    first = scheduler.submit(spec()).id
+    wait_until(lambda: state(scheduler, first) == RUNNING)
+    second = scheduler.submit(spec()).id
+    wait_until(lambda: scheduler.info(second).waiting_reason)
+    assert scheduler.info(second).waiting_reason == "all 1 job slot(s) busy (--max-concurrent-jobs)"
+    trainer.finish(first)
+    wait_until(lambda: state(scheduler, second) == RUNNING)
+
+
+@pytest.mark.parametrize(
+    ("job", "field", "words"),
+    [
+        (
+            spec(workers=3),
+            "cluster.num_workers",
+            "3 workers need 3 CPUs (one each) but the Ray cluster has 2",
+        ),
+        (
+            spec(workers=1, device="gpu"),
+            "cluster.device",
+            "gpu needs 1 GPU (one per worker) but the Ray cluster has 0",
+        ),
+    ],
+)
+def test_a_job_that_can_never_fit_is_rejected_at_submit(make_scheduler, job, field, words):
+    scheduler = make_scheduler(cpus=2, gpus=0)
+    with pytest.raises(SpecError) as e:
+        scheduler.submit(job)
+    assert e.value.errors == [{"field": field, "message": words}]
+    assert scheduler.store.jobs() == []
+
+
+def test_cancel_a_queued_job_at_once_and_a_running_one_at_its_next_step(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(trainer=trainer)
+    scheduler.start()
+    running = scheduler.submit(spec()).id
+    wait_until(lambda: state(scheduler, running) == RUNNING)
+    queued = scheduler.submit(spec()).id
+
+    job = scheduler.cancel(queued)
+    assert (job.state, job.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
+    scheduler.cancel(running)
+    wait_until(lambda: state(scheduler, running) == JobState.CANCELLED)
+    assert scheduler.store.get(running).stop_reason == StopReason.CANCELLED
+    assert [m.epoch for m in scheduler.store.metrics(running)] == [1]  # kept
+    assert trainer.started == [running]  # the cancelled queued job never started
+    assert scheduler.cancel("nope") is None
+    assert scheduler.cancel(queued).state == JobState.CANCELLED  # cancelling again changes nothing
+
+
+def test_a_job_that_raises_fails_and_the_scheduler_goes_on(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(trainer=trainer)
+    bad_data, crash, fine = (scheduler.submit(spec()).id for _ in range(3))
+    trainer.fail[bad_data] = ValueError("data.path: /x.npz does not exist or is not a file")
+    trainer.fail[crash] = RuntimeError("worker exploded")
+    trainer.finish(fine)
+    scheduler.start()
+    wait_until(lambda: state(scheduler, fine) == JobState.SUCCEEDED)
+    failed = scheduler.store.get(bad_data)
+    assert (failed.state, failed.stop_reason) == (JobState.FAILED, StopReason.ERROR)
+    assert failed.error == "data.path: /x.npz does not exist or is not a file"
+    assert scheduler.store.get(crash).error == "RuntimeError: worker exploded"
+
+
+def test_stop_leaves_running_jobs_to_resume_at_the_next_start(make_scheduler):
+    scheduler = make_scheduler()
+    scheduler.start()
+    job = scheduler.submit(spec()).id
+    wait_until(lambda: state(scheduler, job) == RUNNING)
+    scheduler.stop(timeout=5)
+    assert state(scheduler, job) == RUNNING  # not cancelled: the shutdown only interrupted it
+
+    trainer = FakeTrainer()
+    trainer.finish(job)
+    again = make_scheduler(trainer=trainer)
+    again.start()
+    wait_until(lambda: state(again, job) == JobState.SUCCEEDED)

@@ -1,0 +1,468 @@
+"""End to end: ``python -m service serve`` as a user starts it, real SQLite and Ray, driven by client.Client.
+
+One server (``--max-concurrent-jobs 2 --data-root``) is shared by most tests; each test leaves it
+idle (see ``client``). The token, SIGKILL and refusal tests start servers of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from client import Client, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Specs are conftest's LOCAL_IRIS (iris, 150 samples, in the server's own process) with these changes.
+QUICK = {"stopping": {"max_epochs": 3}}
+# About 0.1 s an epoch (digits, one sample per step): a job that runs until a test stops it.
+SLOW = {
+    "model": {"layers": [64, 32, 10], "activation": "relu"},
+    "data": {"name": "digits"},
+    "optimizer": {"lr": 0.01},
+    "batch": {"size": 1},
+    "stopping": {"max_epochs": 100_000},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not reached within {timeout} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Server:
+    """A ``polyak serve`` process on a free port; its stderr goes to a log file kept for failures."""
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "service", "serve", "--port", str(self.port),
+                        "--data-dir", str(data_dir), *args]
+        inherited = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
+        self.env = {**inherited, **(env or {})}
+        self.log_file = data_dir.parent / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> Server:
+        with self.log_file.open("a") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log, stderr=log)
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout, every=0.1)
+        return self
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.url, token=token, retries=2)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, as a service manager stops it; every process it started (its Ray) must go too."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        started = descendants(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        try:
+            wait_for(lambda: not any(map(alive, started)), timeout=60, every=0.2)
+        except AssertionError:
+            left = [pid for pid in started if alive(pid)]
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"processes {left} outlived the server after SIGTERM\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    from sklearn.datasets import load_iris
+
+    root = tmp_path_factory.mktemp("data-root")
+    X, y = load_iris(return_X_y=True)
+    np.savez(root / "iris.npz", X=X, y=y)
+    np.savez(root / "three_features.npz", X=X[:, :3], y=y)
+    (root / "escape.npz").symlink_to("/etc/hosts")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, data_root):
+    s = Server(tmp_path_factory.mktemp("shared") / "data", "--max-concurrent-jobs", "2",
+               "--data-root", str(data_root))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    """A Client on the shared server; whatever a test leaves queued or running is cancelled after it."""
+    c = server.client()
+    yield c
+    for info in c.list():
+        if not info.state.is_terminal():
+            c.cancel(info.id)
+    wait_for(lambda: all(j.state.is_terminal() for j in c.list()), timeout=60)
+    assert c.health()["status"] == "ok"
+    c.close()
+
+
+def blockers(client: Client, make_spec) -> list:
+    """Two slow jobs holding both job slots of the shared server."""
+    jobs = [client.submit(make_spec(SLOW)) for _ in range(2)]
+    wait_for(lambda: all(j.info().state == JobState.RUNNING for j in jobs))
+    return jobs
+
+
+def test_a_job_runs_to_success_with_every_epoch(client, make_spec):
+    job = client.submit(make_spec({"name": "iris-e2e", "data": {"validation_fraction": 0.2},
+                                   "stopping": {"max_epochs": 6}}))
+    assert [m.epoch for m in job.stream()] == [1, 2, 3, 4, 5, 6]
+    info = job.wait(timeout=60)
+    assert (info.state, info.stop_reason, info.epoch, info.name) == (
+        JobState.SUCCEEDED, StopReason.MAX_EPOCHS, 6, "iris-e2e")
+    assert info.created_at <= info.started_at <= info.finished_at
+    assert info.metrics.epoch == 6 and info.metrics.val_loss is not None
+    assert [m.epoch for m in job.metrics()] == [1, 2, 3, 4, 5, 6]
+    for which in ("last", "best"):
+        weights = job.weights(which)
+        assert weights["W1"].shape == (16, 4) and weights["b2"].shape == (3,)
+    assert job.id in [j.id for j in client.list(JobState.SUCCEEDED)]
+    assert job.id not in [j.id for j in client.list(JobState.QUEUED)]
+
+
+def test_five_listeners_receive_identical_streams(client, make_spec):
+    holding = blockers(client, make_spec)
+    job = client.submit(make_spec({"stopping": {"max_epochs": 4}}))
+    wait_for(lambda: job.info().waiting_reason)
+    streams: list[list] = [[] for _ in range(5)]
+    connected = threading.Barrier(6, timeout=30)
+
+    def listen(out: list) -> None:
+        for n, (kind, model) in enumerate(client.events(job.id)):
+            out.append((kind, model.model_dump_json()))
+            if n == 0:
+                connected.wait()
+
+    threads = [threading.Thread(target=listen, args=(s,)) for s in streams]
+    for t in threads:
+        t.start()
+    connected.wait()  # every listener is in before the job starts
+    for b in holding:
+        b.cancel()
+    for t in threads:
+        t.join(60)
+    assert all(s == streams[0] for s in streams)
+    kinds = [kind for kind, _ in streams[0]]
+    assert kinds == ["state", "state", "epoch", "epoch", "epoch", "epoch", "state", "end"]
+    assert '"state":"queued"' in streams[0][0][1] and '"state":"succeeded"' in streams[0][-1][1]
+
+
+def test_after_replays_only_later_epochs_in_the_wire_format(client, server, make_spec):
+    job = client.submit(make_spec({"stopping": {"max_epochs": 5}}))
+    job.wait(timeout=60)
+    events = list(client.events(job.id, after=3))
+    assert [(k, getattr(m, "epoch", None)) for k, m in events] == [
+        ("state", 5), ("epoch", 4), ("epoch", 5), ("end", 5)]
+    assert [k for k, _ in client.events(job.id, after=5)] == ["state", "end"]
+
+    with httpx.stream("GET", f"{server.url}/jobs/{job.id}/events", params={"after": 4}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    blocks = text.strip().split("\n\n")
+    assert blocks[1].startswith("event: epoch\nid: 5\ndata: {")
+    assert blocks[-1].startswith("event: end\nid: 5\ndata: {")
+    # An EventSource reconnects with Last-Event-ID instead of ?after=.
+    resumed = httpx.get(f"{server.url}/jobs/{job.id}/events", headers={"Last-Event-ID": "4"})
+    assert resumed.text == text
+
+
+def test_cancel_a_queued_job_at_once_and_a_running_one_keeping_its_results(client, make_spec):
+    running, other = blockers(client, make_spec)
+    queued = client.submit(make_spec(QUICK))
+    info = queued.cancel()
+    assert (info.state, info.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
+    assert queued.metrics() == []
+    with pytest.raises(JobNotFound, match="no weights"):
+        queued.weights()
+
+    wait_for(lambda: len(running.metrics()) >= 2)
+    assert running.weights()["W1"].shape == (32, 64)  # while running: its latest checkpoint
+    running.cancel()
+    final = running.wait(timeout=60)
+    assert (final.state, final.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
+    epochs = [m.epoch for m in running.metrics()]
+    assert len(epochs) >= 2 and epochs == list(range(1, len(epochs) + 1))
+    assert running.weights()["W1"].shape == (32, 64)
+    assert other.info().state == JobState.RUNNING  # cancelling one job leaves the other alone
+
+
+@pytest.mark.parametrize("content_type", ["application/yaml", "text/yaml", "application/json"])
+def test_a_spec_may_come_as_yaml_or_json(client, server, make_spec, content_type):
+    spec = make_spec({"name": "raw", "priority": 7}).model_dump(mode="json")
+    body = yaml.safe_dump(spec) if "yaml" in content_type else json.dumps(spec)
+    response = httpx.post(f"{server.url}/jobs", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 201, response.text
+    info = JobInfo.model_validate_json(response.content)
+    assert (info.state, info.name, info.priority) == (JobState.QUEUED, "raw", 7)
+    assert client.job(info.id).wait(timeout=60).state == JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "words"),
+    [
+        ("application/json", '{"model": {"layers": [4, 3]', 400, "not valid JSON"),
+        ("application/yaml", "model:\n  layers: [4, 3\nstopping: {", 400, "not valid YAML"),
+        ("text/yaml", "- just\n- a list\n", 422, "must be a mapping"),
+        ("application/json", "", 400, "body is empty"),
+        ("application/json", '{"optimizer": {"momentum": 0.9}}', 422, "optimizer.momentum: unknown key"),
+        ("application/yaml", "stopping:\n  max_epochs: -1\n", 422, "stopping.max_epochs: must be >= 0"),
+        ("application/json", '{"cluster": {"device": "tpu"}}', 422, "cluster.device: must be one of"),
+        ("application/json", '{"cluster": {"num_workers": 3}}', 422,
+         "cluster.num_workers: 3 workers need 3 CPUs (one each)"),
+    ],
+)
+def test_bad_specs_are_4xx_naming_the_field(client, server, content_type, body, status, words):
+    # The first spec that needs workers starts the server's Ray: seconds, not the default 5 s timeout.
+    response = httpx.post(f"{server.url}/jobs", content=body, headers={"Content-Type": content_type}, timeout=60)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    if status == 422:
+        assert response.json()["errors"]
+    assert client.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("field", "path", "words"),
+    [
+        ("data.path", "missing.npz", "missing.npz does not exist on the server"),
+        ("data.path", "../../../etc/hosts", "is outside the server's data root"),
+        ("data.path", "/etc/hosts", "is outside the server's data root"),
+        ("data.path", "escape.npz", "is outside the server's data root"),  # a symlink out
+        ("init_weights", "/etc/hosts", "is outside the server's data root"),
+    ],
+)
+def test_paths_must_exist_within_the_data_root(client, server, make_spec, field, path, words):
+    spec = make_spec().model_dump(mode="json")
+    if field == "data.path":
+        spec["data"] = {"source": "file", "path": path}
+    else:
+        spec["init_weights"] = path
+    response = httpx.post(f"{server.url}/jobs", json=spec)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [{"field": field, "message": response.json()["errors"][0]["message"]}]
+    assert words in response.json()["detail"] and field in response.json()["detail"]
+
+
+def test_file_data_in_the_data_root_trains_and_data_that_does_not_fit_fails(client, make_spec):
+    good = client.submit(make_spec({"data": {"source": "file", "path": "iris.npz", "standardize": True}}))
+    assert good.wait(timeout=60).state == JobState.SUCCEEDED
+    bad = client.submit(make_spec({"data": {"source": "file", "path": "three_features.npz"}}))
+    info = bad.wait(timeout=60)
+    assert (info.state, info.stop_reason) == (JobState.FAILED, StopReason.ERROR)
+    assert "model.layers[0] = 4" in info.error and "three_features.npz has 3 features" in info.error
+
+
+def test_unknown_ids_and_bad_queries_are_4xx(client, server):
+    for method, path in [("GET", "/jobs/nope"), ("GET", "/jobs/nope/metrics"), ("POST", "/jobs/nope/cancel"),
+                         ("GET", "/jobs/nope/weights"), ("GET", "/jobs/nope/events")]:
+        response = httpx.request(method, f"{server.url}{path}")
+        assert (response.status_code, response.json()) == (404, {"detail": "no job with id nope"}), path
+    with pytest.raises(JobNotFound, match="no job with id nope"):
+        client.get("nope")
+    with pytest.raises(SpecError, match="state"):
+        client.list("exploded")
+    assert httpx.get(f"{server.url}/jobs/x/weights", params={"which": "worst"}).status_code == 422
+
+
+def test_divergence_fails_the_job_and_the_service_goes_on(client, make_spec):
+    diverging = {
+        "model": {"layers": [10, 8, 1], "loss": "mse"},
+        "data": {"name": "diabetes", "standardize": False},
+        "optimizer": {"lr": 50.0},
+        "stopping": {"max_epochs": 50},
+    }
+    info = client.submit(make_spec(diverging)).wait(timeout=60)
+    assert (info.state, info.stop_reason) == (JobState.FAILED, StopReason.DIVERGED)
+    assert "diverged at epoch" in info.error and "step" in info.error
+    assert client.submit(make_spec(QUICK)).wait(timeout=60).state == JobState.SUCCEEDED
+
+
+def test_thirty_jobs_all_finish_in_priority_then_fifo_order(client, make_spec):
+    holding = blockers(client, make_spec)
+    specs = [make_spec({"priority": n % 3, "stopping": {"max_epochs": 2}}) for n in range(30)]
+    with ThreadPoolExecutor(6) as pool:  # at once: six clients submitting side by side
+        ids = {job.id for job in pool.map(client.submit, specs)}
+    assert len(ids) == 30
+    for b in holding:
+        b.cancel()
+    infos = wait_for(lambda: (done := [i for i in client.list() if i.id in ids and i.state.is_terminal()])
+                     and len(done) == 30 and done, timeout=120)
+    assert {i.state for i in infos} == {JobState.SUCCEEDED}
+    started = [i.id for i in sorted(infos, key=lambda i: i.started_at)]
+    assert started == [i.id for i in sorted(infos, key=lambda i: (-i.priority, i.created_at))]
+    assert [i.priority for i in sorted(infos, key=lambda i: i.started_at)] == [2] * 10 + [1] * 10 + [0] * 10
+    assert all([m.epoch for m in client.metrics(i)] == [1, 2] for i in ids)
+
+
+def test_ray_jobs_wait_for_free_cpus_and_oversized_ones_are_rejected(client, make_spec):
+    big = client.submit(make_spec({"cluster": {"num_workers": 2}, "stopping": {"max_epochs": 100_000}}))
+    # Generous waits: Ray actors start in seconds here, in minutes on a machine busy with other tests.
+    wait_for(lambda: big.metrics(), timeout=300)
+    ray_status = client.health()["ray"]
+    cpus = int(ray_status["cpus"])  # 2 here; a bigger machine's local Ray has more
+    assert ray_status["connected"] and cpus >= 2
+    waiting = client.submit(make_spec({"cluster": {"num_workers": cpus - 1}, "stopping": {"max_epochs": 3}}))
+    wanted = f"needs {cpus - 1} CPU{'s' if cpus > 2 else ''}, {cpus - 2} free"
+    wait_for(lambda: waiting.info().waiting_reason == wanted, timeout=60)
+    with pytest.raises(SpecError) as e:
+        client.submit(make_spec({"cluster": {"num_workers": cpus + 1}}))
+    assert e.value.errors[0]["field"] == "cluster.num_workers"
+
+    big.cancel()
+    assert big.wait(timeout=120).state == JobState.CANCELLED
+    info = waiting.wait(timeout=300)
+    assert (info.state, info.epoch) == (JobState.SUCCEEDED, 3), info.error
+    assert [m.epoch for m in waiting.metrics()] == [1, 2, 3]
+
+
+def test_cli_against_the_real_server(client, server, make_spec, tmp_path):
+    spec_file = tmp_path / "iris.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec({"name": "cli-iris"}).model_dump(mode="json")))
+
+    def polyak(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service", "--url", server.url, *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    submitted = polyak("submit", str(spec_file), "--follow")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0].strip()
+    assert client.get(job_id).state == JobState.SUCCEEDED
+    listed = polyak("list")
+    assert listed.returncode == 0 and job_id in listed.stdout and "cli-iris" in listed.stdout
+    status = polyak("status", job_id)
+    assert status.returncode == 0 and "succeeded" in status.stdout and "max_epochs" in status.stdout
+    weights = polyak("weights", job_id, "-o", "w.npz")
+    assert weights.returncode == 0, weights.stderr
+    with np.load(tmp_path / "w.npz") as w:
+        assert w["W1"].shape == (16, 4)
+    plot = polyak("plot", job_id, "-o", "curves.png")
+    assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 0, plot.stderr
+    missing = polyak("status", "nope")
+    assert missing.returncode == 1 and "error: no job with id nope" in missing.stderr
+
+
+def test_token_protects_every_route_but_health(tmp_path):
+    server = Server(tmp_path / "data", env={"POLYAK_TOKEN": "s3cret"}).start()
+    try:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = httpx.get(f"{server.url}/jobs", headers=headers)
+            assert response.status_code == 401 and "token" in response.json()["detail"]
+        assert httpx.post(f"{server.url}/jobs", json={}).status_code == 401
+        with pytest.raises(Unauthorized):
+            server.client(token="wrong").list()
+        assert server.client(token="s3cret").list() == []
+    finally:
+        server.stop()
+
+
+def test_a_public_address_without_a_token_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+
+
+def test_sigkill_mid_job_loses_nothing(tmp_path, make_spec):
+    data_dir = tmp_path / "data"
+    server = Server(data_dir).start()
+    c = server.client()
+    slow = c.submit(make_spec({**SLOW, "stopping": {"max_epochs": 30}}))
+    behind = [c.submit(make_spec({**QUICK, "name": f"behind-{n}"})) for n in range(2)]
+    before = wait_for(lambda: (m := slow.metrics()) and len(m) >= 2 and m, every=0.02)
+    server.kill()
+
+    server = Server(data_dir).start()
+    try:
+        c = server.client()
+        # The interrupted job resumes first; the queued ones stay queued, in their order, behind it.
+        assert [c.get(b.id).state for b in behind] == [JobState.QUEUED, JobState.QUEUED]
+        assert [c.get(b.id).queue_position for b in behind] in ([1, 2], [2, 3])
+        info = c.job(slow.id).wait(timeout=120)
+        assert (info.state, info.stop_reason, info.epoch) == (JobState.SUCCEEDED, StopReason.MAX_EPOCHS, 30)
+        after = c.metrics(slow.id)
+        assert [m.epoch for m in after] == list(range(1, 31))
+        # Epochs before the last checkpoint were not trained again: their timings are the first run's.
+        assert after[: len(before) - 1] == before[:-1]
+        for b in behind:
+            assert c.job(b.id).wait(timeout=60).state == JobState.SUCCEEDED
+        assert "resumes from its last checkpoint" in server.log()
+    finally:
+        server.stop()

@@ -1,0 +1,144 @@
+"""The job store: SQLite in WAL mode, the state machine enforced in its transactions, metrics upserted."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from client.models import EpochMetrics, JobState, StopReason
+from client.spec import JobSpec
+from service.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
+from service.store import DB_NAME, Store
+
+QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
+TERMINAL = [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]
+
+
+def metrics(job_id: str, epoch: int, loss: float = 1.0) -> EpochMetrics:
+    return EpochMetrics(
+        job_id=job_id, epoch=epoch, step=10 * epoch, samples_seen=100 * epoch, batch_size=10, lr=0.1,
+        train_loss=loss, weight_norm=1.0, weight_change=0.1, grad_avg_norm=0.5, grad_noise=0.1,
+        samples_per_second=1000.0, elapsed_seconds=0.1 * epoch, criteria=[],
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path)
+    yield s
+    s.close()
+
+
+def add(store: Store, priority: int = 0, name: str | None = None) -> Job:
+    spec = JobSpec(name=name, priority=priority)
+    return store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+
+
+def test_database_is_in_wal_mode(store, tmp_path):
+    # WAL is a property of the file: any other connection sees it too.
+    with sqlite3.connect(tmp_path / DB_NAME) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_jobs_round_trip_and_keep_submission_order(store):
+    a, b, c = add(store, 0, "a"), add(store, 5, "b"), add(store, 0, "c")
+    assert a.seq < b.seq < c.seq
+    got = store.get(b.id)
+    assert (got.id, got.name, got.priority, got.state, got.spec) == (b.id, "b", 5, QUEUED, b.spec)
+    assert got.created_at == b.created_at
+    assert [j.id for j in store.jobs()] == [a.id, b.id, c.id]
+    assert store.get("nope") is None
+
+
+def test_lifecycle_records_times_and_history(store):
+    job = add(store)
+    running = store.transition(job.id, RUNNING)
+    assert running.started_at is not None and running.finished_at is None
+    why = "diverged at epoch 3"
+    done = store.transition(job.id, JobState.FAILED, stop_reason=StopReason.DIVERGED, error=why)
+    assert (done.state, done.stop_reason, done.error) == (JobState.FAILED, StopReason.DIVERGED, why)
+    assert done.finished_at >= done.started_at
+    assert [state for state, _, _ in store.history(job.id)] == [QUEUED, RUNNING, JobState.FAILED]
+    assert store.jobs(JobState.FAILED) == [done]
+    assert store.counts()["failed"] == 1
+
+
+@pytest.mark.parametrize("final", TERMINAL)
+def test_terminal_states_are_never_left(store, final):
+    job = add(store)
+    if final != JobState.CANCELLED:
+        store.transition(job.id, RUNNING)
+    store.transition(job.id, final)
+    for target in JobState:
+        with pytest.raises(InvalidTransition, match="final state"):
+            store.transition(job.id, target, recovery=True)
+    assert store.get(job.id).state == final
+    assert len(store.history(job.id)) == (2 if final == JobState.CANCELLED else 3)
+
+
+def test_running_goes_back_to_queued_only_through_recovery(store):
+    job = add(store)
+    store.transition(job.id, RUNNING)
+    with pytest.raises(InvalidTransition):
+        store.transition(job.id, QUEUED)
+    requeued = store.transition(job.id, QUEUED, recovery=True, note="server restarted")
+    assert requeued.state == QUEUED and requeued.resumed  # started before: it resumes
+    assert store.history(job.id)[-1][2] == "server restarted"
+
+
+def test_transition_table_is_the_documented_lifecycle():
+    assert TRANSITIONS[QUEUED] == {RUNNING, JobState.CANCELLED, JobState.FAILED}
+    assert TRANSITIONS[RUNNING] == set(TERMINAL)
+    with pytest.raises(InvalidTransition):
+        check_transition(QUEUED, JobState.SUCCEEDED)
+    with pytest.raises(InvalidTransition):
+        check_transition(QUEUED, QUEUED, recovery=True)
+
+
+def test_epochs_are_upserted_exactly_once(store):
+    job = add(store)
+    for epoch in (1, 2, 3):
+        store.record_epoch(metrics(job.id, epoch, loss=float(epoch)))
+    # A job resumed from its epoch-2 checkpoint reports epoch 3 again, then goes on.
+    store.record_epoch(metrics(job.id, 3, loss=30.0))
+    store.record_epoch(metrics(job.id, 4, loss=40.0))
+    history = store.metrics(job.id)
+    assert [m.epoch for m in history] == [1, 2, 3, 4]
+    assert [m.train_loss for m in history] == [1.0, 2.0, 30.0, 40.0]
+    assert [m.epoch for m in store.metrics(job.id, after=2)] == [3, 4]
+    assert store.latest_metrics(job.id).epoch == 4
+    assert store.get(job.id).epoch == 4
+
+
+def test_concurrent_writers_lose_nothing(store):
+    jobs = [add(store) for _ in range(4)]
+
+    def report(job_id: str) -> None:
+        for epoch in range(1, 26):
+            store.record_epoch(metrics(job_id, epoch))
+
+    threads = [threading.Thread(target=report, args=(j.id,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j in jobs:
+        assert [m.epoch for m in store.metrics(j.id)] == list(range(1, 26))
+
+
+def test_everything_survives_reopening(tmp_path):
+    store = Store(tmp_path)
+    job = add(store, priority=3)
+    store.transition(job.id, RUNNING)
+    store.record_epoch(metrics(job.id, 1))
+    store.close()
+    again = Store(tmp_path)
+    try:
+        got = again.get(job.id)
+        assert (got.state, got.priority, got.epoch) == (RUNNING, 3, 1)
+        assert [s for s, _, _ in again.history(job.id)] == [QUEUED, RUNNING]
+        assert again.job_dir(job.id) == tmp_path / "jobs" / job.id
+    finally:
+        again.close()
