@@ -25,7 +25,7 @@ from service.trainer import Hooks, initial_weights, make_engine, run
 from workers.data import load_dataset
 from workers.mlp import MLP
 
-CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 12)]
+CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 40)]
 ROWS = [
     ("in-process", 0, "sync"),
     ("ray sync K=1", 1, "sync"),

@@ -13,6 +13,7 @@ import uuid
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_limits
 
 from client.spec import JobSpec
 from service.ps_core import ServerCore
@@ -24,6 +25,8 @@ class ParameterServer:
         # Weights arrive by restore(): a restarted actor then holds nothing stale, and no constructor
         # argument has to outlive its object-store reference.
         spec = JobSpec.model_validate_json(spec_json)
+        # One BLAS thread: idle OpenBLAS threads spin, and would take the cores the workers compute on.
+        self._blas_limits = threadpool_limits(limits=1)
         self.core = ServerCore(spec, np.zeros(num_params, dtype=spec.cluster.dtype))
         self.max_staleness = spec.cluster.max_staleness
         self._published: tuple[int, ray.ObjectRef] | None = None

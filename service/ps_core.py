@@ -29,7 +29,7 @@ class ServerCore:
 
     def apply(self, grad_sum, loss_sum: float, count: int) -> None:
         """One step of (26)+(27): g_B = grad_sum / count; the update never depends on how many parts."""
-        g = self.xp.divide(grad_sum, count, out=self._g)  # (p,)
+        g = self.xp.divide(grad_sum, count, out=self._g)  # (p,); in place when grad_sum is _g itself
         self.optimizer.regularize(g, self.state.W)
         sq_norm = self.stats.add(g)
         self.optimizer.apply(self.state, g)
@@ -40,13 +40,15 @@ class ServerCore:
     def apply_parts(self, parts) -> None:
         """Sync mode: sum the K workers' (grad_sum, loss_sum, count) into one exact minibatch step."""
         parts = [part for part in parts if part[2] > 0]  # a shard may hold none of a step's rows
+        if not parts:  # an empty round (the engine's warm-up) is not a step
+            return
         grad_sum, loss_sum, count = parts[0]
         if len(parts) > 1:
-            grad_sum = grad_sum.copy()
-            for g, l, c in parts[1:]:
+            grad_sum = self.xp.add(grad_sum, parts[1][0], out=self._g)  # _g: the parts are read-only views
+            for g, _, _ in parts[2:]:
                 grad_sum += g
-                loss_sum += l
-                count += c
+            loss_sum = sum(part[1] for part in parts)
+            count = sum(part[2] for part in parts)
         self.apply(grad_sum, loss_sum, count)
 
     def end_epoch(self) -> dict:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STEPS_IN_FLIGHT = 4
 RECONNECT_SECONDS = 120
 MAX_REPAIRS_PER_EPOCH = 10
+STEP_TIMEOUT_SECONDS = 600  # Ray's default for a compiled graph is 10 s: too short for a big model on a CPU
 
 
 class ParameterServerLost(RuntimeError):
@@ -162,6 +163,22 @@ def _wait_until_alive(actor) -> None:
             time.sleep(0.5)
 
 
+class Pace:
+    """The steady interval between finished steps, to predict when the next one is due."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.interval = 0.0
+
+    def done(self, now: float, consecutive: bool) -> None:
+        if consecutive and self.last is not None:
+            self.interval = 0.8 * self.interval + 0.2 * (now - self.last)
+        self.last = now if consecutive else None
+
+    def next_due(self) -> float:
+        return self.last + self.interval if self.last is not None else 0.0
+
+
 class SyncRayEngine(RayEngine):
     mode = "sync"
     drives_steps = False
@@ -185,6 +202,10 @@ class SyncRayEngine(RayEngine):
             graph = self.server.apply.bind(*parts)
         self.graph = graph.experimental_compile()
         self.inflight: deque = deque()
+        self._pace = Pace()
+        # The first round allocates the channels (over a second); an empty round pays that now, not in step 1.
+        no_rows = np.empty(0, dtype=np.int64)
+        ray.get(self.graph.execute(*[no_rows] * len(self.workers)))
 
     def _teardown(self) -> None:
         if self.graph is not None:
@@ -206,11 +227,21 @@ class SyncRayEngine(RayEngine):
     def _settle(self, keep: int = 0) -> None:
         try:
             while len(self.inflight) > keep:
-                ray.get(self.inflight.popleft())
+                ref = self.inflight.popleft()
+                self._sleep_until_due()
+                ray.get(ref, timeout=STEP_TIMEOUT_SECONDS)
+                self._pace.done(time.monotonic(), consecutive=keep > 0)
         except RayError as e:
             if not isinstance(getattr(e, "cause", None) or e, (RayActorError, RaySystemError, RayChannelError)):
                 raise  # an error in our own code, not a lost actor: re-running would fail the same way
             self._repair()
+
+    def _sleep_until_due(self) -> None:
+        """Sleep through most of the wait for the oldest step: a compiled graph's reader spins while it
+        waits, and on a small machine that spinning takes the very cores the workers compute on."""
+        wait = self._pace.next_due() - time.monotonic()
+        if self._pace.interval > 0.005 and wait > 0.001:  # short steps: a sleep's wake-up costs more
+            time.sleep(0.9 * wait)
 
     def _repair(self) -> None:
         """A worker or the server died mid-step: rebuild the graph and redo the steps not applied."""

@@ -46,3 +46,10 @@ def test_snapshot_and_restore_round_trip_the_whole_state():
     np.testing.assert_array_equal(c.weights(), fresh.weights())
     np.testing.assert_array_equal(c.state.u, fresh.state.u)
     assert (fresh.state.step, fresh.state.version) == (4, 4)
+
+
+def test_a_round_in_which_no_worker_had_rows_is_not_a_step():
+    c = core()
+    c.apply_parts([(np.zeros(8), 0.0, 0), (np.zeros(8), 0.0, 0)])
+    assert c.state.step == 0 and c.state.version == 0 and c.step_losses == []
+    np.testing.assert_array_equal(c.weights(), np.arange(8))
