@@ -56,13 +56,17 @@ def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
     click.echo(job.id)
     if not follow:
         return
-    with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=_console()) as display:
-        for kind, event in job.events():
-            if kind == "epoch":
-                display.update(event)
-            elif kind == "end":
-                final = event
-        display.finish(final.state, final.stop_reason, final.error)
+    try:
+        with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=_console()) as display:
+            for kind, event in job.events():
+                if kind == "epoch":
+                    display.update(event)
+                elif kind == "end":
+                    final = event
+            display.finish(final.state, final.stop_reason, final.error)
+    except KeyboardInterrupt:
+        _console().print(Text(f"stopped following {job.id}; it runs on (`polyak cancel {job.id}` ends it)"))
+        raise click.exceptions.Exit(130) from None
     if final.state != JobState.SUCCEEDED:
         ctx.exit(1)
 
@@ -71,7 +75,7 @@ def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
 @click.option("--state", type=click.Choice([s.value for s in JobState]), help="only jobs in this state")
 @click.pass_context
 def list_jobs(ctx: click.Context, state: str | None) -> None:
-    """All jobs, newest state first as the server orders them."""
+    """All jobs, newest first, as the server orders them."""
     jobs = _client(ctx).list(state)
     table = Table(header_style="bold")
     for name in ("id", "name", "state", "priority", "queue", "epoch", "stop reason", "created"):

@@ -22,13 +22,13 @@ def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | Non
 
     _curves(loss, metrics, {"train loss": "train_loss", "validation loss": "val_loss"}, log=True)
     loss.set_title("loss")
-    _curves(acc, metrics, {"validation": "val_accuracy", "train": "train_accuracy"}, log=False)
+    _curves(acc, metrics, {"validation": "val_accuracy"}, log=False)
     acc.set_title("accuracy")
     if not acc.lines:
         acc.text(0.5, 0.5, "no accuracy reported\n(regression or no validation data)",
                  ha="center", va="center", transform=acc.transAxes, color="gray")
     _curves(diag, metrics, {
-        "weight change ||ΔW||/||W||": "weight_change",
+        "weight change ||ΔW|| / ||W before||": "weight_change",
         "grad noise σ/√n'": "grad_noise",
         "||mean gradient||": "grad_avg_norm",
     }, log=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -22,7 +23,8 @@ _FIELD_NAME = re.compile(r"[a-z_][a-z0-9_.]*")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/NaN would pass the bounds checks and then serialise as null, unreadable when the job is loaded.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -182,8 +184,13 @@ _KINDS = {
 }
 
 
+_REPR = reprlib.Repr()  # attributes, not keywords: Python < 3.12 takes none
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    """A short repr that stays short for huge inputs (a YAML alias bomb expands to a vast nested list)."""
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -110,8 +110,12 @@ def create_app(
     @api.post("/jobs", status_code=201, response_model=JobInfo, openapi_extra=_SPEC_BODY)
     async def submit(request: Request) -> JobInfo:
         """Queue a job: 201 with its JobInfo (queued); 422 naming every bad field of the spec."""
-        raw = _read_spec(await _body(request), request.headers.get("content-type", ""))
-        return await run_in_threadpool(lambda: scheduler.submit(resolve_paths(parse_spec(raw), data_root)))
+        body, content_type = await _body(request), request.headers.get("content-type", "")
+
+        def submit_now() -> JobInfo:  # parsing up to 1 MB of YAML must not stall every event stream
+            return scheduler.submit(resolve_paths(parse_spec(_read_spec(body, content_type)), data_root))
+
+        return await run_in_threadpool(submit_now)
 
     @api.get("/jobs", response_model=list[JobInfo])
     def list_jobs(state: JobState | None = None) -> list[JobInfo]:
@@ -232,10 +236,12 @@ def _read_spec(body: bytes, content_type: str) -> dict[str, Any]:
 
 
 # -- answers ---------------------------------------------------------------------------------------
-def _file(path: Path, job: Job, which: str) -> FileResponse | None:
-    if not path.is_file():
+def _file(path: Path, job: Job, which: str) -> Response | None:
+    try:
+        data = path.read_bytes()  # whole, at once: a running job may os.replace the file any moment
+    except FileNotFoundError:
         return None
-    return FileResponse(path, media_type="application/octet-stream", headers=_attachment(job, which))
+    return Response(data, media_type="application/octet-stream", headers=_attachment(job, which))
 
 
 def _attachment(job: Job, which: str) -> dict[str, str]:

@@ -38,7 +38,8 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
     from service.checkpoint import save_npz
     from service.trainer import Hooks, train_job
-    from workers.data import DataError, load_dataset
+    from workers.backend import DeviceError
+    from workers.data import load_dataset
     from workers.mlp import to_dict
 
     try:
@@ -46,7 +47,7 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
         dataset = load_dataset(job_spec.data, job_spec.model)
     except SpecError as e:
         _fail(f"{spec}: {e.message}")
-    except DataError as e:
+    except ValueError as e:  # DataError, and generators' own complaints (sklearn's make_classification)
         _fail(str(e))
 
     cancel = threading.Event()
@@ -74,7 +75,7 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
                     hooks.on_epoch = display.update
                     result = train_job(job_spec, "train", hooks, dataset)
                     display.finish(result.state.value, result.stop_reason.value, result.error)
-    except (DataError, ValueError) as e:
+    except (ValueError, DeviceError, ConnectionError) as e:  # data, weights, device, Ray address
         _fail(str(e))
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -134,6 +135,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     # and the local Ray left running.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
+        lock = _lock_data_dir(data_dir)  # held until the process exits, however it exits
         store = Store(data_dir)
     except (OSError, sqlite3.Error) as e:
         _fail(f"cannot open the job database in {data_dir}: {e}")
@@ -143,6 +145,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             cluster.capacity()  # a wrong address should fail now, not with the first job
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
         app = create_app(scheduler, token=server_token, data_root=data_root)
+        app.state.data_dir_lock = lock
         logging.getLogger("polyak").info(
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
             data_dir.resolve(), max_concurrent_jobs, ", token required" if server_token else "")
@@ -155,6 +158,19 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port in use)
         cluster.shutdown()
         store.close()
+
+
+def _lock_data_dir(data_dir: Path):
+    """Two servers on one data dir would both resume its running jobs: the second one is refused."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / "serve.lock", "w")  # stays open, and locked, while the server runs
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _fail(f"another `polyak serve` is using the data dir {data_dir.resolve()}")
+    return lock
 
 
 def main() -> None:

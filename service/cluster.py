@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.spec import JobSpec
+from workers.backend import worker_device
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,14 @@ class Resources:
     def __sub__(self, other: Resources) -> Resources:
         return Resources(self.cpus - other.cpus, self.gpus - other.gpus)
 
+    def clamped(self) -> Resources:
+        return Resources(max(self.cpus, 0), max(self.gpus, 0))
+
 
 def needs(spec: JobSpec, capacity: Resources) -> Resources:
-    """One CPU per worker actor, plus one GPU each when it computes on a GPU.
-
-    ``auto`` means gpu when the cluster has a GPU per worker: the same rule as ray_engine.resolve_device.
-    """
+    """One CPU per worker actor, plus one GPU each when it computes on a GPU."""
     k = spec.cluster.num_workers
-    gpu = spec.cluster.device == "gpu" or (spec.cluster.device == "auto" and k > 0 and capacity.gpus >= k)
+    gpu = worker_device(spec.cluster.device, k, capacity.gpus) == "gpu"
     return Resources(cpus=k, gpus=k if gpu else 0)
 
 

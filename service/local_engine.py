@@ -47,8 +47,5 @@ class LocalEngine:
         self.core.restore(arrays, meta)
         return meta
 
-    def describe(self) -> str:
-        return f"in-process on {self.backend.describe()}"
-
     def close(self) -> None:
         pass

@@ -25,11 +25,14 @@ def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
 
 def _resolve(field: str, value: str, root: Path | None) -> str:
     base = root.resolve() if root else Path.cwd()
-    path = (base / value).resolve()  # follows symlinks: where the file really is decides
-    if root and not path.is_relative_to(base):
-        raise _error(field, f"{value} is outside the server's data root {base}")
-    if not path.is_file():
-        raise _error(field, f"{value} does not exist on the server or is not a file")
+    try:
+        path = (base / value).resolve()  # follows symlinks: where the file really is decides
+        if root and not path.is_relative_to(base):
+            raise _error(field, f"{value} is outside the server's data root {base}")
+        if not path.is_file():
+            raise _error(field, f"{value} does not exist on the server or is not a file")
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system, ...
+        raise _error(field, f"not a usable path ({type(e).__name__}: {e})") from None
     return str(path)
 
 

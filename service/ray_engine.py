@@ -31,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayE
 from client.spec import JobSpec
 from service.checkpoint import load_checkpoint, save_checkpoint
 from service.parameter_server import ParameterServer
+from workers.backend import worker_device
 from workers.data import Dataset, shard_bounds
 from workers.gradient_worker import GradientWorker
 
@@ -70,15 +71,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 def resolve_device(device: str, num_workers: int) -> str:
-    """auto -> gpu when the cluster has a GPU for every worker, else cpu; gpu without GPUs is an error."""
+    """The workers' device on the connected cluster; gpu without a GPU per worker is an error."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "gpu" and gpus < num_workers:
         raise ValueError(
             f"cluster.device: gpu needs {num_workers} GPU(s) (one per worker) but the Ray cluster has {gpus:g}"
         )
-    if device == "auto":
-        return "gpu" if gpus >= num_workers else "cpu"
-    return device
+    return worker_device(device, num_workers, gpus)
 
 
 class RayEngine:
@@ -104,8 +103,12 @@ class RayEngine:
         # A restarted server comes back empty: recover() and the trainer put W0 or the checkpoint back.
         server = ray.remote(ParameterServer).options(num_cpus=0, max_restarts=-1, max_task_retries=0)
         self.server = server.remote(spec_json, self.W0.size)
-        self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
-        self._reset()
+        try:
+            self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
+            self._reset()
+        except BaseException:
+            self.close()
+            raise
 
     def _reset(self) -> None:
         """Back to the initial weights and an empty momentum buffer."""
@@ -141,10 +144,6 @@ class RayEngine:
         _wait_until_alive(self.server)
         log.warning("parameter server lost; restored and resuming from the last checkpoint")
         self._reset()
-
-    def describe(self) -> str:
-        rows = ", ".join(str(i["rows"]) for i in self.worker_info)
-        return f"Ray {self.mode}, {len(self.workers)} worker(s) on {self.worker_info[0]['device']} (shard rows: {rows})"
 
     def close(self) -> None:
         for actor in (*self.workers, self.server):
@@ -208,9 +207,9 @@ class SyncRayEngine(RayEngine):
         ray.get(self.graph.execute(*[no_rows] * len(self.workers)))
 
     def _teardown(self) -> None:
-        if self.graph is not None:
-            self.graph.teardown()
-            self.graph = None
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            graph.teardown()
 
     def step(self, batch: np.ndarray) -> None:
         """Split the batch's rows by shard (row numbers local to each shard) and run one step."""
@@ -276,9 +275,10 @@ class SyncRayEngine(RayEngine):
         super().recover()
 
     def close(self) -> None:
-        self.inflight.clear()
-        self._teardown()
-        super().close()
+        try:
+            self._teardown()
+        finally:
+            super().close()
 
 
 class AsyncRayEngine(RayEngine):

@@ -28,6 +28,7 @@ from service.events import Bus
 from service.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
 from service.store import Store
 from service.trainer import Hooks, train_job
+from workers.backend import gpu_available
 
 log = logging.getLogger("polyak")
 
@@ -131,6 +132,9 @@ class Scheduler:
             error = unfit(spec, self.cluster.capacity())
             if error is not None:
                 raise error
+        elif spec.cluster.device == "gpu" and not gpu_available():  # in-process jobs compute right here
+            msg = "gpu with num_workers 0 computes in the server's process, which sees no GPU"
+            raise SpecError(f"cluster.device: {msg}", [{"field": "cluster.device", "message": msg}])
         with self._lock:  # so that created_at runs in seq's order: FIFO reads the same by either
             job = self.store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
         _log_state(job)
@@ -195,6 +199,7 @@ class Scheduler:
             free = capacity
             for run in self._running.values():
                 free -= run.holds
+            free = free.clamped()  # below zero when the cluster shrank under running jobs
             behind = None  # the waiting reason of every job after the first that lacks resources
             for job in self.queue():
                 need = needs(job.spec, capacity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from client.spec import BatchSpec, OptimizerSpec
@@ -37,4 +38,6 @@ def batch_size(batch: BatchSpec, n: int, epoch: int) -> int:
     if batch.size is None or batch.size >= n:
         return n
     cap = min(batch.max_size or n, n)
+    if batch.growth > 1 and epoch * math.log(batch.growth) >= math.log(cap / batch.size):
+        return cap  # growth**epoch itself would overflow a float after enough epochs
     return max(1, min(cap, round(batch.size * batch.growth**epoch)))

@@ -10,7 +10,7 @@ on Ray (service/ray_engine.py). An engine offers:
     weights() -> np.ndarray                 # W after the last step, on the host
     checkpoint(path, meta); restore(path) -> meta
     recoverable: tuple of exception types   # a lost parameter server; then recover() and resume
-    describe(); close()
+    close()
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ from workers.mlp import MLP, from_dict, init_params, to_dict
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
 LAST_WEIGHTS = "weights.npz"
-
-
-class Diverged(RuntimeError):
-    """A non-finite loss or weight: the job fails with stop_reason diverged."""
 
 
 @dataclass
@@ -207,7 +203,8 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
         progress.elapsed_seconds += epoch_seconds
         train_loss = float(res["step_losses"].mean()) if done else None
         val_loss, val_acc = validate(W)
-        if stopper.observe_validation(progress.epoch, val_loss):
+        # A cut-short epoch is no candidate for the best weights: a server stopping mid-epoch drops it.
+        if not cancelled and stopper.observe_validation(progress.epoch, val_loss):
             best_W = W.copy()
             if best_file:
                 save_npz(best_file, to_dict(W, layers))

@@ -15,7 +15,6 @@ from workers.mlp import (
     param_count,
     to_dict,
     unflatten,
-    weight_mask,
 )
 
 ARCHS = {1: [5, 3], 2: [5, 7, 3], 3: [5, 7, 6, 3]}
@@ -246,13 +245,6 @@ def test_unflatten_gives_views_not_copies():
         assert np.shares_memory(a, W)
     W[12] = 9.0  # and the other way round
     assert b1[0] == 9.0
-
-
-def test_weight_mask_marks_weights_not_biases():
-    layers = [3, 4, 2]
-    mask = weight_mask(layers, np, np.float64)
-    expected = np.concatenate([np.ones(12), np.zeros(4), np.ones(8), np.zeros(2)])
-    np.testing.assert_array_equal(mask, expected)
 
 
 def test_from_dict_errors_name_the_array_and_both_shapes():

@@ -85,3 +85,12 @@ def test_batch_size_growth_follows_the_formula_and_is_capped():
     expected = [min(50, round(7 * 1.3**e)) for e in range(12)]
     assert [batch_size(b, 10_000, e) for e in range(12)] == expected
     assert expected[-1] == 50 and expected[:3] == [7, 9, 12]
+
+
+def test_a_grown_batch_stays_capped_long_after_growth_would_overflow_a_float():
+    from client.spec import BatchSpec
+    from service.schedules import batch_size
+
+    spec = BatchSpec(size=16, growth=2.0)
+    assert [batch_size(spec, 1000, e) for e in (0, 1, 5, 6, 7)] == [16, 32, 512, 1000, 1000]
+    assert batch_size(spec, 1000, 5000) == 1000  # 2.0**5000 overflows a float

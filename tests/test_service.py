@@ -282,6 +282,15 @@ def test_a_spec_may_come_as_yaml_or_json(client, server, make_spec, content_type
         ("application/json", '{"cluster": {"device": "tpu"}}', 422, "cluster.device: must be one of"),
         ("application/json", '{"cluster": {"num_workers": 3}}', 422,
          "cluster.num_workers: 3 workers need 3 CPUs (one each)"),
+        # inf/NaN would be stored as null and make the job unreadable for every later listing
+        ("application/yaml", "optimizer:\n  lr: .inf\n", 422, "optimizer.lr: must be a finite number"),
+        ("application/json", '{"stopping": {"target_loss": NaN}}', 422, "stopping.target_loss: must be a finite"),
+        ("application/json", '{"cluster": {"num_workers": 0, "device": "gpu"}}', 422,
+         "cluster.device: gpu with num_workers 0"),
+        # a YAML alias bomb: 10^8 elements from a few hundred bytes; the answer must stay short and quick
+        ("application/yaml", "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+            f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+            for p, c in zip("abcdefg", "bcdefgh")) + "model: {layers: *h}\n", 422, "model.layers"),
     ],
 )
 def test_bad_specs_are_4xx_naming_the_field(client, server, content_type, body, status, words):
@@ -302,6 +311,8 @@ def test_bad_specs_are_4xx_naming_the_field(client, server, content_type, body, 
         ("data.path", "/etc/hosts", "is outside the server's data root"),
         ("data.path", "escape.npz", "is outside the server's data root"),  # a symlink out
         ("init_weights", "/etc/hosts", "is outside the server's data root"),
+        ("data.path", "bad\x00name.npz", "not a usable path"),
+        ("data.path", "x" * 5000 + ".npz", "not a usable path"),
     ],
 )
 def test_paths_must_exist_within_the_data_root(client, server, make_spec, field, path, words):
@@ -427,6 +438,16 @@ def test_token_protects_every_route_but_health(tmp_path):
         assert server.client(token="s3cret").list() == []
     finally:
         server.stop()
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(server):
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "another `polyak serve` is using the data dir" in result.stderr
+    assert httpx.get(f"{server.url}/health").status_code == 200  # the first one is untouched
 
 
 def test_a_public_address_without_a_token_is_refused(tmp_path):

@@ -200,3 +200,28 @@ def test_errors_in_a_file_name_the_field(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("stopping:\n  max_epochs: -2\n")
     assert only_error(path)["field"] == "stopping.max_epochs"
+
+
+def test_a_huge_aliased_input_gives_a_short_message_quickly():
+    import time
+
+    from client.errors import SpecError
+    from client.spec import parse_spec
+
+    bomb: list = [1] * 10
+    for _ in range(7):  # 10^8 elements by reference, as YAML anchors build them
+        bomb = [bomb] * 10
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as e:
+        parse_spec({"model": {"layers": bomb}})
+    assert time.perf_counter() - start < 5
+    assert "model.layers" in str(e.value) and len(str(e.value)) < 2000
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_rejected_by_name(value):
+    from client.errors import SpecError
+    from client.spec import parse_spec
+
+    with pytest.raises(SpecError, match=r"optimizer\.lr: must be a finite number"):
+        parse_spec({"optimizer": {"lr": value}})

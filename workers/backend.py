@@ -20,9 +20,6 @@ class Backend:
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 
-    def to_numpy(self, a) -> np.ndarray:
-        return to_numpy(a)
-
     def describe(self) -> str:
         if self.device == "cpu":
             return f"cpu (NumPy {np.__version__})"
@@ -45,6 +42,13 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # CuPy raises its own CUDA error types when no driver is present
         return False
+
+
+def worker_device(device: str, num_workers: int, cluster_gpus: float) -> str:
+    """Where Ray workers compute: auto is gpu only when the cluster has a GPU for every worker."""
+    if device == "auto":
+        return "gpu" if num_workers > 0 and cluster_gpus >= num_workers else "cpu"
+    return device
 
 
 def get_backend(device: str = "auto") -> Backend:

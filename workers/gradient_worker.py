@@ -14,7 +14,7 @@ from workers.backend import get_backend, to_numpy
 from workers.data import load_shard
 from workers.mlp import MLP
 
-# Status strings of ParameterServer.push, repeated here because workers never import service code.
+# The answers of ParameterServer.push; defined here because workers never import service code.
 APPLIED, STALE, STOP = "applied", "stale", "stop"
 
 

@@ -43,14 +43,6 @@ def unflatten(flat, layers) -> list[tuple]:
     ]
 
 
-def weight_mask(layers, xp: ModuleType = np, dtype=np.float32):
-    """1 on weights, 0 on biases: weight decay touches weights only."""
-    mask = xp.zeros(param_count(layers), dtype=dtype)
-    for ws, _ in layer_slices(layers):
-        mask[ws] = 1
-    return mask
-
-
 def init_params(layers, sigma: float, rng: np.random.Generator, xp: ModuleType = np, dtype=np.float32):
     """W^(l)_ij ~ N(0, sigma^2 / m_{l-1}), biases 0. Drawn with NumPy so CPU and GPU runs start equal."""
     flat = np.zeros(param_count(layers), dtype=np.float64)
