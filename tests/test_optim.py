@@ -183,6 +183,21 @@ def test_new_state_copies_the_initial_weights():
 
 
 # -- what theory predicts: kappa = 100, GD ~ 0.98 per step, heavy ball ~ 0.82 ------------------
+# Least squares on linear data with a kappa ~100 feature covariance: a quadratic with known extremes.
+QUADRATIC = {
+    "model": {"layers": [10, 1], "loss": "mse", "seed": 0},
+    "data": {
+        "source": "synthetic",
+        "name": "regression",
+        "n_samples": 400,
+        "n_features": 10,
+        "condition_number": 100,
+        "noise": 0.0,
+        "standardize": False,
+    },
+}
+
+
 def _quadratic_run(make_spec, opt: dict, epochs: int):
     """Full-batch training of a linear model [d, 1] with mse on kappa-conditioned synthetic regression,
     through the real code path (trainer + LocalEngine); returns the weights after every step and W*."""
@@ -191,21 +206,7 @@ def _quadratic_run(make_spec, opt: dict, epochs: int):
     from workers.data import load_dataset
 
     spec = make_spec(
-        {
-            "model": {"layers": [10, 1], "loss": "mse", "seed": 0},
-            "data": {
-                "source": "synthetic",
-                "name": "regression",
-                "n_samples": 400,
-                "n_features": 10,
-                "condition_number": 100,
-                "noise": 0.0,
-                "standardize": False,
-            },
-            "optimizer": opt,
-            "batch": {"size": None},
-            "stopping": {"max_epochs": epochs},
-        }
+        {**QUADRATIC, "optimizer": opt, "batch": {"size": None}, "stopping": {"max_epochs": epochs}}
     )
     ds = load_dataset(spec.data, spec.model)
     engine = LocalEngine(spec, ds, initial_weights(spec))
@@ -221,20 +222,7 @@ def _hessian_extremes(make_spec):
     """L and mu of the mse Hessian (2/n) A^T A / m_L, A = [X, 1], of the data the job actually trains on."""
     from workers.data import load_dataset
 
-    spec = make_spec(
-        {
-            "model": {"layers": [10, 1], "loss": "mse", "seed": 0},
-            "data": {
-                "source": "synthetic",
-                "name": "regression",
-                "n_samples": 400,
-                "n_features": 10,
-                "condition_number": 100,
-                "noise": 0.0,
-                "standardize": False,
-            },
-        }
-    )
+    spec = make_spec(QUADRATIC)
     ds = load_dataset(spec.data, spec.model)
     A = np.column_stack([ds.X_train, np.ones(ds.n_train)])
     eig = np.linalg.eigvalsh(2.0 / ds.n_train * A.T @ A)
