@@ -41,7 +41,6 @@ def test_unknown_device_is_rejected_by_name():
 def test_to_numpy_does_not_copy_host_arrays():
     a = np.arange(4.0)
     assert to_numpy(a) is a
-    assert np.shares_memory(get_backend("cpu").to_numpy(a), a)
 
 
 # -- the CuPy path -------------------------------------------------------------------------------
@@ -93,6 +92,6 @@ def test_cupy_training_equals_numpy_training(make_spec, train_local):
     base = {"cluster": {"dtype": "float64"}, "stopping": {"max_epochs": 3}}
     cpu, _, _ = train_local(make_spec({**base, "cluster": {"device": "cpu", "dtype": "float64"}}))
     gpu, _, engine = train_local(make_spec({**base, "cluster": {"device": "gpu", "dtype": "float64"}}))
-    assert "gpu" in engine.describe()
+    assert engine.backend.device == "gpu"
     np.testing.assert_allclose(gpu.weights, cpu.weights, rtol=1e-9, atol=1e-10)
     assert [m.train_loss for m in gpu.metrics] == pytest.approx([m.train_loss for m in cpu.metrics], rel=1e-9)

@@ -290,7 +290,7 @@ def test_a_spec_may_come_as_yaml_or_json(client, server, make_spec, content_type
         # a YAML alias bomb: 10^8 elements from a few hundred bytes; the answer must stay short and quick
         ("application/yaml", "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
             f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
-            for p, c in zip("abcdefg", "bcdefgh")) + "model: {layers: *h}\n", 422, "model.layers"),
+            for p, c in zip("abcdefg", "bcdefgh", strict=True)) + "model: {layers: *h}\n", 422, "model.layers"),
     ],
 )
 def test_bad_specs_are_4xx_naming_the_field(client, server, content_type, body, status, words):
