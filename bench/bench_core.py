@@ -30,8 +30,8 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from client.spec import parse_spec
-from service.local_engine import LocalEngine
-from service.trainer import initial_weights
+from service.engine.local_engine import LocalEngine
+from service.engine.trainer import initial_weights
 from workers.data import Dataset
 from workers.mlp import unflatten
 

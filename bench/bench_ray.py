@@ -19,9 +19,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from client.spec import parse_spec
-from service.ps_core import ServerCore
-from service.ray_engine import connect
-from service.trainer import Hooks, initial_weights, make_engine, run
+from service.engine.ps_core import ServerCore
+from service.engine.ray_engine import connect
+from service.engine.trainer import Hooks, initial_weights, make_engine, run
 from workers.data import load_dataset
 from workers.mlp import MLP
 

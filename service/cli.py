@@ -36,8 +36,8 @@ def _fail(message: str, code: int = 2) -> None:
               help="checkpoint folder; a run pointed at an existing one resumes from its checkpoint")
 def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_dir: Path | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
-    from service.checkpoint import save_npz
-    from service.trainer import Hooks, train_job
+    from service.engine.checkpoint import save_npz
+    from service.engine.trainer import Hooks, train_job
     from workers.backend import DeviceError
     from workers.data import load_dataset
     from workers.mlp import to_dict
@@ -62,7 +62,7 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
     started_ray = False
     try:
         if job_spec.cluster.num_workers > 0:
-            from service.ray_engine import connect
+            from service.engine.ray_engine import connect
 
             started_ray = connect(ray_address)
         with tempfile.TemporaryDirectory(prefix="polyak-") as scratch:
@@ -117,10 +117,10 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
 
     import uvicorn
 
-    from service.api import create_app
-    from service.cluster import Cluster, ClusterUnavailable
-    from service.scheduler import Scheduler
-    from service.store import Store
+    from service.server.api import create_app
+    from service.server.cluster import Cluster, ClusterUnavailable
+    from service.server.scheduler import Scheduler
+    from service.server.store import Store
 
     server_token = server_token or None
     try:

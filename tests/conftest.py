@@ -52,8 +52,8 @@ def make_spec():
 @pytest.fixture
 def train_local():
     """train_local(spec, hooks=None, engine_wrapper=None) -> (TrainResult, dataset, engine), in-process."""
-    from service.local_engine import LocalEngine
-    from service.trainer import Hooks, initial_weights, run
+    from service.engine.local_engine import LocalEngine
+    from service.engine.trainer import Hooks, initial_weights, run
     from workers.data import load_dataset
 
     def train(spec, hooks: Hooks | None = None, engine_wrapper=None):
@@ -140,7 +140,7 @@ class Replay:
         self.ref = torch_ref
 
     def __call__(self, spec, dataset, steps: int) -> dict:
-        from service.trainer import epoch_order, initial_weights
+        from service.engine.trainer import epoch_order, initial_weights
 
         layers, m = spec.model.layers, spec.model
         opt, b = spec.optimizer, spec.batch
@@ -210,7 +210,7 @@ def replay(torch_ref):
 def ray_session():
     import ray
 
-    from service.ray_engine import connect
+    from service.engine.ray_engine import connect
 
     started = connect(None, num_cpus=2)
     yield ray

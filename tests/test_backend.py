@@ -73,7 +73,7 @@ def test_cupy_gradient_equals_numpy(activation, loss):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["sgd", "heavy_ball", "nesterov"])
 def test_cupy_rules_equal_numpy(method):
-    from service.optim import RULES
+    from service.engine.optim import RULES
 
     cp = get_backend("gpu").xp
     rng = np.random.default_rng(1)

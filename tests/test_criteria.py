@@ -1,4 +1,4 @@
-"""Stopping criteria and gradient statistics: unit checks of service/criteria.py, then every criterion
+"""Stopping criteria and gradient statistics: unit checks of service/engine/criteria.py, then every criterion
 triggered by a constructed in-process job and reported with the right value."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from client.models import JobState, StopReason
 from client.spec import StoppingSpec
-from service.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change
-from service.trainer import Hooks, initial_weights
+from service.engine.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change
+from service.engine.trainer import Hooks, initial_weights
 
 ALL_CRITERIA = ["target_loss", "weight_change", "gradient", "early_stopping", "max_steps", "max_epochs"]
 

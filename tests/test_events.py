@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from client.models import EpochMetrics, JobInfo, JobState
 from client.sdk import parse_sse
 from client.spec import JobSpec
-from service.events import Bus, job_events
+from service.server.events import Bus, job_events
 
 CREATED = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

@@ -1,4 +1,4 @@
-"""service/optim.py: the update rules against torch.optim.SGD and MATH.md, and what theory predicts."""
+"""service/engine/optim.py: the update rules against torch.optim.SGD and MATH.md, and what theory predicts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.spec import OptimizerSpec
-from service.optim import RULES, Optimizer, OptState, heavy_ball, nesterov, new_state, sgd
+from service.engine.optim import RULES, Optimizer, OptState, heavy_ball, nesterov, new_state, sgd
 from workers.mlp import MLP, init_params
 
 LAYERS = [6, 8, 3]
@@ -201,8 +201,8 @@ QUADRATIC = {
 def _quadratic_run(make_spec, opt: dict, epochs: int):
     """Full-batch training of a linear model [d, 1] with mse on kappa-conditioned synthetic regression,
     through the real code path (trainer + LocalEngine); returns the weights after every step and W*."""
-    from service.local_engine import LocalEngine
-    from service.trainer import Hooks, initial_weights, run
+    from service.engine.local_engine import LocalEngine
+    from service.engine.trainer import Hooks, initial_weights, run
     from workers.data import load_dataset
 
     spec = make_spec(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from client.spec import parse_spec
-from service.ps_core import ServerCore
+from service.engine.ps_core import ServerCore
 
 
 def core(method="sgd", lr=0.5, **opt):

@@ -8,8 +8,8 @@ import ray
 
 from client.models import EpochMetrics, JobState, StopReason
 from client.spec import parse_spec
-from service.ray_engine import AsyncRayEngine, SyncRayEngine
-from service.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
+from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
+from service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
 from workers.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -15,10 +15,10 @@ import pytest
 from client.errors import SpecError
 from client.models import EpochMetrics, JobState, StopReason
 from client.spec import JobSpec
-from service.cluster import ClusterUnavailable, Resources
-from service.scheduler import Scheduler
-from service.store import Store
-from service.trainer import TrainResult
+from service.engine.trainer import TrainResult
+from service.server.cluster import ClusterUnavailable, Resources
+from service.server.scheduler import Scheduler
+from service.server.store import Store
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 

@@ -9,8 +9,8 @@ import pytest
 
 from client.models import EpochMetrics, JobState, StopReason
 from client.spec import JobSpec
-from service.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
-from service.store import DB_NAME, Store
+from service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
+from service.server.store import DB_NAME, Store
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 TERMINAL = [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]

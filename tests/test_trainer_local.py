@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from client.models import JobState, StopReason
-from service.local_engine import LocalEngine
-from service.trainer import Hooks, initial_weights, run
+from service.engine.local_engine import LocalEngine
+from service.engine.trainer import Hooks, initial_weights, run
 from workers.data import load_dataset
 from workers.mlp import from_dict, to_dict
 
@@ -223,7 +223,7 @@ def test_metrics_fields(make_spec, train_local):
 
 
 def test_job_dir_holds_the_final_and_best_weights(make_spec, train_local, tmp_path):
-    from service.checkpoint import load_npz
+    from service.engine.checkpoint import load_npz
 
     spec = make_spec({"data": {"validation_fraction": 0.2}, "stopping": {"max_epochs": 3}})
     result, _, _ = train_local(spec, hooks=Hooks(job_dir=tmp_path))
@@ -243,7 +243,7 @@ def test_job_dir_holds_the_final_and_best_weights(make_spec, train_local, tmp_pa
 
 
 def test_init_weights_file(make_spec, train_local, tmp_path):
-    from service.checkpoint import save_npz
+    from service.engine.checkpoint import save_npz
 
     layers = [4, 16, 3]
     W = np.random.default_rng(0).standard_normal(4 * 16 + 16 + 16 * 3 + 3)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from client.spec import JobSpec
-from service.checkpoint import load_checkpoint, save_checkpoint
-from service.ps_core import ServerCore
+from service.engine.checkpoint import load_checkpoint, save_checkpoint
+from service.engine.ps_core import ServerCore
 from workers.backend import get_backend
 from workers.data import Dataset
 from workers.mlp import MLP

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState, StopReason
 from client.spec import JobSpec
-from service.cluster import Cluster, ClusterUnavailable, Resources, needs
-from service.events import Bus
-from service.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
-from service.store import Store
-from service.trainer import Hooks, train_job
+from service.engine.trainer import Hooks, train_job
+from service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
+from service.server.events import Bus
+from service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
+from service.server.store import Store
 from workers.backend import gpu_available
 
 log = logging.getLogger("polyak")

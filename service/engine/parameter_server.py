@@ -1,6 +1,6 @@
 """The parameter server: a Ray actor holding (W, u, t, version), a thin shell over ServerCore.
 
-Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/ray_engine.py):
+Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/engine/ray_engine.py):
 W goes to the K workers, their gradient sums come back, and ``apply`` takes one exact step.
 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
@@ -16,7 +16,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from client.spec import JobSpec
-from service.ps_core import ServerCore
+from service.engine.ps_core import ServerCore
 from workers.gradient_worker import APPLIED, STALE, STOP
 
 

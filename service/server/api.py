@@ -25,13 +25,13 @@ from starlette.concurrency import run_in_threadpool
 from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import parse_spec
-from service.checkpoint import load_checkpoint
-from service.cluster import ClusterUnavailable
-from service.events import job_events
-from service.job import Job
-from service.paths import resolve_paths
-from service.scheduler import Scheduler
-from service.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS
+from service.engine.checkpoint import load_checkpoint
+from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS
+from service.server.cluster import ClusterUnavailable
+from service.server.events import job_events
+from service.server.job import Job
+from service.server.paths import resolve_paths
+from service.server.scheduler import Scheduler
 from workers.mlp import to_dict
 
 log = logging.getLogger("polyak")

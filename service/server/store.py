@@ -19,7 +19,7 @@ from pathlib import Path
 
 from client.models import EpochMetrics, JobState, StopReason
 from client.spec import JobSpec
-from service.job import Job, check_transition, utcnow
+from service.server.job import Job, check_transition, utcnow
 
 DB_NAME = "polyak.db"
 

@@ -1,6 +1,6 @@
 """The parameter server's logic without Ray: combine gradient sums, update (W, u), keep epoch statistics.
 
-The Ray actor (service/parameter_server.py) and the in-process engine (service/local_engine.py) are thin
+The Ray actor (service/engine/parameter_server.py) and the in-process engine (service/engine/local_engine.py) are thin
 shells over this class, so both compute exactly the same step.
 """
 
@@ -11,8 +11,8 @@ import math
 import numpy as np
 
 from client.spec import JobSpec
-from service.criteria import GradientStats
-from service.optim import Optimizer, OptState, new_state
+from service.engine.criteria import GradientStats
+from service.engine.optim import Optimizer, OptState, new_state
 from workers.backend import to_numpy
 
 

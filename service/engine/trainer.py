@@ -1,7 +1,7 @@
 """The epoch loop, written once: batching, metrics, stopping, checkpoints, cancel.
 
 It runs against an engine that "takes the steps of these batches" — in this process (LocalEngine) or
-on Ray (service/ray_engine.py). An engine offers:
+on Ray (service/engine/ray_engine.py). An engine offers:
 
     drives_steps: bool                      # False: the trainer hands it batches; True: async workers drive
     step(batch)                             # one exact minibatch step of (26) over these training rows
@@ -25,9 +25,9 @@ import numpy as np
 
 from client.models import EpochMetrics, JobState, StopReason
 from client.spec import JobSpec
-from service.checkpoint import load_npz, save_npz
-from service.criteria import EpochOutcome, Stopper, relative_change
-from service.schedules import batch_size
+from service.engine.checkpoint import load_npz, save_npz
+from service.engine.criteria import EpochOutcome, Stopper, relative_change
+from service.engine.schedules import batch_size
 from workers.data import Dataset
 from workers.mlp import MLP, from_dict, init_params, to_dict
 
@@ -72,10 +72,10 @@ def initial_weights(spec: JobSpec) -> np.ndarray:
 def make_engine(spec: JobSpec, dataset: Dataset, W0: np.ndarray):
     """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
     if spec.cluster.num_workers == 0:
-        from service.local_engine import LocalEngine
+        from service.engine.local_engine import LocalEngine
 
         return LocalEngine(spec, dataset, W0)
-    from service.ray_engine import AsyncRayEngine, SyncRayEngine
+    from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
 
     return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, dataset, W0)
 
@@ -251,7 +251,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     """Load the data, build the engine the spec asks for, train, and release the engine.
 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
-    Ray must already be connected when ``cluster.num_workers`` > 0 (service.ray_engine.connect).
+    Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.ray_engine.connect).
     """
     from workers.data import load_dataset
 

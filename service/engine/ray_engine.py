@@ -29,8 +29,8 @@ from ray.dag import InputNode
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayError, RaySystemError
 
 from client.spec import JobSpec
-from service.checkpoint import load_checkpoint, save_checkpoint
-from service.parameter_server import ParameterServer
+from service.engine.checkpoint import load_checkpoint, save_checkpoint
+from service.engine.parameter_server import ParameterServer
 from workers.backend import worker_device
 from workers.data import Dataset, shard_bounds
 from workers.gradient_worker import GradientWorker

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.spec import OptimizerSpec
-from service.schedules import make_schedule
+from service.engine.schedules import make_schedule
 from workers.mlp import layer_slices
 
 Rule = Callable[..., tuple]

@@ -56,7 +56,7 @@ class Cluster:
         with self._lock:
             if self._connected:
                 return
-            from service.ray_engine import connect
+            from service.engine.ray_engine import connect
 
             try:
                 self._started_here = connect(self.address)
