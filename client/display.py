@@ -55,6 +55,10 @@ class TrainingDisplay:
     def __exit__(self, *exc: object) -> None:
         self._stop()
 
+    def note(self, text: str) -> None:
+        """A line above the live view: what is starting, where the job runs."""
+        self.console.print(Text(text, style="dim"), soft_wrap=True)
+
     def update(self, m: EpochMetrics) -> None:
         self._recent.append(m)
         if self._live is not None:

@@ -60,7 +60,12 @@ class DataSpec(_Strict):
         description="sklearn: digits | iris | wine | breast_cancer | diabetes; synthetic: classification | regression",
     )
     path: str | None = Field(
-        default=None, description="file: .npz with X (n, d) and y (n,) or (n, k); .npy/.csv/.parquet too"
+        default=None,
+        description="file: .npy (memory-mapped), .parquet file or directory, or a URI (s3://, gs://, file://) "
+        "read in part; .npz (X, y) and .csv are read whole",
+    )
+    target: str | list[str] | None = Field(
+        default=None, description=".parquet/.csv: name(s) of the target column(s); null = the last column(s)"
     )
     n_samples: int = Field(default=1000, ge=2, description="synthetic: number of samples")
     n_features: int = Field(default=20, ge=1, description="synthetic: number of features")

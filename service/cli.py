@@ -62,17 +62,21 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
     started_ray = False
     try:
         if job_spec.cluster.num_workers > 0:
-            from service.engine.ray_engine import connect
+            from service.engine.ray_engine import cluster_summary, connect
 
             started_ray = connect(ray_address)
+            if not started_ray:  # joined a cluster: say which one, before anything runs on it
+                click.echo(f"joined the {cluster_summary()}", err=True)
         with tempfile.TemporaryDirectory(prefix="polyak-") as scratch:
             hooks = Hooks(should_cancel=cancel.is_set, job_dir=job_dir or Path(scratch))
             if as_json:
                 hooks.on_epoch = lambda m: print(m.model_dump_json(), flush=True)
+                hooks.on_start = lambda where: click.echo(f"running {where}", err=True)
                 result = train_job(job_spec, "train", hooks, dataset)
             else:
                 with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=str(spec)) as display:
                     hooks.on_epoch = display.update
+                    hooks.on_start = lambda where: display.note(f"running {where}")
                     result = train_job(job_spec, "train", hooks, dataset)
                     display.finish(result.state.value, result.stop_reason.value, result.error)
     except (ValueError, DeviceError, ConnectionError) as e:  # data, weights, device, Ray address

@@ -38,10 +38,23 @@ class GradientWorker:
         self.shard = shard
 
     def info(self) -> dict:
-        return {"rows": int(self.X.shape[0]), "device": self.backend.describe(), "shard": self.shard}
+        """What the driver needs to place the job's steps: this worker's rows, device and node."""
+        return {
+            "rows": int(self.X.shape[0]),
+            "device": self.backend.describe(),
+            "shard": self.shard,
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+        }
 
     def ping(self) -> int:
         return self.shard
+
+    def pid(self) -> int:
+        """This process: a fault test checks that a restart really happened."""
+        import os
+
+        return os.getpid()
 
     def gradient(self, W: np.ndarray, rows: np.ndarray):
         """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""

@@ -17,6 +17,7 @@ from workers.mlp import MLP
 class LocalEngine:
     drives_steps = False  # the trainer hands it one batch at a time
     recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
+    fatal: tuple[type[Exception], ...] = ()
 
     def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
         self.backend = get_backend(spec.cluster.device)
@@ -26,6 +27,9 @@ class LocalEngine:
         self.y = xp.asarray(dataset.y_train if dataset.classification else dataset.y_train.astype(dtype))
         self.core = ServerCore(spec, W0, xp)
         self.grad = xp.empty(self.mlp.p, dtype=dtype)
+
+    def describe(self) -> str:
+        return f"in this process, no Ray: {self.backend.describe()}"
 
     def step(self, batch: np.ndarray) -> None:
         idx = self.backend.asarray(batch)

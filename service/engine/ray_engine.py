@@ -1,15 +1,24 @@
 """The Ray runtime behind the trainer's engine interface: one parameter server, K gradient workers.
 
-sync: every step is one exact minibatch step of (26), run as a Ray Compiled Graph
+Placement: the parameter server runs on the driver's node, so losing any other node never loses W; the
+workers are asked for that node too and go elsewhere when it is full. Where they land decides how a
+sync step travels (the job's first output line and ``/jobs/{id}`` say which, and why):
 
-    rows_1..rows_K -> server.current -> W -> worker_k.gradient(W, rows_k) -> server.apply(parts) -> version
+- compiled — every actor on the driver's node: each step is a Ray Compiled Graph
 
-compiled once per job: weights and gradient sums move server <-> workers over shared-memory channels,
-never through the driver, and a step costs well under a millisecond of overhead instead of the
-several milliseconds of ordinary actor calls (bench/bench_ray.py). The driver keeps a few steps in
-flight, which hides its own latency while cancel still takes effect within those few steps.
-A worker that dies is restarted by Ray; the engine rebuilds the graph and re-submits exactly the
-steps the server has not applied, so the trajectory is the one an undisturbed run takes.
+      rows_1..rows_K -> server.current -> W -> worker_k.gradient(W, rows_k) -> server.apply(parts) -> version
+
+  over shared-memory channels, never through the driver: well under a millisecond of overhead a step
+  instead of the several milliseconds of ordinary actor calls (bench/bench_ray.py).
+- actor calls — actors on several nodes: ``server.current`` puts W into the object store once a step,
+  each node fetches that one copy, and ``server.apply`` takes the K parts as ObjectRefs. Ray 2.60's
+  compiled-graph channels between nodes hung and took a raylet down with them, so they are never used.
+
+Both take the same exact step of (26). The driver keeps a few steps in flight, which hides its own
+latency while cancel still takes effect within those few steps. A worker that dies is restarted by Ray
+and the steps the server has not applied are redone, so the trajectory is the one an undisturbed run
+takes. Nothing waits forever: a step later than a bound derived from the measured step time, or a lost
+node whose workers have no room to restart, fails the job with a message naming the node and actor.
 
 async: each worker runs its own pull/compute/push loop over its shard with ordinary actor calls; the
 server drops gradients more than ``max_staleness`` versions old.
@@ -26,7 +35,15 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.dag import InputNode
-from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayError, RaySystemError
+from ray.exceptions import (
+    GetTimeoutError,
+    RayActorError,
+    RayChannelError,
+    RayChannelTimeoutError,
+    RayError,
+    RaySystemError,
+)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -40,11 +57,18 @@ log = logging.getLogger(__name__)
 STEPS_IN_FLIGHT = 4
 RECONNECT_SECONDS = 120
 MAX_REPAIRS_PER_EPOCH = 10
-STEP_TIMEOUT_SECONDS = 600  # Ray's default for a compiled graph is 10 s: too short for a big model on a CPU
+FIRST_STEP_SECONDS = 300  # before a step time is measured: building a big model's buffers, a GPU's warm-up
+STEP_TIMEOUT_FACTOR = 50  # a step may take this many times the measured step time ...
+STEP_TIMEOUT_FLOOR = 20.0  # ... but never less: a GC pause or a busy machine is not a fault
+NODE_CHECK_SECONDS = 1.0  # while a step is late, look this often for a dead node of the job
 
 
 class ParameterServerLost(RuntimeError):
     """The parameter server died (or restarted) mid-epoch; its last checkpoint is the way back."""
+
+
+class ClusterFault(RuntimeError):
+    """The cluster cannot finish the job: a node was lost with no room left, or a step never finished."""
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -70,6 +94,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return False
 
 
+def cluster_summary() -> str:
+    """'Ray cluster at 10.0.0.1:6379: 2 nodes, 3 CPUs, 0 GPUs' — which cluster a run joined, in one line."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    address = ray.get_runtime_context().gcs_address
+    return (f"Ray cluster at {address}: {len(nodes)} node(s), {total.get('CPU', 0):g} CPU(s), "
+            f"{total.get('GPU', 0):g} GPU(s)")
+
+
 def resolve_device(device: str, num_workers: int) -> str:
     """The workers' device on the connected cluster; gpu without a GPU per worker is an error."""
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -80,8 +113,34 @@ def resolve_device(device: str, num_workers: int) -> str:
     return worker_device(device, num_workers, gpus)
 
 
+# -- placement -----------------------------------------------------------------------------------------
+def choose_sync_path(driver_node: str, server_node: str, worker_nodes: list[str]) -> tuple[str, str]:
+    """("compiled" | "actor_calls", why). A compiled graph only when every actor shares the driver's node:
+    Ray 2.60's compiled-graph channels between nodes hung and took a raylet down with them."""
+    nodes = {server_node, *worker_nodes}
+    if nodes == {driver_node}:
+        return "compiled", "every actor is on the driver's node (shared-memory channels)"
+    return "actor_calls", f"the job spans {len(nodes | {driver_node})} nodes (W put once per step)"
+
+
+def describe_nodes(driver_node: str, server_node: str, worker_nodes: list[str], ips: dict[str, str]) -> str:
+    """'parameter server on 1a2b3c4d (127.0.0.1, the driver's), workers 1-2 on 5e6f7a8b (10.0.0.2)'."""
+
+    def node(n: str) -> str:
+        return f"{n[:8]} ({ips.get(n, '?')}{', the driver' if n == driver_node else ''})"
+
+    by_node: dict[str, list[int]] = {}
+    for k, n in enumerate(worker_nodes, start=1):
+        by_node.setdefault(n, []).append(k)
+    workers = ", ".join(
+        f"worker{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))} on {node(n)}" for n, ks in by_node.items()
+    )
+    return f"parameter server on {node(server_node)}; {workers}"
+
+
 class RayEngine:
     recoverable = (ParameterServerLost, RayActorError)
+    fatal = (ClusterFault,)
 
     def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
         K = spec.cluster.num_workers
@@ -93,22 +152,40 @@ class RayEngine:
         spec_json = spec.model_dump_json()
         self.bounds = shard_bounds(dataset.n_train, K)
         self.W0 = np.asarray(W0)
-        # Restarted workers rebuild their shard and Ray retries the call they died in: gradient() is pure.
+        self.driver_node = ray.get_runtime_context().get_node_id()
+        # The workers are asked for the driver's node, where their steps are cheapest, and go elsewhere when
+        # it is full. Restarted workers rebuild their shard and Ray retries the call they died in: gradient()
+        # is pure.
         worker_options = dict(
-            num_cpus=1, num_gpus=1 if self.device == "gpu" else 0, max_restarts=-1, max_task_retries=-1
+            num_cpus=1, num_gpus=1 if self.device == "gpu" else 0, max_restarts=-1, max_task_retries=-1,
+            # soft alone would wait for the driver's node to free up; spilling places the worker elsewhere now
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.driver_node, soft=True, _spill_on_unavailable=True),
         )
         self.workers = [
             ray.remote(GradientWorker).options(**worker_options).remote(spec_json, k, K) for k in range(K)
         ]
-        # A restarted server comes back empty: recover() and the trainer put W0 or the checkpoint back.
-        server = ray.remote(ParameterServer).options(num_cpus=0, max_restarts=-1, max_task_retries=0)
+        # The server lives on the driver's node: losing another node never loses W. A restarted server comes
+        # back empty: recover() and the trainer put W0 or the checkpoint back.
+        server = ray.remote(ParameterServer).options(
+            num_cpus=0, max_restarts=-1, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.driver_node, soft=False),
+        )
         self.server = server.remote(spec_json, self.W0.size)
         try:
             self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
+            self.worker_nodes = [info["node"] for info in self.worker_info]
+            ips = {info["node"]: info["ip"] for info in self.worker_info}
+            ips.setdefault(self.driver_node, ray.util.get_node_ip_address())
+            self.node_ips = ips
             self._reset()
         except BaseException:
             self.close()
             raise
+
+    def describe(self) -> str:
+        """One line: where the job's actors run and how its steps travel."""
+        nodes = describe_nodes(self.driver_node, self.driver_node, self.worker_nodes, self.node_ips)
+        return f"{self.mode} on Ray, {len(self.workers)} {self.device} worker(s): {nodes}"
 
     def _reset(self) -> None:
         """Back to the initial weights and an empty momentum buffer."""
@@ -149,6 +226,42 @@ class RayEngine:
         for actor in (*self.workers, self.server):
             ray.kill(actor, no_restart=True)
 
+    # -- when a step is late ---------------------------------------------------------------------------
+    def check_nodes(self) -> None:
+        """Raise ClusterFault when a node holding workers of this job is dead and the cluster has no room to
+        restart them; with room, Ray restarts them and retries their calls, and the step goes on."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = sorted({n for n in self.worker_nodes if n not in alive})
+        if not lost:
+            return
+        stranded = [k + 1 for k, n in enumerate(self.worker_nodes) if n in lost]
+        free = ray.available_resources()
+        need, kind = (len(stranded), "GPU") if self.device == "gpu" else (len(stranded), "CPU")
+        have = free.get(kind, 0)
+        names = ", ".join(f"{n[:8]} ({self.node_ips.get(n, '?')})" for n in lost)
+        if have >= need:
+            log.warning("node %s lost: restarting worker(s) %s on the remaining nodes", names, stranded)
+            return
+        raise ClusterFault(
+            f"node {names} was lost with gradient worker(s) {', '.join(map(str, stranded))} of "
+            f"{len(self.workers)}; the cluster has {have:g} {kind}(s) free and they need {need}"
+        )
+
+    def late_step_message(self, waited: float) -> str:
+        suspects = []
+        for k, worker in enumerate(self.workers):
+            try:
+                ray.get(worker.ping.remote(), timeout=2)
+            except (RayError, GetTimeoutError):
+                node = self.worker_nodes[k]
+                suspects.append(f"gradient worker {k + 1} on node {node[:8]} ({self.node_ips.get(node, '?')})")
+        try:
+            ray.get(self.server.ping.remote(), timeout=2)
+        except (RayError, GetTimeoutError):
+            suspects.append(f"the parameter server on node {self.driver_node[:8]}")
+        who = "; no answer from " + ", ".join(suspects) if suspects else " (every actor still answers)"
+        return f"a step did not finish within {waited:.0f} s{who}"
+
 
 def _wait_until_alive(actor) -> None:
     deadline = time.monotonic() + RECONNECT_SECONDS
@@ -163,7 +276,7 @@ def _wait_until_alive(actor) -> None:
 
 
 class Pace:
-    """The steady interval between finished steps, to predict when the next one is due."""
+    """The steady interval between finished steps: when the next one is due, and how late is too late."""
 
     def __init__(self):
         self.last: float | None = None
@@ -177,14 +290,41 @@ class Pace:
     def next_due(self) -> float:
         return self.last + self.interval if self.last is not None else 0.0
 
+    def timeout(self) -> float:
+        """Seconds a step may take before it counts as hung."""
+        if self.interval <= 0:
+            return FIRST_STEP_SECONDS
+        return max(STEP_TIMEOUT_FLOOR, STEP_TIMEOUT_FACTOR * STEPS_IN_FLIGHT * self.interval)
+
+    def sleep_until_due(self) -> None:
+        """Sleep through most of the wait for the oldest step: a compiled graph's reader spins while it
+        waits, and on a small machine that spinning takes the very cores the workers compute on."""
+        wait = self.next_due() - time.monotonic()
+        if self.interval > 0.005 and wait > 0.001:  # short steps: a sleep's wake-up costs more
+            time.sleep(0.9 * wait)
+
 
 class SyncRayEngine(RayEngine):
+    """One exact step of (26) per round; over a compiled graph or ordinary actor calls, by placement."""
+
     mode = "sync"
     drives_steps = False
 
-    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray, sync_path: str = "auto"):
         self.graph = None
+        self.forced_path = sync_path  # tests and benchmarks compare the two paths on one node
         super().__init__(spec, dataset, W0)
+
+    def _choose_path(self) -> None:
+        self.sync_path, self.path_reason = choose_sync_path(self.driver_node, self.driver_node, self.worker_nodes)
+        if self.forced_path != "auto" and self.forced_path != self.sync_path:
+            if self.forced_path == "compiled":
+                raise ValueError(f"a compiled graph needs every actor on the driver's node: {self.path_reason}")
+            self.sync_path, self.path_reason = self.forced_path, "chosen by the caller"
+        log.info("sync path: %s (%s)", self.sync_path, self.path_reason)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; sync steps over {self.sync_path.replace('_', ' ')}: {self.path_reason}"
 
     def _restore_server(self, arrays: dict, counters: dict) -> None:
         self._teardown()  # the server runs ordinary calls only while no step is in flight
@@ -192,7 +332,12 @@ class SyncRayEngine(RayEngine):
         self.epoch_start_step = counters["step"]
         self.epoch_rows: list[list[np.ndarray]] = []
         self.repairs = 0
-        self._compile()
+        self.inflight: deque = deque()
+        self._pace = Pace()
+        if not hasattr(self, "sync_path"):
+            self._choose_path()
+        if self.sync_path == "compiled":
+            self._compile()
 
     def _compile(self) -> None:
         with InputNode() as rows:
@@ -200,11 +345,14 @@ class SyncRayEngine(RayEngine):
             parts = [w.gradient.bind(W, rows[k]) for k, w in enumerate(self.workers)]
             graph = self.server.apply.bind(*parts)
         self.graph = graph.experimental_compile()
-        self.inflight: deque = deque()
-        self._pace = Pace()
         # The first round allocates the channels (over a second); an empty round pays that now, not in step 1.
         no_rows = np.empty(0, dtype=np.int64)
-        ray.get(self.graph.execute(*[no_rows] * len(self.workers)))
+        try:
+            ray.get(self.graph.execute(*[no_rows] * len(self.workers)), timeout=FIRST_STEP_SECONDS)
+        except RayChannelTimeoutError:
+            raise ClusterFault(
+                f"the compiled step graph did not answer its first round within {FIRST_STEP_SECONDS} s"
+            ) from None
 
     def _teardown(self) -> None:
         graph, self.graph = self.graph, None
@@ -219,7 +367,14 @@ class SyncRayEngine(RayEngine):
         self._submit(rows)
 
     def _submit(self, rows: list[np.ndarray]) -> None:
-        self.inflight.append(self.graph.execute(*rows))
+        if self.graph is not None:
+            self.inflight.append(self.graph.execute(*rows))
+        else:
+            # W goes into the object store once; each node fetches that one copy for its workers. An actor
+            # runs one caller's calls in order, so step i+1 reads W only after step i's apply.
+            W = self.server.current.remote(None)
+            parts = [w.gradient.remote(W, rows[k]) for k, w in enumerate(self.workers)]
+            self.inflight.append(self.server.apply.remote(*parts))
         if len(self.inflight) > STEPS_IN_FLIGHT:
             self._settle(keep=STEPS_IN_FLIGHT)
 
@@ -227,20 +382,34 @@ class SyncRayEngine(RayEngine):
         try:
             while len(self.inflight) > keep:
                 ref = self.inflight.popleft()
-                self._sleep_until_due()
-                ray.get(ref, timeout=STEP_TIMEOUT_SECONDS)
+                self._pace.sleep_until_due()
+                self._await(ref)
                 self._pace.done(time.monotonic(), consecutive=keep > 0)
         except RayError as e:
+            if isinstance(e, GetTimeoutError | RayChannelTimeoutError):
+                raise  # _await turns these into ClusterFault; never a repair loop
             if not isinstance(getattr(e, "cause", None) or e, (RayActorError, RaySystemError, RayChannelError)):
                 raise  # an error in our own code, not a lost actor: re-running would fail the same way
             self._repair()
 
-    def _sleep_until_due(self) -> None:
-        """Sleep through most of the wait for the oldest step: a compiled graph's reader spins while it
-        waits, and on a small machine that spinning takes the very cores the workers compute on."""
-        wait = self._pace.next_due() - time.monotonic()
-        if self._pace.interval > 0.005 and wait > 0.001:  # short steps: a sleep's wake-up costs more
-            time.sleep(0.9 * wait)
+    def _await(self, ref) -> None:
+        """The step's result, within the late-step bound; a dead node without room fails the job sooner."""
+        limit = self._pace.timeout()
+        started = time.monotonic()
+        if self.graph is not None:  # every actor is on this node: no node of the job can vanish alone
+            try:
+                ray.get(ref, timeout=limit)
+            except RayChannelTimeoutError:
+                raise ClusterFault(self.late_step_message(limit)) from None
+            return
+        while True:
+            ready, _ = ray.wait([ref], timeout=NODE_CHECK_SECONDS)
+            if ready:
+                ray.get(ref)
+                return
+            self.check_nodes()
+            if time.monotonic() - started > limit:
+                raise ClusterFault(self.late_step_message(limit))
 
     def _repair(self) -> None:
         """A worker or the server died mid-step: rebuild the graph and redo the steps not applied."""
@@ -255,7 +424,8 @@ class SyncRayEngine(RayEngine):
             _wait_until_alive(worker)
         applied = ray.get(self.server.step_count.remote()) - self.epoch_start_step
         log.warning("a gradient worker was lost; re-running the epoch from step %d of it", applied + 1)
-        self._compile()
+        if self.sync_path == "compiled":
+            self._compile()
         for rows in self.epoch_rows[applied:]:
             self._submit(rows)
 
@@ -289,11 +459,14 @@ class AsyncRayEngine(RayEngine):
         """Let every worker pass over its shard once (at most ``step_budget`` steps); True when cancelled."""
         ray.get(self.server.begin_epoch.remote(step_budget))
         runs = [w.run_async_epoch.remote(self.server, epoch, batch_size) for w in self.workers]
-        pending, cancelled = runs, False
+        pending, cancelled, checked = runs, False, time.monotonic()
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
             if pending and not cancelled and should_cancel():
                 self.server.stop.remote()
                 cancelled = True
+            if pending and time.monotonic() - checked > NODE_CHECK_SECONDS:
+                self.check_nodes()
+                checked = time.monotonic()
         ray.get(runs)
         return cancelled

@@ -10,6 +10,8 @@ on Ray (service/engine/ray_engine.py). An engine offers:
     weights() -> np.ndarray                 # W after the last step, on the host
     checkpoint(path, meta); restore(path) -> meta
     recoverable: tuple of exception types   # a lost parameter server; then recover() and resume
+    fatal: tuple of exception types         # the cluster cannot go on (a lost node, no room): the job fails
+    describe() -> str                       # one line: where the job runs and how its steps travel
     close()
 """
 
@@ -39,6 +41,7 @@ LAST_WEIGHTS = "weights.npz"
 @dataclass
 class Hooks:
     on_epoch: Callable[[EpochMetrics], None] = lambda m: None
+    on_start: Callable[[str], None] = lambda where: None  # the engine's describe(), once it is built
     should_cancel: Callable[[], bool] = lambda: False
     job_dir: Path | None = None  # checkpoint.npz every epoch, best.npz, weights.npz at the end
 
@@ -185,6 +188,9 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
             engine.recover()
             progress, stopper, W_prev = resume()
             continue
+        except engine.fatal as e:
+            kept = f"weights and checkpoint of epoch {progress.epoch} kept" if progress.epoch else "no epoch finished"
+            return finish(JobState.FAILED, StopReason.ERROR, W_prev, f"{e} (during epoch {progress.epoch + 1}; {kept})")
         epoch_seconds = time.perf_counter() - epoch_start
         done = len(res["step_losses"])
         bad = _first_non_finite(res["step_losses"])
@@ -258,6 +264,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     dataset = dataset if dataset is not None else load_dataset(spec.data, spec.model)
     engine = make_engine(spec, dataset, initial_weights(spec))
     try:
+        (hooks or Hooks()).on_start(engine.describe())
         return run(spec, dataset, engine, job_id, hooks)
     finally:
         engine.close()
