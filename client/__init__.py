@@ -3,7 +3,7 @@
 Imports no Ray, service or worker code, and no matplotlib: submitting a job stays light.
 """
 
-from client.errors import JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
 from client.models import Criterion, EpochMetrics, JobInfo, JobState, StopReason
 from client.sdk import Client, Job
 from client.spec import JobSpec, parse_spec
@@ -13,6 +13,7 @@ __all__ = [
     "Criterion",
     "EpochMetrics",
     "Job",
+    "JobConflict",
     "JobInfo",
     "JobNotFound",
     "JobSpec",

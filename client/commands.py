@@ -19,7 +19,7 @@ from rich.text import Text
 from client.display import TrainingDisplay, criteria_table, metrics_table, state_text
 from client.errors import PolyakError, SpecError
 from client.models import JobInfo, JobState
-from client.sdk import DEFAULT_URL, Client
+from client.sdk import DEFAULT_URL, Client, Job
 from client.spec import parse_spec
 
 
@@ -54,15 +54,36 @@ def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
     job_spec = parse_spec(spec)
     job = _client(ctx).submit(job_spec)
     click.echo(job.id)
-    if not follow:
-        return
+    if follow:
+        _follow(ctx, job, job_spec.stopping.max_epochs)
+
+
+@cli.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--follow", is_flag=True, help="show live progress until the new job ends")
+@click.pass_context
+def resubmit(ctx: click.Context, job_id: str, follow: bool) -> None:
+    """Start a finished job again from its last checkpoint (say, after its cluster lost a node), as a new job."""
+    client = _client(ctx)
+    job = client.resubmit(job_id)
+    click.echo(job.id)
+    if follow:
+        _follow(ctx, job, client.get(job.id).spec.stopping.max_epochs)
+
+
+def _follow(ctx: click.Context, job: Job, max_epochs: int) -> None:
+    """The live view of a job until it ends; exit 1 unless it succeeded, 130 on Ctrl-C (the job runs on)."""
+    placement = None
     try:
-        with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=_console()) as display:
+        with TrainingDisplay(max_epochs=max_epochs, console=_console()) as display:
             for kind, event in job.events():
                 if kind == "epoch":
                     display.update(event)
                 elif kind == "end":
                     final = event
+                elif event.placement and event.placement != placement:
+                    placement = event.placement
+                    display.note(f"running {placement}")
             display.finish(final.state, final.stop_reason, final.error)
     except KeyboardInterrupt:
         _console().print(Text(f"stopped following {job.id}; it runs on (`polyak cancel {job.id}` ends it)"))

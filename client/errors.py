@@ -24,6 +24,10 @@ class JobNotFound(PolyakError):
     """No job with that id."""
 
 
+class JobConflict(PolyakError):
+    """The job's state does not allow the request (resubmitting a job that is still running)."""
+
+
 class Unauthorized(PolyakError):
     """Missing or wrong bearer token."""
 

@@ -86,4 +86,6 @@ class JobInfo(BaseModel):
     epoch: int | None = None
     stop_reason: StopReason | None = None
     error: str | None = None
+    placement: str | None = None  # where the job's actors run and how its sync steps travel
+    resumed_from: str | None = None  # the job whose checkpoint this one resumed
     metrics: EpochMetrics | None = None

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from client.errors import JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
 from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import JobSpec, parse_spec
 
@@ -81,6 +81,11 @@ class Client:
 
     def cancel(self, job_id: str) -> JobInfo:
         return self._request("POST", f"/jobs/{job_id}/cancel", JobInfo)
+
+    def resubmit(self, job_id: str) -> Job:
+        """A new job with the same spec that resumes from this finished job's last checkpoint."""
+        info = self._request("POST", f"/jobs/{job_id}/resubmit", JobInfo)
+        return Job(info.id, self)
 
     def metrics(self, job_id: str) -> list[EpochMetrics]:
         return self._request("GET", f"/jobs/{job_id}/metrics", list[EpochMetrics])
@@ -292,6 +297,8 @@ def _error_from(response: httpx.Response) -> PolyakError:
         return Unauthorized(message, status)
     if status == 404:
         return JobNotFound(message, status)
+    if status == 409:
+        return JobConflict(message, status)
     if status in (400, 422):
         return SpecError(message, errors, status)
     if status >= 500:

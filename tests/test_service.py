@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from client import Client, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
+from client import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +186,7 @@ def test_a_job_runs_to_success_with_every_epoch(client, make_spec):
     assert info.created_at <= info.started_at <= info.finished_at
     assert info.metrics.epoch == 6 and info.metrics.val_loss is not None
     assert [m.epoch for m in job.metrics()] == [1, 2, 3, 4, 5, 6]
+    assert info.placement.startswith("in this process, no Ray: cpu (NumPy ")
     for which in ("last", "best"):
         weights = job.weights(which)
         assert weights["W1"].shape == (16, 4) and weights["b2"].shape == (3,)
@@ -257,6 +258,39 @@ def test_cancel_a_queued_job_at_once_and_a_running_one_keeping_its_results(clien
     assert len(epochs) >= 2 and epochs == list(range(1, len(epochs) + 1))
     assert running.weights()["W1"].shape == (32, 64)
     assert other.info().state == JobState.RUNNING  # cancelling one job leaves the other alone
+
+
+def test_a_stopped_job_resubmitted_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(
+        client, make_spec, train_local):
+    # digits one sample a step: about 0.1 s an epoch, so the cancel lands mid-epoch of a 40-epoch run
+    spec = make_spec({**SLOW, "stopping": {"max_epochs": 40}, "data": {"name": "digits", "validation_fraction": 0.2}})
+    first = client.submit(spec)
+    with pytest.raises(JobConflict, match="only a finished job can be resubmitted"):
+        wait_for(lambda: first.info().state == JobState.RUNNING)
+        client.resubmit(first.id)
+    wait_for(lambda: len(first.metrics()) >= 3)
+    first.cancel()
+    assert first.wait(timeout=60).state == JobState.CANCELLED
+    done = len(first.metrics())
+    assert done < 40, "the job ended before the cancel: make it longer"
+
+    second = client.resubmit(first.id)
+    info = second.wait(timeout=120)
+    assert (info.state, info.stop_reason, info.resumed_from) == (JobState.SUCCEEDED, StopReason.MAX_EPOCHS, first.id)
+    history = second.metrics()
+    assert [m.epoch for m in history] == list(range(1, 41))
+    # The epochs up to the checkpoint (the last whole one) are the first job's; the rest the second's.
+    assert all(m.job_id == second.id for m in history)
+    copied = [m.model_copy(update={"job_id": first.id}) for m in history[: done - 1]]
+    assert copied == first.metrics()[: done - 1]
+    assert history[done - 1].step > first.metrics()[done - 1].step  # the cut-short epoch was redone whole
+
+    reference, _, _ = train_local(spec)
+    got = second.weights()
+    np.testing.assert_allclose(got["W1"], reference.weights[: 32 * 64].reshape(32, 64), rtol=0, atol=1e-12)
+    assert [m.train_loss for m in history] == pytest.approx([m.train_loss for m in reference.metrics], abs=1e-12)
+    with pytest.raises(JobNotFound, match="no job with id nope"):
+        client.resubmit("nope")
 
 
 @pytest.mark.parametrize("content_type", ["application/yaml", "text/yaml", "application/json"])
@@ -385,6 +419,9 @@ def test_ray_jobs_wait_for_free_cpus_and_oversized_ones_are_rejected(client, mak
     ray_status = client.health()["ray"]
     cpus = int(ray_status["cpus"])  # 2 here; a bigger machine's local Ray has more
     assert ray_status["connected"] and cpus >= 2
+    placement = big.info().placement  # one node here: the compiled graph, and the job says so
+    assert placement.startswith("sync on Ray, 2 cpu worker(s): parameter server on ") and placement.endswith(
+        "sync steps over compiled: every actor is on the driver's node (shared-memory channels)"), placement
     waiting = client.submit(make_spec({"cluster": {"num_workers": cpus - 1}, "stopping": {"max_epochs": 3}}))
     wanted = f"needs {cpus - 1} CPU{'s' if cpus > 2 else ''}, {cpus - 2} free"
     wait_for(lambda: waiting.info().waiting_reason == wanted, timeout=60)

@@ -31,7 +31,7 @@ from service.server.cluster import ClusterUnavailable
 from service.server.events import job_events
 from service.server.job import Job
 from service.server.paths import resolve_paths
-from service.server.scheduler import Scheduler
+from service.server.scheduler import JobNotResumable, Scheduler
 from workers.mlp import to_dict
 
 log = logging.getLogger("polyak")
@@ -158,6 +158,15 @@ def create_app(
             raise HTTPException(404, f"no job with id {job_id}")
         return scheduler.info(job_id)
 
+    @api.post("/jobs/{job_id}/resubmit", status_code=201, response_model=JobInfo, responses=_NOT_FOUND)
+    def resubmit(job_id: str) -> JobInfo:
+        """A new job with the same spec, starting from this finished job's last checkpoint (its epochs so far
+        are copied into the new job's history): how a job that failed with its cluster goes on."""
+        info = scheduler.resubmit(job_id)
+        if info is None:
+            raise HTTPException(404, f"no job with id {job_id}")
+        return info
+
     @api.get(
         "/jobs/{job_id}/weights",
         response_class=Response,
@@ -266,6 +275,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadBody)
     async def bad_body(request: Request, e: BadBody) -> JSONResponse:
         return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.exception_handler(JobNotResumable)
+    async def not_resumable(request: Request, e: JobNotResumable) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=409)
 
     @app.exception_handler(ClusterUnavailable)
     async def no_cluster(request: Request, e: ClusterUnavailable) -> JSONResponse:

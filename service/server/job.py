@@ -65,6 +65,8 @@ class Job:
     error: str | None = None
     waiting_reason: str | None = None
     cancel_requested: bool = False
+    placement: str | None = None
+    resumed_from: str | None = None
 
     @property
     def name(self) -> str | None:
@@ -94,5 +96,7 @@ class Job:
             epoch=self.epoch,
             stop_reason=self.stop_reason,
             error=self.error,
+            placement=self.placement,
+            resumed_from=self.resumed_from,
             metrics=metrics,
         )

@@ -15,6 +15,7 @@ raises ends that job ``failed``; nothing a job does can stop the scheduler.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState, StopReason
 from client.spec import JobSpec
-from service.engine.trainer import Hooks, train_job
+from service.engine.checkpoint import load_checkpoint
+from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, train_job
 from service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from service.server.events import Bus
 from service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
@@ -33,6 +35,10 @@ from workers.backend import gpu_available
 log = logging.getLogger("polyak")
 
 POLL_SECONDS = 5.0  # a pass also runs this often unwoken: a cluster may have grown
+
+
+class JobNotResumable(RuntimeError):
+    """A resubmit that cannot start from a checkpoint; the message says why."""
 
 
 def queue_key(job: Job) -> tuple:
@@ -142,6 +148,32 @@ class Scheduler:
         self._wake.set()
         return info
 
+    def resubmit(self, job_id: str) -> JobInfo | None:
+        """A new job with the same spec that starts from this one's last checkpoint (a job that failed when
+        its cluster lost a node, or was cancelled); None if there is no such job, JobNotResumable if it
+        cannot be resumed."""
+        old = self.store.get(job_id)
+        if old is None:
+            return None
+        if not old.state.is_terminal():
+            raise JobNotResumable(f"job {job_id} is {old.state.value}: only a finished job can be resubmitted")
+        source = self.store.job_dir(job_id)
+        if not (source / CHECKPOINT).is_file():
+            raise JobNotResumable(f"job {job_id} has no checkpoint to resume from: it ended before its first epoch")
+        _, meta = load_checkpoint(source / CHECKPOINT)
+        new = Job(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
+        target = self.store.job_dir(new.id)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT, BEST_WEIGHTS):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
+        with self._lock:
+            job = self.store.add(new)
+        self.store.copy_metrics(job_id, job.id, meta["epoch"])
+        _log_state(job, f"resubmitted from job {job_id}'s checkpoint of epoch {meta['epoch']}")
+        self._wake.set()
+        return self._info(job)
+
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
         with self._lock:
@@ -235,6 +267,7 @@ class Scheduler:
     def _run(self, job: Job, run: _Run) -> None:
         hooks = Hooks(
             on_epoch=lambda m: self._on_epoch(m, run),
+            on_start=lambda where: self._on_start(job.id, where),
             should_cancel=lambda: run.cancel.is_set() or self._stopping.is_set(),
             job_dir=self.store.job_dir(job.id),
         )
@@ -259,6 +292,11 @@ class Scheduler:
             with self._lock:
                 self._running.pop(job.id, None)
             self._wake.set()
+
+    def _on_start(self, job_id: str, placement: str) -> None:
+        log.info("job %s runs %s", job_id, placement)
+        self.store.set_placement(job_id, placement)
+        self.bus.publish(job_id, "state", self.info(job_id))
 
     def _on_epoch(self, m: EpochMetrics, run: _Run) -> None:
         # The partial epoch a shutdown cuts short is redone when the job resumes: not history.

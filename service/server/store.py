@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     stop_reason    TEXT,
     error          TEXT,
     waiting_reason TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    placement      TEXT,  -- where the engine put the job's actors and how its steps travel
+    resumed_from   TEXT   -- the job whose checkpoint this one started from (POST /jobs/{id}/resubmit)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS state_changes (
@@ -55,8 +57,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 _COLUMNS = (
     "seq, id, spec, state, created_at, started_at, finished_at, epoch, stop_reason, error, waiting_reason, "
-    "cancel_requested"
+    "cancel_requested, placement, resumed_from"
 )
+# Columns added after the first release: a data dir written by an older server gains them at open.
+_ADDED_COLUMNS = {"placement": "TEXT", "resumed_from": "TEXT"}
 
 
 class Store:
@@ -72,6 +76,10 @@ class Store:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -85,8 +93,8 @@ class Store:
     def add(self, job: Job) -> Job:
         with self._write() as db:
             cursor = db.execute(
-                "INSERT INTO jobs (id, spec, state, created_at) VALUES (?, ?, ?, ?)",
-                (job.id, job.spec.model_dump_json(), job.state.value, _iso(job.created_at)),
+                "INSERT INTO jobs (id, spec, state, created_at, resumed_from) VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.spec.model_dump_json(), job.state.value, _iso(job.created_at), job.resumed_from),
             )
             db.execute(
                 "INSERT INTO state_changes (job_id, state, at) VALUES (?, ?, ?)",
@@ -157,6 +165,10 @@ class Store:
             sql = "UPDATE jobs SET waiting_reason = ? WHERE id = ? AND state = 'queued'"
             db.execute(sql, (reason, job_id))
 
+    def set_placement(self, job_id: str, placement: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET placement = ? WHERE id = ?", (placement, job_id))
+
     def request_cancel(self, job_id: str) -> None:
         """Remembered, so that a running job cancelled just before the server dies is not resumed."""
         with self._write() as db:
@@ -179,6 +191,12 @@ class Store:
                 (m.job_id, m.epoch, m.model_dump_json()),
             )
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (m.epoch, m.job_id))
+
+    def copy_metrics(self, source: str, target: str, through_epoch: int) -> None:
+        """A resubmitted job's history starts with its source's epochs up to the checkpoint it resumes."""
+        for m in self.metrics(source):
+            if m.epoch <= through_epoch:
+                self.record_epoch(m.model_copy(update={"job_id": target}))
 
     def metrics(self, job_id: str, after: int = 0) -> list[EpochMetrics]:
         rows = self._read(
@@ -217,7 +235,8 @@ def _time(text: str | None) -> datetime | None:
 
 
 def _job(row: tuple) -> Job:
-    seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting, cancel = row
+    (seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting, cancel, placement,
+     resumed_from) = row
     return Job(
         id=job_id,
         spec=JobSpec.model_validate_json(spec),
@@ -231,4 +250,6 @@ def _job(row: tuple) -> Job:
         error=error,
         waiting_reason=waiting,
         cancel_requested=bool(cancel),
+        placement=placement,
+        resumed_from=resumed_from,
     )
