@@ -7,6 +7,7 @@ generated from these descriptions (tests/test_readme.py keeps the two in step).
 from __future__ import annotations
 
 import json
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -242,7 +243,7 @@ def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
     if isinstance(source, JobSpec):
         return source
     if isinstance(source, (str, Path)):
-        source = read_spec_file(Path(source))
+        source = _paths_beside(read_spec_file(Path(source)), Path(source).parent)
     if not isinstance(source, dict):
         raise SpecError("the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}])
     try:
@@ -250,6 +251,26 @@ def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
     except ValidationError as e:
         errors = field_errors(e)
         raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _paths_beside(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative ``data.path`` and ``init_weights`` of a spec file name files beside it, as its author meant;
+    made absolute here so that they mean the same wherever the job runs from."""
+
+    def beside(value: Any) -> Any:
+        if not isinstance(value, str) or not value or _URI.match(value) or Path(value).is_absolute():
+            return value
+        return os.path.abspath(folder / value)
+
+    spec = dict(spec)
+    if isinstance(spec.get("data"), dict) and "path" in spec["data"]:
+        spec["data"] = {**spec["data"], "path": beside(spec["data"]["path"])}
+    if "init_weights" in spec:
+        spec["init_weights"] = beside(spec["init_weights"])
+    return spec
 
 
 def read_spec_file(path: Path) -> dict[str, Any]:

@@ -37,14 +37,13 @@ def _fail(message: str, code: int = 2) -> None:
 def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_dir: Path | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
     from service.engine.checkpoint import save_npz
-    from service.engine.trainer import Hooks, train_job
+    from service.engine.trainer import Hooks, train_job, weights_file
     from workers.backend import DeviceError
-    from workers.data import load_dataset
-    from workers.mlp import to_dict
+    from workers.data import prepare
 
     try:
         job_spec = parse_spec(spec)
-        dataset = load_dataset(job_spec.data, job_spec.model)
+        info = prepare(job_spec.data, job_spec.model)
     except SpecError as e:
         _fail(f"{spec}: {e.message}")
     except ValueError as e:  # DataError, and generators' own complaints (sklearn's make_classification)
@@ -72,12 +71,12 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
             if as_json:
                 hooks.on_epoch = lambda m: print(m.model_dump_json(), flush=True)
                 hooks.on_start = lambda where: click.echo(f"running {where}", err=True)
-                result = train_job(job_spec, "train", hooks, dataset)
+                result = train_job(job_spec, "train", hooks, info)
             else:
                 with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=str(spec)) as display:
                     hooks.on_epoch = display.update
                     hooks.on_start = lambda where: display.note(f"running {where}")
-                    result = train_job(job_spec, "train", hooks, dataset)
+                    result = train_job(job_spec, "train", hooks, info)
                     display.finish(result.state.value, result.stop_reason.value, result.error)
     except (ValueError, DeviceError, ConnectionError) as e:  # data, weights, device, Ray address
         _fail(str(e))
@@ -87,7 +86,7 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
             import ray
 
             ray.shutdown()
-    save_npz(output, to_dict(result.weights, job_spec.model.layers))
+    save_npz(output, weights_file(result.weights, job_spec, info))
     click.echo(f"weights written to {output}", err=True)
     if as_json:
         click.echo(json.dumps({"state": result.state.value, "stop_reason": result.stop_reason.value,

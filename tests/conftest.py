@@ -54,14 +54,15 @@ def train_local():
     """train_local(spec, hooks=None, engine_wrapper=None) -> (TrainResult, dataset, engine), in-process."""
     from service.engine.local_engine import LocalEngine
     from service.engine.trainer import Hooks, initial_weights, run
-    from workers.data import load_dataset
+    from workers.data import load_dataset, prepare
 
     def train(spec, hooks: Hooks | None = None, engine_wrapper=None):
         ds = load_dataset(spec.data, spec.model)
-        engine = LocalEngine(spec, ds, initial_weights(spec))
+        info = prepare(spec.data, spec.model)
+        engine = LocalEngine(spec, info, initial_weights(spec))
         if engine_wrapper is not None:
             engine = engine_wrapper(engine)
-        result = run(spec, ds, engine, job_id="test", hooks=hooks)
+        result = run(spec, info, engine, job_id="test", hooks=hooks)
         return result, ds, engine
 
     return train

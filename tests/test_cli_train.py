@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from client.models import EpochMetrics
+from client.spec import JobSpec, parse_spec
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},
@@ -47,7 +48,12 @@ def test_train_writes_weights_and_streams_json_metrics(tmp_path):
     assert [m.epoch for m in lines] == [1, 2, 3, 4]
     assert lines[-1].stop == "max_epochs" and lines[-1].val_accuracy is not None
     with np.load(out, allow_pickle=False) as w:
-        assert {k: w[k].shape for k in w.files} == {"W1": (8, 4), "b1": (8,), "W2": (3, 8), "b2": (3,)}
+        shapes = {k: w[k].shape for k in w.files}
+        spec = JobSpec.model_validate_json(str(w["spec"]))
+    # The file is a model of raw inputs: layers, the spec it was trained with and (standardize: true) the
+    # training rows' statistics.
+    assert shapes == {"W1": (8, 4), "b1": (8,), "W2": (3, 8), "b2": (3,), "x_mean": (4,), "x_std": (4,), "spec": ()}
+    assert spec == parse_spec(write_spec(tmp_path, IRIS)) and spec.data.standardize
     assert json.loads(proc.stderr.strip().splitlines()[-1])["state"] == "succeeded"
 
 
@@ -59,7 +65,8 @@ def test_train_on_a_local_ray_with_two_workers(tmp_path):
     reference = polyak(write_spec(tmp_path, IRIS, "local.yaml"), "-o", tmp_path / "ref.npz")
     assert reference.returncode == 0
     with np.load(tmp_path / "w.npz") as a, np.load(tmp_path / "ref.npz") as b:
-        for k in a.files:  # float32, summed by two workers instead of one: equal up to rounding
+        assert str(a["spec"]) != str(b["spec"])  # num_workers differs
+        for k in ("W1", "b1", "W2", "b2", "x_mean", "x_std"):  # float32, summed by two workers: up to rounding
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
@@ -119,4 +126,4 @@ def test_ctrl_c_cancels_and_still_writes_the_last_weights(tmp_path):
     assert json.loads(stderr.strip().splitlines()[-1])["state"] == "cancelled"
     assert "Traceback" not in stderr and "cancelling at the next step" in stderr
     with np.load(out) as w:
-        assert set(w.files) == {"W1", "b1", "W2", "b2"}
+        assert set(w.files) == {"W1", "b1", "W2", "b2", "x_mean", "x_std", "spec"}

@@ -17,6 +17,7 @@ from client import (
     Criterion,
     EpochMetrics,
     Job,
+    JobConflict,
     JobInfo,
     JobNotFound,
     JobSpec,
@@ -293,7 +294,7 @@ def test_job_handle_delegates_to_the_client():
         (422, SpecError),
         (500, ServerError),
         (503, ServerError),
-        (409, PolyakError),
+        (409, JobConflict),
     ],
 )
 def test_error_statuses_map_to_typed_errors_with_the_server_message(status, error):

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from client.spec import DataSpec, ModelSpec
-from workers.data import DataError, load_dataset, load_shard, regression_with_condition, shard_bounds
+from workers.data import (
+    DataError,
+    ShardLayout,
+    Split,
+    load_dataset,
+    load_shard,
+    prepare,
+    regression_with_condition,
+    shard_bounds,
+)
 
 
 def load(data: dict, model: dict):
@@ -50,7 +59,6 @@ def test_sklearn_datasets(name, layers, n, d, classes):
         assert ds.y_train.shape == (n - n_val,) and ds.y_train.dtype == np.int64
         assert set(np.unique(np.r_[ds.y_train, ds.y_val])) == set(range(classes))
     assert name in ds.origin
-    assert not ds.X_train.flags.writeable  # cached and shared: read-only
 
 
 def test_synthetic_regression_has_the_requested_condition_number():
@@ -144,14 +152,62 @@ def test_shard_bounds_partition_contiguously(n, k):
     assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
 
 
-def test_shards_partition_the_training_set():
-    data = DataSpec(source="sklearn", name="iris", validation_fraction=0.2)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_shards_partition_the_training_set_and_the_layout_finds_every_row(standardize):
+    data = DataSpec(source="sklearn", name="iris", validation_fraction=0.2, standardize=standardize)
     model = ModelSpec(layers=[4, 3])
     ds = load_dataset(data, model)
-    parts = [load_shard(data, model, s, 3) for s in range(3)]
-    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), ds.X_train)
-    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), ds.y_train)
-    assert sum(len(p[0]) for p in parts) == ds.n_train == 120
+    info = prepare(data, model)
+    layout = ShardLayout.of(data, model, info, 3)
+    parts = [load_shard(data, model, np.float64, info.stats, k, 3) for k in range(3)]
+    for k, (train, _) in enumerate(parts):
+        lo, hi = layout.bounds[k], layout.bounds[k + 1]
+        assert len(train.X) == hi - lo
+        # training row i of the whole set is, in shard k, at layout.position[i]
+        np.testing.assert_array_equal(train.X[layout.position[lo:hi]], ds.X_train[lo:hi])
+        np.testing.assert_array_equal(train.y[layout.position[lo:hi]], ds.y_train[lo:hi])
+    assert sum(len(train.X) for train, _ in parts) == ds.n_train == 120
+    # each worker's slice of the validation rows: together, the validation set once
+    val = np.concatenate([v.X for _, v in parts])
+    assert len(val) == len(ds.X_val) == 30
+    np.testing.assert_array_equal(np.unique(val, axis=0), np.unique(ds.X_val, axis=0))
+    batch = np.random.default_rng(0).permutation(120)[:50]
+    split = layout.split_batch(batch)
+    got = np.concatenate([parts[k][0].X[positions] for k, positions in enumerate(split)])
+    want = np.concatenate([ds.X_train[batch[(batch >= lo) & (batch < hi)]]
+                           for lo, hi in zip(layout.bounds[:-1], layout.bounds[1:], strict=True)])
+    np.testing.assert_array_equal(got, want)  # a batch's rows, shard by shard, in the batch's order
+
+
+def test_the_split_is_a_function_of_seed_n_and_fraction_alone():
+    a, b, c = Split(3, 1000, 0.2), Split(3, 1000, 0.2), Split(4, 1000, 0.2)
+    np.testing.assert_array_equal(a.perm, b.perm)
+    assert not np.array_equal(a.val_rows(), c.val_rows())
+    assert (a.n_val, a.n_train) == (200, 800)
+    assert sorted(np.r_[a.val_rows(), a.train_rows()]) == list(range(1000))
+    np.testing.assert_array_equal(a.train_rows(100, 300), a.train_rows()[100:300])
+
+
+def test_standardization_statistics_come_from_the_training_rows_only():
+    data = DataSpec(source="sklearn", name="wine", validation_fraction=0.25, standardize=True)
+    model = ModelSpec(layers=[13, 3])
+    info = prepare(data, model)
+    raw = load_dataset(data.model_copy(update={"standardize": False}), model)
+    np.testing.assert_allclose(info.x_mean, raw.X_train.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(info.x_std, raw.X_train.std(axis=0), rtol=1e-13)
+    assert not np.allclose(info.x_mean, np.r_[raw.X_train, raw.X_val].mean(axis=0), rtol=1e-6)
+
+
+def test_parts_are_held_in_the_jobs_dtype():
+    data = DataSpec(source="sklearn", name="digits", standardize=True)
+    model = ModelSpec(layers=[64, 10])
+    info = prepare(data, model)
+    train, _ = load_shard(data, model, np.float32, info.stats, 0, 2)
+    assert train.X.dtype == np.float32 and train.y.dtype == np.int64
+    reference = load_dataset(data, model)
+    layout = ShardLayout.of(data, model, info, 2)
+    lo, hi = layout.bounds[0], layout.bounds[1]
+    np.testing.assert_array_equal(train.X[layout.position[lo:hi]], reference.X_train[lo:hi].astype(np.float32))
 
 
 def test_bad_shard_counts():
@@ -244,7 +300,7 @@ def test_nan_and_inf_in_X(tmp_path):
     X[3, 1] = np.nan
     X[5, 2] = np.inf
     msg = expect_error(tmp_path, X, y)
-    assert "NaN or inf" in msg and "2 row(s)" in msg and "d.npz" in msg
+    assert "NaN or inf" in msg and "(first in row 3)" in msg and "d.npz" in msg
 
 
 def test_nan_in_y(tmp_path):

@@ -203,15 +203,16 @@ def _quadratic_run(make_spec, opt: dict, epochs: int):
     through the real code path (trainer + LocalEngine); returns the weights after every step and W*."""
     from service.engine.local_engine import LocalEngine
     from service.engine.trainer import Hooks, initial_weights, run
-    from workers.data import load_dataset
+    from workers.data import load_dataset, prepare
 
     spec = make_spec(
         {**QUADRATIC, "optimizer": opt, "batch": {"size": None}, "stopping": {"max_epochs": epochs}}
     )
     ds = load_dataset(spec.data, spec.model)
-    engine = LocalEngine(spec, ds, initial_weights(spec))
+    info = prepare(spec.data, spec.model)
+    engine = LocalEngine(spec, info, initial_weights(spec))
     trajectory = [engine.weights()]
-    result = run(spec, ds, engine, hooks=Hooks(on_epoch=lambda m: trajectory.append(engine.weights())))
+    result = run(spec, info, engine, hooks=Hooks(on_epoch=lambda m: trajectory.append(engine.weights())))
     assert result.stop_reason == "max_epochs" and all(m.batch_size == 400 for m in result.metrics)
     A = np.column_stack([ds.X_train, np.ones(ds.n_train)])  # W = (w, b)
     W_star = np.linalg.lstsq(A, ds.y_train[:, 0], rcond=None)[0]

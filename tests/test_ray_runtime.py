@@ -10,7 +10,7 @@ from client.models import EpochMetrics, JobState, StopReason
 from client.spec import parse_spec
 from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes
 from service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
-from workers.data import load_dataset
+from workers.data import load_dataset, prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -31,12 +31,12 @@ def digits_spec(**overrides):
 
 
 def train(spec, hooks=None, engine_hook=None):
-    ds = load_dataset(spec.data, spec.model)
-    engine = make_engine(spec, ds, initial_weights(spec))
+    info = prepare(spec.data, spec.model)
+    engine = make_engine(spec, info, initial_weights(spec))
     try:
         if engine_hook:
             hooks = engine_hook(engine)
-        return run(spec, ds, engine, "t", hooks)
+        return run(spec, info, engine, "t", hooks)
     finally:
         engine.close()
 
@@ -183,15 +183,15 @@ def test_cancel_takes_effect_at_the_next_step_and_keeps_the_last_weights():
 
 
 def test_engines_are_chosen_by_the_spec():
-    ds = load_dataset(digits_spec().data, digits_spec().model)
+    info = prepare(digits_spec().data, digits_spec().model)
     for mode, cls in (("sync", SyncRayEngine), ("async", AsyncRayEngine)):
         spec = digits_spec(**{"cluster.mode": mode, "cluster.num_workers": 1})
-        engine = make_engine(spec, ds, initial_weights(spec))
+        engine = make_engine(spec, info, initial_weights(spec))
         try:
             assert isinstance(engine, cls)
-            info = engine.worker_info[0]
-            assert (info["rows"], info["shard"], info["node"]) == (1438, 0, engine.driver_node)
-            assert info["device"].startswith("cpu")
+            worker = engine.worker_info[0]
+            assert (worker["rows"], worker["val_rows"], worker["shard"]) == (1438, 359, 0)
+            assert worker["node"] == engine.driver_node and worker["device"].startswith("cpu")
         finally:
             engine.close()
 
@@ -211,14 +211,14 @@ def test_gpu_without_gpus_is_a_clear_error():
 def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph():
     """The cross-node path, forced on one node: bit-identical to the compiled path and the in-process loop."""
     spec = digits_spec()
-    ds = load_dataset(spec.data, spec.model)
+    info = prepare(spec.data, spec.model)
     results = {}
     for path in ("compiled", "actor_calls"):
-        engine = SyncRayEngine(spec, ds, initial_weights(spec), sync_path=path)
+        engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path=path)
         try:
             assert engine.sync_path == path and (engine.graph is not None) == (path == "compiled")
             assert f"sync steps over {path.replace('_', ' ')}" in engine.describe()
-            results[path] = run(spec, ds, engine, "t")
+            results[path] = run(spec, info, engine, "t")
         finally:
             engine.close()
     local = train(digits_spec(**{"cluster.num_workers": 0}))
@@ -229,9 +229,9 @@ def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph():
 
 def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp_path):
     spec = digits_spec(**{"stopping.max_epochs": 3})
-    ds = load_dataset(spec.data, spec.model)
+    info = prepare(spec.data, spec.model)
     undisturbed = train(spec)
-    engine = SyncRayEngine(spec, ds, initial_weights(spec), sync_path="actor_calls")
+    engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
     pids = []
     try:
         pids.append(ray.get(engine.workers[1].pid.remote()))
@@ -243,7 +243,7 @@ def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp
                 ray.kill(engine.workers[1], no_restart=False)
             return False
 
-        disturbed = run(spec, ds, engine, "t", Hooks(should_cancel=should_cancel, job_dir=tmp_path))
+        disturbed = run(spec, info, engine, "t", Hooks(should_cancel=should_cancel, job_dir=tmp_path))
         pids.append(ray.get(engine.workers[1].pid.remote()))
     finally:
         engine.close()
@@ -260,3 +260,18 @@ def test_the_sync_path_follows_the_placement():
                           {"aaaaaaaa1": "10.0.0.1", "bbbbbbbb2": "10.0.0.2"})
     assert line == ("parameter server on aaaaaaaa (10.0.0.1, the driver); worker 1 on aaaaaaaa (10.0.0.1, the driver), "
                     "workers 2,3 on bbbbbbbb (10.0.0.2)")
+
+
+def test_validation_on_the_workers_equals_a_whole_set_evaluation():
+    """Each worker evaluates its slice of the validation rows; the sums equal one evaluation of all of them."""
+    from workers.mlp import MLP
+
+    spec = digits_spec(**{"cluster.num_workers": 2, "stopping.max_epochs": 2})
+    whole = load_dataset(spec.data, spec.model)
+    seen = []
+    result = train(spec, Hooks(on_epoch=seen.append))
+    mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, np, np.float64)
+    loss_sum, correct, n = mlp.evaluate(result.weights, whole.X_val, whole.y_val)
+    assert n == 359
+    assert seen[-1].val_loss == pytest.approx(loss_sum / n, rel=1e-12)
+    assert seen[-1].val_accuracy == correct / n

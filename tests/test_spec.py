@@ -225,3 +225,21 @@ def test_non_finite_numbers_are_rejected_by_name(value):
 
     with pytest.raises(SpecError, match=r"optimizer\.lr: must be a finite number"):
         parse_spec({"optimizer": {"lr": value}})
+
+
+def test_relative_paths_in_a_spec_file_name_files_beside_it(tmp_path, monkeypatch):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    spec_file = folder / "job.yaml"
+    spec_file.write_text(
+        "data: {source: file, path: data/train.npy}\ninit_weights: ../w0.npz\nmodel: {layers: [3, 2]}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the spec's folder: the spec's folder decides
+    spec = parse_spec("specs/job.yaml")
+    assert spec.data.path == str(folder / "data" / "train.npy")
+    assert spec.init_weights == str(tmp_path / "w0.npz")
+    for kept in ("s3://bucket/train/", "file:///data/train.parquet", str(tmp_path / "abs.npy")):
+        spec_file.write_text(f"data: {{source: file, path: '{kept}'}}\nmodel: {{layers: [3, 2]}}\n")
+        assert parse_spec(spec_file).data.path == kept
+    # a dict is not a file: its paths are left to whoever resolves them (the server, against its data root)
+    assert parse_spec({"data": {"source": "file", "path": "x.npy"}}).data.path == "x.npy"

@@ -12,7 +12,7 @@ import pytest
 from client.models import JobState, StopReason
 from service.engine.local_engine import LocalEngine
 from service.engine.trainer import Hooks, initial_weights, run
-from workers.data import load_dataset
+from workers.data import prepare
 from workers.mlp import from_dict, to_dict
 
 TIMING_FIELDS = {"samples_per_second", "elapsed_seconds"}
@@ -32,7 +32,8 @@ class Recording:
     def step(self, batch):
         e = self.engine
         self.batches.append(np.array(batch))
-        g, _, n = e.mlp.loss_and_grad(e.core.state.W, e.X[batch], e.y[batch])
+        rows = e.position[batch]  # the engine holds its rows in source order
+        g, _, n = e.mlp.loss_and_grad(e.core.state.W, e.X[rows], e.y[rows])
         self.grads.append(np.array(g, dtype=np.float64) / n)
         e.step(batch)
 
@@ -119,9 +120,9 @@ def test_trajectory_equals_an_independent_replay(make_spec, train_local, replay,
 
 def test_each_epoch_visits_every_row_once_in_a_fresh_order(make_spec):
     spec = make_spec({"batch": {"size": 16, "growth": 1.5}, "stopping": {"max_epochs": 3}})
-    ds = load_dataset(spec.data, spec.model)
-    engine = Recording(LocalEngine(spec, ds, initial_weights(spec)))
-    result = run(spec, ds, engine)
+    info = prepare(spec.data, spec.model)
+    engine = Recording(LocalEngine(spec, info, initial_weights(spec)))
+    result = run(spec, info, engine)
     sizes = [16, 24, 36]
     orders, i = [], 0
     for e, bs in enumerate(sizes):
@@ -139,9 +140,9 @@ def test_each_epoch_visits_every_row_once_in_a_fresh_order(make_spec):
 
 def test_grad_noise_and_grad_avg_norm_equal_a_direct_computation(make_spec):
     spec = make_spec({"batch": {"size": 20}, "stopping": {"max_epochs": 2}})
-    ds = load_dataset(spec.data, spec.model)
-    engine = Recording(LocalEngine(spec, ds, initial_weights(spec)))
-    result = run(spec, ds, engine)
+    info = prepare(spec.data, spec.model)
+    engine = Recording(LocalEngine(spec, info, initial_weights(spec)))
+    result = run(spec, info, engine)
     per_epoch = math.ceil(150 / 20)
     for e, m in enumerate(result.metrics):
         gs = np.array(engine.grads[e * per_epoch : (e + 1) * per_epoch])
@@ -233,7 +234,7 @@ def test_job_dir_holds_the_final_and_best_weights(make_spec, train_local, tmp_pa
     final = [f for f in npz if "checkpoint" not in f and "best" not in f]
     assert len(final) == 1
     arrays = load_npz(tmp_path / final[0])
-    assert sorted(arrays) == ["W1", "W2", "b1", "b2"] and arrays["W1"].shape == (16, 4)
+    assert sorted(arrays) == ["W1", "W2", "b1", "b2", "spec", "x_mean", "x_std"] and arrays["W1"].shape == (16, 4)
     np.testing.assert_array_equal(from_dict(arrays, spec.model.layers, np.float64), result.weights)
     best = [f for f in npz if "best" in f]
     assert best

@@ -1,33 +1,57 @@
-"""Datasets, the seeded train/validation split, standardization and sharding.
+"""The seeded train/validation split, shards, standardization statistics, and loading a part of the data.
 
-Everything is a deterministic function of the data spec and the seed, so a worker process that is
-given (spec, shard k of K) rebuilds exactly its rows itself: shards are never shipped by the driver.
+Which rows are validation rows and which shard a training row belongs to is a function of (seed, n,
+validation_fraction, num_workers) alone, so a worker process given (spec, shard k of K) reads exactly its
+own rows from the source itself (workers/readers.py reads .npy and .parquet in part): shards are never
+shipped by the driver, and the driver never holds training rows. It holds a ``DataInfo``: shapes and the
+standardization statistics, computed once in one streaming pass over the training rows.
+
+Row numbering: training row i (what the trainer's batches name) is source row ``perm[n_val + i]``; shard k
+holds training rows ``[b_k, b_{k+1})`` and keeps them in source order (what a reader reads fastest), so
+the engine maps training row i to its position in its shard with ``ShardLayout``.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 
 import numpy as np
 
 from client.spec import DataSpec, ModelSpec
+from workers.readers import ArraySource, DataError, Source, feature_stats, open_source
 
 
-class DataError(ValueError):
-    """The data cannot be used as the spec asks; the message names the file or field."""
+@dataclass(frozen=True)
+class DataInfo:
+    """What the driver knows of a job's data: shapes and statistics, never rows."""
+
+    origin: str  # names the data in messages
+    n_train: int
+    n_val: int
+    n_features: int
+    n_targets: int
+    classification: bool
+    x_mean: np.ndarray | None = None  # (d,) float64 over the training rows, when data.standardize
+    x_std: np.ndarray | None = None
+
+    @property
+    def stats(self) -> tuple[list[float], list[float]] | None:
+        """The standardization statistics as plain lists (they travel in actor constructor arguments)."""
+        return None if self.x_mean is None else (self.x_mean.tolist(), self.x_std.tolist())
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """A whole dataset in memory, training rows in training order: for small data and as the reference
+    that the sharded path is tested against (``load_dataset``)."""
+
     X_train: np.ndarray  # (n, d)
     y_train: np.ndarray  # (n,) int class ids, or (n, k) float targets
     X_val: np.ndarray  # (n_val, d)
     y_val: np.ndarray
     classification: bool
-    origin: str  # names the data in messages
+    origin: str
 
     @property
     def n_train(self) -> int:
@@ -85,152 +109,160 @@ def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, bool]
     return X, y, True
 
 
-def _table(path: Path, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
-    """A .npy/.csv/.parquet table whose last ``n_targets`` columns are the targets."""
-    if path.suffix == ".npy":
-        table = np.load(path, allow_pickle=False)
-    elif path.suffix == ".csv":
-        try:
-            table = np.loadtxt(path, delimiter=",", ndmin=2)
-        except ValueError:  # a header row of column names
-            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install 'polyak[parquet]')") from None
-        table = np.column_stack([c.to_numpy(zero_copy_only=False) for c in pq.read_table(path).columns])
-    if table.ndim != 2 or table.shape[1] <= n_targets:
-        raise DataError(
-            f"{path}: expected a 2-D table of features then {n_targets} target column(s), got {table.shape}"
-        )
-    return table[:, :-n_targets], table[:, -n_targets:].squeeze(axis=1) if n_targets == 1 else table[:, -n_targets:]
+# -- the split ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """Validation rows and the training order of a source of n rows, from (seed, n, validation_fraction)."""
 
+    seed: int
+    n: int
+    validation_fraction: float
 
-def _file(path_str: str, model: ModelSpec) -> tuple[np.ndarray, np.ndarray, bool]:
-    path = Path(path_str)
-    if not path.is_file():
-        raise DataError(f"data.path: {path} does not exist or is not a file")
-    classification = model.loss == "cross_entropy"
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                missing = [k for k in ("X", "y") if k not in f]
-                if missing:
-                    raise DataError(f"{path}: .npz needs arrays X and y; missing {', '.join(missing)} (has {list(f)})")
-                X, y = f["X"], f["y"]
-        elif path.suffix in (".npy", ".csv", ".parquet"):
-            X, y = _table(path, 1 if classification else model.layers[-1])
-        else:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .npz, .npy, .csv or .parquet")
-    except DataError:
-        raise
-    except Exception as e:  # numpy/pyarrow raise many types for a corrupt file; the message is what matters
-        raise DataError(f"{path}: cannot read data ({type(e).__name__}: {e})") from None
-    return X, y, classification
+    @cached_property
+    def perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1]).permutation(self.n)
 
+    @property
+    def n_val(self) -> int:
+        return int(round(self.validation_fraction * self.n))
 
-# -- checks --------------------------------------------------------------------------------------
-def _check(X, y, classification: bool, origin: str) -> tuple[np.ndarray, np.ndarray]:
-    if not np.issubdtype(np.asarray(X).dtype, np.number):
-        raise DataError(f"{origin}: X must be numeric, got dtype {np.asarray(X).dtype}")
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
-        raise DataError(f"{origin}: X must be 2-D (n, d), got shape {X.shape}")
-    y = np.asarray(y)
-    if y.ndim == 0:
-        raise DataError(f"{origin}: y must hold one target per row of X, got a single value")
-    if y.shape[0] != X.shape[0]:
-        raise DataError(f"{origin}: X has {X.shape[0]} rows but y has {y.shape[0]}")
-    if X.shape[0] < 2:
-        raise DataError(f"{origin}: needs at least 2 samples, got {X.shape[0]}")
-    if not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        raise DataError(f"{origin}: X has NaN or inf values in {bad} row(s)")
-    if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y.astype(np.float64)).all():
-        raise DataError(f"{origin}: y has NaN, inf or non-numeric values")
-    if classification:
-        if y.ndim != 1:
-            raise DataError(f"{origin}: cross_entropy needs y of shape (n,) with class ids, got {y.shape}")
-        if not np.all(y == np.round(y)):
-            raise DataError(f"{origin}: cross_entropy needs integer class ids in y, found fractional values")
-        y = y.astype(np.int64)
-        if y.min() < 0:
-            raise DataError(f"{origin}: labels must be in 0..k-1, found {int(y.min())}")
-    else:
-        y = y.astype(np.float64)
-        if y.ndim == 1:
-            y = y[:, None]
-        if y.ndim != 2:
-            raise DataError(f"{origin}: y must be (n,) or (n, k), got {y.shape}")
-    return X, y
+    @property
+    def n_train(self) -> int:
+        return self.n - self.n_val
 
+    def train_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Source rows of training rows [start, stop), in training order."""
+        stop = self.n_train if stop is None else stop
+        return self.perm[self.n_val + start : self.n_val + stop]
 
-def check_fits(ds: Dataset, layers) -> None:
-    """The first and last widths must match the data: both numbers go in the message."""
-    if layers[0] != ds.n_features:
-        raise DataError(f"model.layers[0] = {layers[0]} but {ds.origin} has {ds.n_features} features per sample")
-    if ds.classification:
-        k = int(max(ds.y_train.max(initial=0), ds.y_val.max(initial=0))) + 1
-        if k > layers[-1]:
+    def val_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_val if stop is None else stop
+        return self.perm[start:stop]
+
+    def check(self, origin: str) -> None:
+        if self.validation_fraction > 0 and not 1 <= self.n_val < self.n:
             raise DataError(
-                f"model.layers[-1] = {layers[-1]} outputs but {ds.origin} has labels up to {k - 1} "
-                f"(labels must be in 0..{layers[-1] - 1})"
+                f"data.validation_fraction = {self.validation_fraction} leaves no training or no validation rows "
+                f"of the {self.n} in {origin}"
             )
-    elif ds.y_train.shape[1] != layers[-1]:
-        raise DataError(f"model.layers[-1] = {layers[-1]} but {ds.origin} has {ds.y_train.shape[1]} target column(s)")
 
 
-# -- the dataset a job trains on -----------------------------------------------------------------
-def load_dataset(data: DataSpec, model: ModelSpec) -> Dataset:
-    """Load, check, split (seeded) and standardize with training statistics. Cached per process; a data
-    file is read again when it has changed on disk (the cache key holds its size and modification time)."""
-    version = None
-    if data.source == "file" and data.path:
-        try:
-            st = Path(data.path).stat()
-            version = (st.st_size, st.st_mtime_ns, st.st_ino)
-        except OSError:
-            version = None  # _file reports the missing file
-    return _load_cached(data.model_dump_json(), model.model_dump_json(), version)
+def split_of(data: DataSpec, model: ModelSpec, n: int) -> Split:
+    return Split(model.seed, n, data.validation_fraction)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(data_json: str, model_json: str, file_version: tuple | None = None) -> Dataset:
-    data, model = (
-        DataSpec.model_validate(json.loads(data_json)),
-        ModelSpec.model_validate(json.loads(model_json)),
-    )
-    if data.source == "sklearn":
-        X, y, classification = _sklearn(data.name)
-        origin = f"sklearn dataset {data.name!r}"
-    elif data.source == "synthetic":
-        X, y, classification = _synthetic(data, model.seed)
-        origin = f"synthetic {data.name} data"
-    else:
-        X, y, classification = _file(data.path, model)
-        origin = data.path
-    if classification != (model.loss == "cross_entropy"):
-        kind = "class labels" if classification else "real-valued targets"
-        raise DataError(f"model.loss = {model.loss} does not suit {origin}, which has {kind}")
-    X, y = _check(X, y, classification, origin)
-    perm = np.random.default_rng([model.seed, 1]).permutation(X.shape[0])
-    n_val = int(round(data.validation_fraction * X.shape[0]))
-    if data.validation_fraction > 0 and not 1 <= n_val < X.shape[0]:
+# -- what the driver holds -------------------------------------------------------------------------------
+def check_fits(info: DataInfo, layers) -> None:
+    """The first and last widths must match the data: both numbers go in the message."""
+    if layers[0] != info.n_features:
+        raise DataError(f"model.layers[0] = {layers[0]} but {info.origin} has {info.n_features} features per sample")
+    if not info.classification and info.n_targets != layers[-1]:
+        raise DataError(f"model.layers[-1] = {layers[-1]} but {info.origin} has {info.n_targets} target column(s)")
+
+
+def check_labels(y: np.ndarray, layers, origin: str) -> None:
+    """Class ids beyond the output layer; each part checks the labels it holds."""
+    top = int(y.max(initial=0))
+    if top >= layers[-1]:
         raise DataError(
-            f"data.validation_fraction = {data.validation_fraction} leaves no training or no validation rows"
+            f"model.layers[-1] = {layers[-1]} outputs but {origin} has labels up to {top} "
+            f"(labels must be in 0..{layers[-1] - 1})"
         )
-    val, train = perm[:n_val], perm[n_val:]
-    X_train, X_val = X[train], X[val]
+
+
+def prepare(data: DataSpec, model: ModelSpec, source: Source | None = None) -> DataInfo:
+    """Open the source (metadata only where the format allows), check it against the spec, and compute the
+    standardization statistics in one streaming pass over the training rows. Holds no rows afterwards."""
+    source = source or open_source(data, model)
+    split = split_of(data, model, source.n)
+    split.check(source.origin)
+    mean = std = None
     if data.standardize:
-        mean, std = X_train.mean(axis=0), X_train.std(axis=0)
-        std[std == 0] = 1.0  # a constant feature stays 0 instead of becoming NaN
-        X_train, X_val = (X_train - mean) / std, (X_val - mean) / std
-    ds = Dataset(X_train, y[train], X_val, y[val], classification, origin)
-    check_fits(ds, model.layers)
-    for a in (ds.X_train, ds.y_train, ds.X_val, ds.y_val):
-        a.setflags(write=False)  # shared by the cache: nobody may change it in place
-    return ds
+        mean, std = feature_stats(source, np.sort(split.train_rows()))
+    info = DataInfo(source.origin, split.n_train, split.n_val, source.n_features, source.n_targets,
+                    source.classification, mean, std)
+    check_fits(info, model.layers)
+    if isinstance(source, ArraySource) and info.classification:  # in memory anyway: check every label now
+        check_labels(source.y, model.layers, source.origin)
+    return info
+
+
+# -- what a worker (or the in-process engine) holds ------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """Rows of the data in memory, in source order, standardized, in the job's dtype."""
+
+    X: np.ndarray  # (m, d)
+    y: np.ndarray  # (m,) int64 class ids, or (m, k) in dtype
+
+
+def load_part(source: Source, rows: np.ndarray, dtype, stats, layers) -> Part:
+    """These source rows (any order; held sorted), read chunk by chunk into one array of ``dtype``:
+    peak memory is the part plus one chunk in float64."""
+    rows = np.sort(rows)
+    X = np.empty((len(rows), source.n_features), dtype)
+    y = np.empty(len(rows), np.int64) if source.classification else np.empty((len(rows), source.n_targets), dtype)
+    mean, std = (None, None) if stats is None else (np.asarray(stats[0]), np.asarray(stats[1]))
+    for pos, X_chunk, y_chunk in source.chunks(rows, np.float64 if stats is not None else dtype):
+        if stats is not None:
+            X_chunk = (X_chunk - mean) / std
+        X[pos : pos + len(X_chunk)] = X_chunk
+        y[pos : pos + len(y_chunk)] = y_chunk
+    if source.classification:
+        check_labels(y, layers, source.origin)
+    return Part(X, y)
+
+
+def load_shard(data: DataSpec, model: ModelSpec, dtype, stats, shard: int, num_shards: int) -> tuple[Part, Part]:
+    """(training part, validation part) of shard k of K, read by the caller itself from the source."""
+    source = open_source(data, model)
+    split = split_of(data, model, source.n)
+    b = shard_bounds(split.n_train, num_shards)
+    v = np.linspace(0, split.n_val, num_shards + 1).round().astype(np.int64)
+    train = load_part(source, split.train_rows(b[shard], b[shard + 1]), dtype, stats, model.layers)
+    val = load_part(source, split.val_rows(v[shard], v[shard + 1]), dtype, stats, model.layers)
+    return train, val
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where each training row lives: its shard, and its position in that shard (which holds its rows in
+    source order)."""
+
+    bounds: np.ndarray  # (K + 1,) shard k = training rows [bounds[k], bounds[k + 1])
+    position: np.ndarray  # (n_train,) training row -> position within its shard
+
+    @classmethod
+    def of(cls, data: DataSpec, model: ModelSpec, info: DataInfo, num_shards: int) -> ShardLayout:
+        split = Split(model.seed, info.n_train + info.n_val, data.validation_fraction)
+        bounds = shard_bounds(info.n_train, num_shards)
+        position = np.empty(info.n_train, dtype=np.int64)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            order = np.argsort(split.train_rows(lo, hi), kind="stable")  # position j holds the j-th smallest row
+            position[lo + order] = np.arange(hi - lo)
+        return cls(bounds, position)
+
+    def split_batch(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Each shard's positions of a batch's rows, in the batch's order."""
+        shard_of = np.searchsorted(self.bounds, batch, side="right") - 1
+        return [self.position[batch[shard_of == k]] for k in range(len(self.bounds) - 1)]
+
+
+# -- the whole dataset in memory ---------------------------------------------------------------------------
+def load_dataset(data: DataSpec, model: ModelSpec) -> Dataset:
+    """Every row in memory, training rows in training order, standardized as the engines do: the reference
+    the sharded path is tested against, and a convenience for small data. Engines never call it."""
+    source = open_source(data, model)
+    info = prepare(data, model, source)
+    split = split_of(data, model, source.n)
+    dtype = np.float64
+    parts = []
+    for rows in (split.train_rows(), split.val_rows()):
+        part = load_part(source, rows, dtype, info.stats, model.layers)
+        back = np.argsort(np.argsort(rows, kind="stable"), kind="stable")  # sorted position of each row
+        parts.append((part.X[back], part.y[back]))
+    (X_train, y_train), (X_val, y_val) = parts
+    return Dataset(X_train, y_train, X_val, y_val, info.classification, info.origin)
 
 
 def shard_bounds(n_train: int, num_shards: int) -> np.ndarray:
@@ -242,8 +274,3 @@ def shard_bounds(n_train: int, num_shards: int) -> np.ndarray:
     return np.linspace(0, n_train, num_shards + 1).round().astype(np.int64)
 
 
-def load_shard(data: DataSpec, model: ModelSpec, shard: int, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of shard k, built by the caller itself from the spec."""
-    ds = load_dataset(data, model)
-    b = shard_bounds(ds.n_train, num_shards)
-    return ds.X_train[b[shard] : b[shard + 1]], ds.y_train[b[shard] : b[shard + 1]]

@@ -1,7 +1,9 @@
 """The gradient worker: a Ray actor and a thin shell over workers/mlp.py.
 
-It builds its own data shard from the spec (nothing is shipped through the driver), keeps it on the
-GPU when the device is gpu, and returns (gradient sum, loss sum, count) for the rows it is given.
+It reads its own shard of the training rows and its slice of the validation rows from the source (nothing is
+shipped through the driver), holds them in the spec's dtype, on the GPU when the device is gpu, and returns
+(gradient sum, loss sum, count) for the rows it is given, and (loss sum, correct, count) of its validation
+slice. A restarted worker reads the same rows again: they are a function of the spec alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ APPLIED, STALE, STOP = "applied", "stale", "stop"
 
 
 class GradientWorker:
-    def __init__(self, spec_json: str, shard: int, num_shards: int):
+    def __init__(self, spec_json: str, shard: int, num_shards: int, stats=None):
         spec = JobSpec.model_validate_json(spec_json)
         self.backend = get_backend(spec.cluster.device)
         if self.backend.device == "cpu":
@@ -28,9 +30,10 @@ class GradientWorker:
 
             self._limits = threadpool_limits(limits=1)
         xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
-        X, y = load_shard(spec.data, spec.model, shard, num_shards)
-        self.X = xp.asarray(X, dtype=dtype)  # (n_k, m_0)
-        self.y = xp.asarray(y if spec.model.loss == "cross_entropy" else y.astype(dtype))
+        train, val = load_shard(spec.data, spec.model, dtype, stats, shard, num_shards)
+        self.X, self.y = xp.asarray(train.X), xp.asarray(train.y)  # (n_k, m_0): rows of this shard, source order
+        self.X_val, self.y_val = xp.asarray(val.X), xp.asarray(val.y)
+        del train, val  # on a GPU the host copies go now
         self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
         self.grad = xp.empty(self.mlp.p, dtype=dtype)
         self.dtype = dtype
@@ -41,6 +44,7 @@ class GradientWorker:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
         return {
             "rows": int(self.X.shape[0]),
+            "val_rows": int(self.X_val.shape[0]),
             "device": self.backend.describe(),
             "shard": self.shard,
             "node": ray.get_runtime_context().get_node_id(),
@@ -64,6 +68,11 @@ class GradientWorker:
         idx = xp.asarray(rows)
         grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
         return to_numpy(grad_sum), loss_sum, count
+
+    def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:
+        """(loss sum, correct or None for mse, count) over this worker's validation rows, at weights W."""
+        xp = self.backend.xp
+        return self.mlp.evaluate(xp.asarray(W), self.X_val, self.y_val)
 
     def run_async_epoch(self, server, epoch: int, batch_size: int) -> int:
         """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.

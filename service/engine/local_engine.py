@@ -10,8 +10,9 @@ from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint, save_checkpoint
 from service.engine.ps_core import ServerCore
 from workers.backend import get_backend
-from workers.data import Dataset
+from workers.data import DataInfo, ShardLayout, load_part, split_of
 from workers.mlp import MLP
+from workers.readers import open_source
 
 
 class LocalEngine:
@@ -19,12 +20,20 @@ class LocalEngine:
     recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
     fatal: tuple[type[Exception], ...] = ()
 
-    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray):
         self.backend = get_backend(spec.cluster.device)
         xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
         self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
-        self.X = xp.asarray(dataset.X_train, dtype=dtype)  # (n, m_0)
-        self.y = xp.asarray(dataset.y_train if dataset.classification else dataset.y_train.astype(dtype))
+        # The data once, in the spec's dtype, rows in source order: exactly what one gradient worker holds.
+        source = open_source(spec.data, spec.model)
+        split = split_of(spec.data, spec.model, source.n)
+        train = load_part(source, split.train_rows(), dtype, info.stats, spec.model.layers)
+        val = load_part(source, split.val_rows(), dtype, info.stats, spec.model.layers)
+        del source  # an in-memory source (.npz, .csv, sklearn) would hold the data twice
+        self.position = ShardLayout.of(spec.data, spec.model, info, 1).position
+        self.X, self.y = xp.asarray(train.X), xp.asarray(train.y)  # (n, m_0)
+        self.X_val, self.y_val = xp.asarray(val.X), xp.asarray(val.y)
+        del train, val
         self.core = ServerCore(spec, W0, xp)
         self.grad = xp.empty(self.mlp.p, dtype=dtype)
 
@@ -32,7 +41,7 @@ class LocalEngine:
         return f"in this process, no Ray: {self.backend.describe()}"
 
     def step(self, batch: np.ndarray) -> None:
-        idx = self.backend.asarray(batch)
+        idx = self.backend.asarray(self.position[batch])
         grad_sum, loss_sum, count = self.mlp.loss_and_grad(self.core.state.W, self.X[idx], self.y[idx], self.grad)
         self.core.apply(grad_sum, loss_sum, count)
 
@@ -41,6 +50,9 @@ class LocalEngine:
 
     def weights(self) -> np.ndarray:
         return self.core.weights()
+
+    def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:
+        return self.mlp.evaluate(self.backend.asarray(W), self.X_val, self.y_val)
 
     def checkpoint(self, path: str | Path, meta: dict) -> None:
         arrays, counters = self.core.snapshot()

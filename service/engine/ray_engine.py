@@ -49,7 +49,7 @@ from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint, save_checkpoint
 from service.engine.parameter_server import ParameterServer
 from workers.backend import worker_device
-from workers.data import Dataset, shard_bounds
+from workers.data import DataInfo, ShardLayout
 from workers.gradient_worker import GradientWorker
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ STEPS_IN_FLIGHT = 4
 RECONNECT_SECONDS = 120
 MAX_REPAIRS_PER_EPOCH = 10
 FIRST_STEP_SECONDS = 300  # before a step time is measured: building a big model's buffers, a GPU's warm-up
-STEP_TIMEOUT_FACTOR = 50  # a step may take this many times the measured step time ...
+STEP_TIMEOUT_FACTOR = 200  # a step may take this many times the measured step time (a few are queued) ...
 STEP_TIMEOUT_FLOOR = 20.0  # ... but never less: a GC pause or a busy machine is not a fault
 NODE_CHECK_SECONDS = 1.0  # while a step is late, look this often for a dead node of the job
 
@@ -83,14 +83,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         address = "auto"  # the entrypoint of a Ray job (`ray job submit`): join the job's own cluster
     if address in (None, "", "local"):
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
         return True
     import client
     import service
     import workers
 
     packages = [str(Path(m.__file__).parent) for m in (client, service, workers)]
-    ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING)
+    # Workers' own output is not forwarded: an actor's error reaches the driver as an exception, and a worker
+    # on a dead node would otherwise print Ray's C++ stack trace into the job's output.
+    ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING,
+             log_to_driver=False)
     return False
 
 
@@ -142,7 +146,7 @@ class RayEngine:
     recoverable = (ParameterServerLost, RayActorError)
     fatal = (ClusterFault,)
 
-    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray):
         K = spec.cluster.num_workers
         cpus = ray.cluster_resources().get("CPU", 0)
         if K > cpus:
@@ -150,7 +154,7 @@ class RayEngine:
         self.device = resolve_device(spec.cluster.device, K)
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"device": self.device})})
         spec_json = spec.model_dump_json()
-        self.bounds = shard_bounds(dataset.n_train, K)
+        self.layout = ShardLayout.of(spec.data, spec.model, info, K)
         self.W0 = np.asarray(W0)
         self.driver_node = ray.get_runtime_context().get_node_id()
         # The workers are asked for the driver's node, where their steps are cheapest, and go elsewhere when
@@ -162,7 +166,7 @@ class RayEngine:
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.driver_node, soft=True, _spill_on_unavailable=True),
         )
         self.workers = [
-            ray.remote(GradientWorker).options(**worker_options).remote(spec_json, k, K) for k in range(K)
+            ray.remote(GradientWorker).options(**worker_options).remote(spec_json, k, K, info.stats) for k in range(K)
         ]
         # The server lives on the driver's node: losing another node never loses W. A restarted server comes
         # back empty: recover() and the trainer put W0 or the checkpoint back.
@@ -207,6 +211,13 @@ class RayEngine:
     def weights(self) -> np.ndarray:
         return self.W
 
+    def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:
+        """Validation (loss sum, correct, count), each worker over its slice; W goes out once."""
+        W_ref = ray.put(W)
+        parts = self.watched_get([w.evaluate.remote(W_ref) for w in self.workers], FIRST_STEP_SECONDS)
+        correct = None if parts[0][1] is None else sum(p[1] for p in parts)
+        return sum(p[0] for p in parts), correct, sum(p[2] for p in parts)
+
     def checkpoint(self, path: str | Path, meta: dict) -> None:
         arrays, counters = ray.get(self.server.snapshot.remote())
         save_checkpoint(path, arrays, {**meta, **counters})
@@ -227,6 +238,18 @@ class RayEngine:
             ray.kill(actor, no_restart=True)
 
     # -- when a step is late ---------------------------------------------------------------------------
+    def watched_get(self, refs: list, limit: float) -> list:
+        """ray.get of the workers' answers that never hangs: a dead node without room fails at once, and
+        answers later than ``limit`` seconds fail naming who did not answer."""
+        started = time.monotonic()
+        while True:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=NODE_CHECK_SECONDS)
+            if not pending:
+                return ray.get(refs)
+            self.check_nodes()
+            if time.monotonic() - started > limit:
+                raise ClusterFault(self.late_step_message(limit))
+
     def check_nodes(self) -> None:
         """Raise ClusterFault when a node holding workers of this job is dead and the cluster has no room to
         restart them; with room, Ray restarts them and retries their calls, and the step goes on."""
@@ -294,7 +317,7 @@ class Pace:
         """Seconds a step may take before it counts as hung."""
         if self.interval <= 0:
             return FIRST_STEP_SECONDS
-        return max(STEP_TIMEOUT_FLOOR, STEP_TIMEOUT_FACTOR * STEPS_IN_FLIGHT * self.interval)
+        return max(STEP_TIMEOUT_FLOOR, STEP_TIMEOUT_FACTOR * self.interval)
 
     def sleep_until_due(self) -> None:
         """Sleep through most of the wait for the oldest step: a compiled graph's reader spins while it
@@ -310,10 +333,10 @@ class SyncRayEngine(RayEngine):
     mode = "sync"
     drives_steps = False
 
-    def __init__(self, spec: JobSpec, dataset: Dataset, W0: np.ndarray, sync_path: str = "auto"):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, sync_path: str = "auto"):
         self.graph = None
         self.forced_path = sync_path  # tests and benchmarks compare the two paths on one node
-        super().__init__(spec, dataset, W0)
+        super().__init__(spec, info, W0)
 
     def _choose_path(self) -> None:
         self.sync_path, self.path_reason = choose_sync_path(self.driver_node, self.driver_node, self.worker_nodes)
@@ -360,9 +383,8 @@ class SyncRayEngine(RayEngine):
             graph.teardown()
 
     def step(self, batch: np.ndarray) -> None:
-        """Split the batch's rows by shard (row numbers local to each shard) and run one step."""
-        shard_of = np.searchsorted(self.bounds, batch, side="right") - 1
-        rows = [batch[shard_of == k] - self.bounds[k] for k in range(len(self.workers))]
+        """Split the batch's rows by shard (positions within each shard) and run one step."""
+        rows = self.layout.split_batch(batch)
         self.epoch_rows.append(rows)
         self._submit(rows)
 
@@ -395,21 +417,13 @@ class SyncRayEngine(RayEngine):
     def _await(self, ref) -> None:
         """The step's result, within the late-step bound; a dead node without room fails the job sooner."""
         limit = self._pace.timeout()
-        started = time.monotonic()
         if self.graph is not None:  # every actor is on this node: no node of the job can vanish alone
             try:
                 ray.get(ref, timeout=limit)
             except RayChannelTimeoutError:
                 raise ClusterFault(self.late_step_message(limit)) from None
             return
-        while True:
-            ready, _ = ray.wait([ref], timeout=NODE_CHECK_SECONDS)
-            if ready:
-                ray.get(ref)
-                return
-            self.check_nodes()
-            if time.monotonic() - started > limit:
-                raise ClusterFault(self.late_step_message(limit))
+        self.watched_get([ref], limit)
 
     def _repair(self) -> None:
         """A worker or the server died mid-step: rebuild the graph and redo the steps not applied."""

@@ -8,6 +8,7 @@ on Ray (service/engine/ray_engine.py). An engine offers:
     run_epoch(epoch, batch_size, step_budget, should_cancel) -> bool  # drives_steps engines only
     end_epoch() -> dict                     # step_losses, samples, step, grad_avg_norm, grad_noise, lr, ...
     weights() -> np.ndarray                 # W after the last step, on the host
+    evaluate(W) -> (loss sum, correct, n)   # over the validation rows (held by the workers)
     checkpoint(path, meta); restore(path) -> meta
     recoverable: tuple of exception types   # a lost parameter server; then recover() and resume
     fatal: tuple of exception types         # the cluster cannot go on (a lost node, no room): the job fails
@@ -30,8 +31,8 @@ from client.spec import JobSpec
 from service.engine.checkpoint import load_npz, save_npz
 from service.engine.criteria import EpochOutcome, Stopper, relative_change
 from service.engine.schedules import batch_size
-from workers.data import Dataset
-from workers.mlp import MLP, from_dict, init_params, to_dict
+from workers.data import DataInfo, prepare
+from workers.mlp import from_dict, init_params, to_dict
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
@@ -72,15 +73,25 @@ def initial_weights(spec: JobSpec) -> np.ndarray:
     return init_params(layers, spec.model.init_scale, np.random.default_rng([spec.model.seed, 0]), np, dtype)
 
 
-def make_engine(spec: JobSpec, dataset: Dataset, W0: np.ndarray):
+def weights_file(W: np.ndarray, spec: JobSpec, info: DataInfo) -> dict[str, np.ndarray]:
+    """The weights file's arrays (DESIGN.md): W1, b1, ..., WL, bL; x_mean, x_std when the job standardized its
+    inputs; and the spec as JSON in a 0-d unicode array, so the file alone is a model of raw inputs."""
+    arrays = to_dict(W, spec.model.layers)
+    if info.x_mean is not None:
+        arrays.update(x_mean=np.asarray(info.x_mean, np.float64), x_std=np.asarray(info.x_std, np.float64))
+    arrays["spec"] = np.array(spec.model_dump_json())
+    return arrays
+
+
+def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray):
     """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
     if spec.cluster.num_workers == 0:
         from service.engine.local_engine import LocalEngine
 
-        return LocalEngine(spec, dataset, W0)
+        return LocalEngine(spec, info, W0)
     from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
 
-    return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, dataset, W0)
+    return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, info, W0)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -88,20 +99,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, 2, epoch]).permutation(n)
 
 
-class Validator:
-    """Validation loss and accuracy on the held-out rows, on the host."""
-
-    def __init__(self, spec: JobSpec, dataset: Dataset):
-        dtype = np.dtype(spec.cluster.dtype)
-        self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, np, dtype)
-        self.X = dataset.X_val.astype(dtype)
-        self.y = dataset.y_val if dataset.classification else dataset.y_val.astype(dtype)
-
-    def __call__(self, W) -> tuple[float | None, float | None]:
-        if self.X.shape[0] == 0:
-            return None, None
-        loss_sum, correct, n = self.mlp.evaluate(W, self.X, self.y)
-        return loss_sum / n, (correct / n if correct is not None else None)
+def validate(engine, info: DataInfo, W: np.ndarray) -> tuple[float | None, float | None]:
+    """Validation loss and accuracy: the sums the engine's parts return, divided once here."""
+    if info.n_val == 0:
+        return None, None
+    loss_sum, correct, n = engine.evaluate(W)
+    return loss_sum / n, (correct / n if correct is not None else None)
 
 
 def _first_non_finite(step_losses: np.ndarray) -> int | None:
@@ -127,7 +130,7 @@ class Progress:
 MAX_RECOVERIES = 3
 
 
-def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: Hooks | None = None) -> TrainResult:
+def run(spec: JobSpec, info: DataInfo, engine, job_id: str = "local", hooks: Hooks | None = None) -> TrainResult:
     """Train until a stopping criterion is met, the job is cancelled, or it diverges.
 
     With ``hooks.job_dir`` the job resumes from its checkpoint there, and a parameter server lost
@@ -138,7 +141,6 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
     checkpoint = job_dir / CHECKPOINT if job_dir else None
     best_file = job_dir / BEST_WEIGHTS if job_dir else None
     layers = spec.model.layers
-    validate = Validator(spec, dataset)
     metrics: list[EpochMetrics] = []
 
     def resume() -> tuple[Progress, Stopper, np.ndarray]:
@@ -154,7 +156,7 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
 
     def finish(state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
         if job_dir:
-            save_npz(job_dir / LAST_WEIGHTS, to_dict(W, layers))
+            save_npz(job_dir / LAST_WEIGHTS, weights_file(W, spec, info))
         return TrainResult(state, reason, W, best_W, error, metrics)
 
     if spec.stopping.max_epochs == 0 or spec.stopping.max_steps == 0:
@@ -163,7 +165,7 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
 
     recoveries = 0
     while True:
-        n = dataset.n_train
+        n = info.n_train
         bs = batch_size(spec.batch, n, progress.epoch)
         budget = None if spec.stopping.max_steps is None else spec.stopping.max_steps - progress.step
         epoch_start = time.perf_counter()
@@ -181,6 +183,9 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
                     engine.step(order[i * bs : (i + 1) * bs])
             res = engine.end_epoch()
             W = engine.weights()
+            epoch_seconds = time.perf_counter() - epoch_start
+            # Validation runs on the engine's parts too (the workers hold the rows): a lost node shows up here.
+            val_loss, val_acc = validate(engine, info, W) if np.isfinite(W).all() else (None, None)
         except engine.recoverable:
             recoveries += 1
             if recoveries > MAX_RECOVERIES:
@@ -191,7 +196,6 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
         except engine.fatal as e:
             kept = f"weights and checkpoint of epoch {progress.epoch} kept" if progress.epoch else "no epoch finished"
             return finish(JobState.FAILED, StopReason.ERROR, W_prev, f"{e} (during epoch {progress.epoch + 1}; {kept})")
-        epoch_seconds = time.perf_counter() - epoch_start
         done = len(res["step_losses"])
         bad = _first_non_finite(res["step_losses"])
         if bad is not None or not np.isfinite(W).all():
@@ -208,12 +212,11 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
         progress.samples_seen += res["samples"]
         progress.elapsed_seconds += epoch_seconds
         train_loss = float(res["step_losses"].mean()) if done else None
-        val_loss, val_acc = validate(W)
         # A cut-short epoch is no candidate for the best weights: a server stopping mid-epoch drops it.
         if not cancelled and stopper.observe_validation(progress.epoch, val_loss):
             best_W = W.copy()
             if best_file:
-                save_npz(best_file, to_dict(W, layers))
+                save_npz(best_file, weights_file(W, spec, info))
         outcome = EpochOutcome(
             progress.epoch, progress.step, train_loss, val_loss, relative_change(W, W_prev), res["grad_avg_norm"]
         )
@@ -250,21 +253,21 @@ def run(spec: JobSpec, dataset: Dataset, engine, job_id: str = "local", hooks: H
         if checkpoint:
             progress.stopper = stopper.state()
             engine.checkpoint(checkpoint, asdict(progress))
+            save_npz(job_dir / LAST_WEIGHTS, weights_file(W, spec, info))  # what GET /weights serves meanwhile
         W_prev = W
 
 
-def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, dataset: Dataset | None = None):
-    """Load the data, build the engine the spec asks for, train, and release the engine.
+def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, info: DataInfo | None = None):
+    """Check the data, build the engine the spec asks for (its parts read their own rows), train, and release
+    the engine.
 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.ray_engine.connect).
     """
-    from workers.data import load_dataset
-
-    dataset = dataset if dataset is not None else load_dataset(spec.data, spec.model)
-    engine = make_engine(spec, dataset, initial_weights(spec))
+    info = info if info is not None else prepare(spec.data, spec.model)
+    engine = make_engine(spec, info, initial_weights(spec))
     try:
         (hooks or Hooks()).on_start(engine.describe())
-        return run(spec, dataset, engine, job_id, hooks)
+        return run(spec, info, engine, job_id, hooks)
     finally:
         engine.close()

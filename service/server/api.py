@@ -7,7 +7,6 @@ itself turns whatever a job raises into that job's ``failed`` state.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import secrets
@@ -15,7 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,14 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import parse_spec
-from service.engine.checkpoint import load_checkpoint
-from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS
+from service.engine.trainer import BEST_WEIGHTS, LAST_WEIGHTS
 from service.server.cluster import ClusterUnavailable
 from service.server.events import job_events
 from service.server.job import Job
 from service.server.paths import resolve_paths
 from service.server.scheduler import JobNotResumable, Scheduler
-from workers.mlp import to_dict
 
 log = logging.getLogger("polyak")
 
@@ -173,7 +169,7 @@ def create_app(
         responses={**_NOT_FOUND, 200: _NPZ},
     )
     def weights(job_id: str, which: Literal["last", "best"] = "last") -> Response:
-        """The weights file (W1, b1, ..., WL, bL): ``last`` (a running job's latest checkpoint) or
+        """The weights file (W1, b1, ..., WL, bL, x_mean/x_std, spec): ``last`` (a running job's latest epoch) or
         ``best`` (lowest validation loss; needs validation data)."""
         job = job_or_404(job_id)
         folder = store.job_dir(job.id)
@@ -182,14 +178,8 @@ def create_app(
             if best is None:
                 raise HTTPException(404, f"job {job.id} has no best weights: {_why_no_best(job)}")
             return best
-        if job.state.is_terminal() and (found := _file(folder / LAST_WEIGHTS, job, which)):
+        if found := _file(folder / LAST_WEIGHTS, job, which):  # written with every checkpoint, and at the end
             return found
-        if (folder / CHECKPOINT).is_file():
-            arrays, _ = load_checkpoint(folder / CHECKPOINT)
-            buffer = io.BytesIO()
-            np.savez(buffer, **to_dict(arrays["W"], job.spec.model.layers))
-            headers = _attachment(job, which)
-            return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
         if job.state.is_terminal():
             ended = "was cancelled" if job.state == JobState.CANCELLED else job.state.value
             raise HTTPException(404, f"job {job.id} has no weights: it {ended} before its first epoch")

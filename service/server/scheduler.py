@@ -25,7 +25,7 @@ from client.errors import SpecError
 from client.models import EpochMetrics, JobInfo, JobState, StopReason
 from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint
-from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, train_job
+from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
 from service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from service.server.events import Bus
 from service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
@@ -164,7 +164,7 @@ class Scheduler:
         new = Job(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
         target = self.store.job_dir(new.id)
         target.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, BEST_WEIGHTS):
+        for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
             if (source / name).is_file():
                 shutil.copyfile(source / name, target / name)
         with self._lock:
