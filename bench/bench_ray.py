@@ -1,108 +1,204 @@
-"""Throughput of the Ray runtime against the in-process loop, measured side by side in one run.
+"""Throughput of the Ray runtime against the in-process loop on the same cores, measured side by side.
 
-    python bench/bench_ray.py            # all rows (a few minutes on 2 cores)
-    python bench/bench_ray.py --quick    # fewer steps
+    python bench/bench_ray.py              # every row on a local Ray (2 CPUs), then the two-node rows
+    python bench/bench_ray.py --quick      # fewer steps
+    python bench/bench_ray.py --no-two-nodes
 
-Rows: in-process (1 BLAS thread, the compute one worker gets), Ray sync K=1, Ray sync K=2, Ray async K=2,
-for 784-256-10 at n'=128 and 1024 and 784-1024-1024-10 at n'=1024, synthetic 60k samples, float32.
-samples/s come from the trainer's own epoch metrics (steps only, no start-up). The per-step split:
-compute and update are timed in this process on the same shapes (one worker's share of the batch);
-communication is what remains of the measured step time.
+Rows, for 784-256-10 at n'=128 and 1024 and 784-1024-1024-10 at n'=1024 (synthetic, float32):
+- in-process 1 thread: the baseline of the K=1 row (one worker computes on one core);
+- in-process 2 threads: the baseline of every K=2 row (two workers use two cores: a ratio against one
+  thread would count the second core as Ray's speed-up);
+- ray sync K=1 / K=2 over the compiled graph, ray sync K=2 over actor calls on the same node (the cross-node
+  path's code without the network), ray async K=2;
+- two nodes: ray sync K=2 on a real two-raylet cluster on this machine (head 1 CPU, second node 2 CPUs, so
+  one worker on each), the actor-call path, against the single-node compiled row of the same spec.
+
+Every row runs two epochs of the same steps and reports the second: the first warms up (Ray's workers,
+the compiled graph's channels, BLAS). step ms is the measured wall time of a step; compute and update come
+from timestamps taken inside the actors (a worker's gradient call, the server's update; in sync mode the
+slowest worker's compute of each step); comm is the rest of the step: transfers, scheduling, waiting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from client.spec import parse_spec
-from service.engine.ps_core import ServerCore
-from service.engine.ray_engine import connect
-from service.engine.trainer import Hooks, initial_weights, make_engine, run
-from workers.data import load_dataset
-from workers.mlp import MLP
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 40)]
+from client.spec import parse_spec  # noqa: E402
+from service.engine.trainer import Hooks, initial_weights, make_engine, run  # noqa: E402
+from workers.data import prepare  # noqa: E402
+
+CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 30)]
+# (label, workers, mode, sync path, in-process BLAS threads)
 ROWS = [
-    ("in-process", 0, "sync"),
-    ("ray sync K=1", 1, "sync"),
-    ("ray sync K=2", 2, "sync"),
-    ("ray async K=2", 2, "async"),
+    ("in-process 1 thread", 0, "sync", None, 1),
+    ("ray sync K=1", 1, "sync", "compiled", None),
+    ("in-process 2 threads", 0, "sync", None, 2),
+    ("ray sync K=2", 2, "sync", "compiled", None),
+    ("ray sync K=2 calls", 2, "sync", "actor_calls", None),
+    ("ray async K=2", 2, "async", None, None),
 ]
 
 
-def spec_for(layers, batch, steps, workers, mode):
+def spec_for(layers, batch: int, steps: int, workers: int, mode: str):
+    """Two epochs of ``steps`` steps each: the data holds exactly steps x n' training rows."""
     return parse_spec({
         "model": {"layers": layers, "seed": 0},
-        "data": {"source": "synthetic", "name": "classification", "n_samples": 60000, "n_features": 784,
+        "data": {"source": "synthetic", "name": "classification", "n_samples": steps * batch, "n_features": 784,
                  "n_classes": 10},
         "optimizer": {"method": "heavy_ball", "lr": 0.05, "alpha": 0.1},
         "batch": {"size": batch},
-        "stopping": {"max_steps": steps, "max_epochs": 1},
+        "stopping": {"max_epochs": 2},
         "cluster": {"num_workers": workers, "mode": mode, "device": "cpu", "dtype": "float32"},
     })
 
 
-def throughput(spec, dataset) -> float:
-    engine = make_engine(spec, dataset, initial_weights(spec))
-    seen = []
+def measure(spec, sync_path: str | None = None) -> dict:
+    """The second epoch's samples/s and the per-step split from the actors' own timestamps."""
+    import ray
+
+    from service.engine.ray_engine import SyncRayEngine
+
+    info = prepare(spec.data, spec.model)
+    W0 = initial_weights(spec)
+    engine = (SyncRayEngine(spec, info, W0, sync_path=sync_path) if sync_path
+              else make_engine(spec, info, W0))
+    seen, timings = [], {}
+
+    def on_epoch(m):
+        seen.append(m)
+        if spec.cluster.num_workers:
+            timings["workers"] = ray.get([w.take_timings.remote() for w in engine.workers])
+            timings["server"] = ray.get(engine.server.take_timings.remote())
+
     try:
-        run(spec, dataset, engine, "bench", Hooks(on_epoch=seen.append))
+        run(spec, info, engine, "bench", Hooks(on_epoch=on_epoch))
+        where = engine.describe()
     finally:
         engine.close()
-    return seen[-1].samples_per_second
+    m = seen[-1]
+    K, batch = spec.cluster.num_workers, m.batch_size
+    out = {"rate": m.samples_per_second, "where": where}
+    if K == 0:
+        out.update(step=batch / m.samples_per_second, compute=None, update=None)
+        return out
+    workers, server = timings["workers"], timings["server"]
+    if spec.cluster.mode == "sync":
+        step = batch / m.samples_per_second
+        compute = float(np.mean(np.max(np.array(workers), axis=0)))  # the slowest worker of each step
+    else:  # each worker steps on its own: its step is K x n' samples at the job's rate
+        step = K * batch / m.samples_per_second
+        compute = float(np.mean(np.concatenate(workers)))
+    out.update(step=step, compute=compute, update=float(np.mean(server)))
+    return out
 
 
-def split(spec, dataset, workers: int) -> tuple[float, float]:
-    """(compute, update) seconds of one step, timed here on one worker's share of the batch."""
-    layers, batch = spec.model.layers, spec.batch.size
-    mlp = MLP(layers, "relu", "cross_entropy", np, np.float32)
-    W = initial_weights(spec)
-    rows = batch // max(workers, 1)
-    X, y = dataset.X_train[:rows].astype(np.float32), dataset.y_train[:rows]
-    core = ServerCore(spec, W)
-    g, loss, n = mlp.loss_and_grad(W, X, y)
-    reps = 5
-    with threadpool_limits(1):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mlp.loss_and_grad(W, X, y)
-        t1 = time.perf_counter()
-        for _ in range(reps):
-            core.apply_parts([(g, loss, n)] * max(workers, 1))
-        t2 = time.perf_counter()
-    return (t1 - t0) / reps, (t2 - t1) / reps
+def line(model: str, batch: int, label: str, r: dict, baseline: float) -> str:
+    ms = lambda x: f"{x * 1e3:8.2f}" if x is not None else f"{'-':>8}"  # noqa: E731
+    comm = None if r["compute"] is None else max(r["step"] - r["compute"] - r["update"], 0.0)
+    return (f"{model:<18}{batch:>6}  {label:<22}{r['rate']:>11,.0f}{r['rate'] / baseline:>7.2f}x"
+            f"{ms(r['step'])}{ms(r['compute'])}{ms(comm)}{ms(r['update'])}")
+
+
+HEADER = (f"{'model':<18}{'n_':>6}  {'row':<22}{'samples/s':>11}{'ratio':>8}{'step ms':>8}{'compute':>8}"
+          f"{'comm':>8}{'update':>8}")
+
+
+# -- a two-raylet cluster on this machine -------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_rows(cases, single_node: dict) -> None:
+    temp = Path(tempfile.mkdtemp(prefix="polyak-bench-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    port, ray_bin = _free_port(), str(Path(sys.executable).parent / "ray")
+    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-gpus", "0"]
+    procs = []
+    try:
+        for args in (["--head", "--port", str(port), "--include-dashboard", "false", "--num-cpus", "1",
+                      "--temp-dir", str(temp)],
+                     ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"]):
+            procs.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(8)
+        for layers, batch, steps in cases:
+            out = subprocess.run([sys.executable, __file__, "--driver", f"127.0.0.1:{port}",
+                                  json.dumps([layers, batch, steps])], env=env, capture_output=True, text=True)
+            if out.returncode:
+                print(f"two-node row failed:\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            model = "-".join(map(str, layers))
+            base = single_node[(model, batch)]
+            print(line(model, batch, "two nodes sync K=2", r, base["rate"]) + "   (ratio: vs ray sync K=2 on one node)")
+            print(f"{'':26}overhead a step: {(r['step'] - r['compute'] - r['update']) * 1e3:.2f} ms across nodes, "
+                  f"{(base['step'] - base['compute'] - base['update']) * 1e3:.2f} ms compiled on one node; "
+                  f"{r['where'].split('; sync steps over ')[-1]}", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a third of the steps")
+    parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
+    parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from service.engine.ray_engine import connect
+
+    if args.driver:  # one two-node row, in a driver joined to that cluster
+        connect(args.driver[0])
+        layers, batch, steps = json.loads(args.driver[1])
+        print(json.dumps(measure(spec_for(layers, batch, steps, 2, "sync"))))
+        return
+    cases = [(layers, batch, max(steps // 3, 8) if args.quick else steps) for layers, batch, steps in CASES]
     connect(None, num_cpus=2)
-    print(f"{'model':<18}{'n_':>6}  {'row':<15}{'samples/s':>11}{'ratio':>8}"
-          f"{'step ms':>9}{'compute':>9}{'comm':>8}{'update':>8}")
-    for layers, batch, steps in CASES:
-        steps = max(steps // 3, 4) if args.quick else steps
-        base = spec_for(layers, batch, steps, 0, "sync")
-        dataset = load_dataset(base.data, base.model)
+    print(HEADER)
+    single_node = {}
+    for layers, batch, steps in cases:
+        model = "-".join(map(str, layers))
         baseline = None
-        for name, workers, mode in ROWS:
+        for label, workers, mode, path, threads in ROWS:
             spec = spec_for(layers, batch, steps, workers, mode)
-            if workers == 0:
-                with threadpool_limits(1):
-                    rate = throughput(spec, dataset)
-                baseline = rate
+            if threads:
+                with threadpool_limits(threads):
+                    r = measure(spec)
+                baseline = r["rate"]
             else:
-                rate = throughput(spec, dataset)
-            compute, update = split(spec, dataset, workers)
-            step = batch / rate if mode == "sync" else batch / rate * workers  # async: each worker steps alone
-            comm = max(step - compute - update, 0.0)
-            model = "-".join(map(str, layers))
-            print(f"{model:<18}{batch:>6}  {name:<15}{rate:>11,.0f}{rate / baseline:>7.2f}x"
-                  f"{step * 1e3:>9.2f}{compute * 1e3:>9.2f}{comm * 1e3:>8.2f}{update * 1e3:>8.2f}", flush=True)
+                r = measure(spec, path)
+            if label == "ray sync K=2":
+                single_node[(model, batch)] = r
+            print(line(model, batch, label, r, baseline), flush=True)
+    if not args.no_two_nodes:
+        import ray
+
+        ray.shutdown()
+        two_node_rows(cases, single_node)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Imports no Ray, service or worker code, and no matplotlib: submitting a job stay
 """
 
 from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.model import Model, ModelError
 from client.models import Criterion, EpochMetrics, JobInfo, JobState, StopReason
 from client.sdk import Client, Job
 from client.spec import JobSpec, parse_spec
@@ -18,6 +19,8 @@ __all__ = [
     "JobNotFound",
     "JobSpec",
     "JobState",
+    "Model",
+    "ModelError",
     "PolyakError",
     "ServerError",
     "SpecError",

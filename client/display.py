@@ -22,13 +22,19 @@ METRIC_COLUMNS = (
     "epoch", "step", "n'", "lr", "train loss", "val loss", "val acc", "weight change", "grad noise",
     "samples/s",
 )
+# Only async jobs report these; the table grows the columns when some epoch has them.
+ASYNC_COLUMNS = ("staleness", "dropped")
 _STATE_STYLES = {
     "succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "blue",
 }
 
 
 class TrainingDisplay:
-    """``with TrainingDisplay(max_epochs) as d: d.update(m) ...; d.finish(state, stop_reason, error)``."""
+    """``with TrainingDisplay(max_epochs) as d: d.update(m) ...; d.finish(state, stop_reason, error)``.
+
+    ``title`` heads the view (the job's name); ``all_epochs`` says where to see every epoch when the live
+    table had to drop the oldest ones (``polyak metrics JOB``).
+    """
 
     def __init__(
         self,
@@ -36,20 +42,20 @@ class TrainingDisplay:
         console: Console | None = None,
         title: str | None = None,
         rows: int = 10,
+        all_epochs: str | None = None,
     ):
         self.max_epochs = max_epochs
         self.console = console or Console()
         self.title = title
+        self.all_epochs = all_epochs
         # The live view keeps only the last epochs so it never outgrows the terminal.
         self._recent: deque[EpochMetrics] = deque(maxlen=rows)
+        self._seen = 0
         self._live: Live | None = None
 
     def __enter__(self) -> TrainingDisplay:
         if self.title:
             self.console.print(Text(self.title, style="bold"))
-        if self.console.is_terminal:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=4)
-            self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,17 +67,32 @@ class TrainingDisplay:
 
     def update(self, m: EpochMetrics) -> None:
         self._recent.append(m)
-        if self._live is not None:
-            self._live.update(self._render())
+        self._seen += 1
+        if self.console.is_terminal:
+            self._show_live()
         else:
             line = compact_line(m, self.max_epochs)
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def finish(self, state: str, stop_reason: str | None, error: str | None = None) -> None:
+        shown_live = self._live is not None
         self._stop()
+        if shown_live and self._seen > len(self._recent):
+            note = f"showing the last {len(self._recent)} of {self._seen} epochs"
+            self.note(f"{note}; {self.all_epochs}" if self.all_epochs else note)
         self.console.print(final_line(state, stop_reason, error), soft_wrap=True)
 
+    def _show_live(self) -> None:
+        # Started at the first epoch, not before: what comes first (Ray starting, a queued job's wait) prints
+        # plain lines, and a library writing to stderr meanwhile cannot tear a frame that is not up yet.
+        if self._live is None:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=4)
+            self._live.start()
+        else:
+            self._live.update(self._render())
+
     def _stop(self) -> None:
+        # Also the way out on Ctrl-C: the last frame stays on screen, drawn once.
         if self._live is not None:
             self._live.update(self._render())
             self._live.stop()
@@ -97,16 +118,18 @@ class TrainingDisplay:
 
 
 def metrics_table(metrics: Iterable[EpochMetrics], title: str | None = None) -> Table:
+    metrics = list(metrics)
+    has_async = any(is_async(m) for m in metrics)
     table = Table(title=title, header_style="bold")
-    for name in METRIC_COLUMNS:
+    for name in METRIC_COLUMNS + (ASYNC_COLUMNS if has_async else ()):
         table.add_column(name, justify="right", no_wrap=True)
     for m in metrics:
-        table.add_row(*metric_cells(m))
+        table.add_row(*metric_cells(m, has_async))
     return table
 
 
-def metric_cells(m: EpochMetrics) -> list[str]:
-    return [
+def metric_cells(m: EpochMetrics, async_columns: bool = False) -> list[str]:
+    cells = [
         str(m.epoch),
         str(m.step),
         str(m.batch_size),
@@ -118,6 +141,9 @@ def metric_cells(m: EpochMetrics) -> list[str]:
         fmt(m.grad_noise),
         f"{m.samples_per_second:,.0f}",
     ]
+    if async_columns:
+        cells += [staleness(m), _or_dash(m.dropped_gradients)]
+    return cells
 
 
 def criteria_table(criteria: Iterable[Criterion]) -> Table:
@@ -148,6 +174,8 @@ def compact_line(m: EpochMetrics, max_epochs: int | None = None) -> str:
         ("grad_noise", fmt(m.grad_noise)),
     ) if value != "-"]
     fields.append(f"{m.samples_per_second:,.0f} samples/s")
+    if is_async(m):
+        fields.append(f"staleness={staleness(m)}  dropped={_or_dash(m.dropped_gradients)}")
     if m.criteria:
         fields.append("criteria: " + ", ".join(
             f"{c.name} {fmt(c.value)}/{fmt(c.threshold)}{' ✓' if c.met else ''}" for c in m.criteria
@@ -156,11 +184,14 @@ def compact_line(m: EpochMetrics, max_epochs: int | None = None) -> str:
 
 
 def final_line(state: Any, stop_reason: Any, error: str | None = None) -> Text:
+    """``job succeeded (max_epochs)``, ``job failed (diverged): <error>``, ``job cancelled``."""
     state, stop_reason = _value(state), _value(stop_reason)
     line = Text(f"job {state}", style=f"bold {_STATE_STYLES.get(state, '')}".strip())
-    line.append(f": stopped by {stop_reason}" if stop_reason else ": no stop reason reported")
+    # "cancelled (cancelled)" and "failed (error)" would only repeat the state or the error that follows.
+    if stop_reason and stop_reason != state and not (error and stop_reason == "error"):
+        line.append(f" ({stop_reason})")
     if error:
-        line.append(f" ({error})", style="red")
+        line.append(f": {error}", style="red")
     return line
 
 
@@ -174,8 +205,24 @@ def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def staleness(m: EpochMetrics) -> str:
+    """Async steps behind, ``mean/max``: how old the weights were that the applied gradients were computed on."""
+    if m.staleness_mean is None:
+        return "-"
+    return f"{m.staleness_mean:.2g}/{_or_dash(m.staleness_max)}"
+
+
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def is_async(m: EpochMetrics) -> bool:
+    """Whether the epoch came from an async run: only those report staleness and dropped gradients."""
+    return m.staleness_mean is not None or m.dropped_gradients is not None
+
+
+def _or_dash(x: Any) -> str:
+    return "-" if x is None else str(x)
 
 
 def _value(x: Any) -> Any:

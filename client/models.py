@@ -75,6 +75,7 @@ class JobInfo(BaseModel):
 
     id: str
     name: str | None = None
+    group: str | None = None
     state: JobState
     priority: int = 0
     queue_position: int | None = None

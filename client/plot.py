@@ -1,7 +1,8 @@
-"""Training curves of one job as a 2x2 PNG (or any format matplotlib writes)."""
+"""Training curves of one job as a 2x2 PNG (or any format matplotlib writes); a third row for async jobs."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from client.models import EpochMetrics
@@ -9,6 +10,25 @@ from client.models import EpochMetrics
 
 def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | None = None) -> Path:
     """Loss, accuracy, convergence diagnostics and lr / batch size against epoch; returns ``path``."""
+    _figure(metrics, title).savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_bytes(metrics: list[EpochMetrics], image_type: str, title: str | None = None) -> bytes:
+    """The same figure as an image of ``image_type`` (one of ``image_formats()``), for client.files to write."""
+    buffer = io.BytesIO()
+    _figure(metrics, title).savefig(buffer, format=image_type, dpi=110)
+    return buffer.getvalue()
+
+
+def image_formats() -> list[str]:
+    """The extensions matplotlib writes (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return list(FigureCanvasBase.get_supported_filetypes())
+
+
+def _figure(metrics: list[EpochMetrics], title: str | None):
     # Imported here so `import client` stays fast; Figure (not pyplot) needs no display and no global backend.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -17,8 +37,13 @@ def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | Non
         raise ValueError("no metrics to plot")
     stop = next((m for m in reversed(metrics) if m.stop is not None), None)
     stop_reason = stop.stop.value if stop is not None else None
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    (loss, acc), (diag, sched) = fig.subplots(2, 2, sharex=True)
+    from client.display import is_async
+
+    has_async = any(is_async(m) for m in metrics)
+    layout = [["loss", "acc"], ["diag", "sched"]] + ([["async", "async"]] if has_async else [])
+    fig = Figure(figsize=(12, 11 if has_async else 8), layout="constrained")
+    panels = fig.subplot_mosaic(layout, sharex=True)
+    loss, acc, diag, sched = (panels[name] for name in ("loss", "acc", "diag", "sched"))
 
     _curves(loss, metrics, {"train loss": "train_loss", "validation loss": "val_loss"}, log=True)
     loss.set_title("loss")
@@ -34,23 +59,24 @@ def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | Non
     }, log=True)
     diag.set_title("convergence diagnostics")
     _schedule(sched, metrics)
+    if has_async:
+        _staleness(panels["async"], metrics)
 
-    for ax in (loss, acc, diag, sched):
+    for ax in panels.values():
         if stop is not None:
             ax.axvline(stop.epoch, color="black", linestyle="--", linewidth=1, label=f"stop: {stop_reason}")
         if ax.lines:
             ax.legend(loc="best", fontsize="small")
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (diag, sched):
-        ax.set_xlabel("epoch")
+    for name in ("async",) if has_async else ("diag", "sched"):
+        panels[name].set_xlabel("epoch")
 
     heading = title or f"job {metrics[0].job_id}"
     if stop is not None:
         heading += f"  (stopped at epoch {stop.epoch}: {stop_reason})"
     fig.suptitle(heading)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return fig
 
 
 def _curves(ax, metrics: list[EpochMetrics], series: dict[str, str], log: bool) -> None:
@@ -81,3 +107,23 @@ def _schedule(ax, metrics: list[EpochMetrics]) -> None:
     ax.plot([], [], color="tab:orange", label="batch size n'")
     ax.set_zorder(batch.get_zorder() + 1)
     ax.patch.set_visible(False)
+
+
+def _staleness(ax, metrics: list[EpochMetrics]) -> None:
+    """Async only: how many steps old the weights were that applied gradients were computed on, and how many
+    gradients the parameter server dropped as too stale, per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    _curves(ax, metrics, {"staleness mean": "staleness_mean", "staleness max": "staleness_max"}, log=False)
+    ax.set_ylabel("staleness (steps)")
+    ax.set_title("async staleness and dropped gradients")
+    points = [(m.epoch, m.dropped_gradients) for m in metrics if m.dropped_gradients is not None]
+    if points:
+        dropped = ax.twinx()
+        epochs, counts = zip(*points, strict=True)
+        dropped.step(epochs, counts, where="mid", color="tab:red")
+        dropped.set_ylabel("dropped gradients", color="tab:red")
+        dropped.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.plot([], [], color="tab:red", label="dropped gradients")  # into the main legend, as in _schedule
+        ax.set_zorder(dropped.get_zorder() + 1)
+        ax.patch.set_visible(False)

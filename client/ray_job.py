@@ -39,6 +39,12 @@ DEFAULT_EXCLUDES = (
     "/.venv", "/.git", "/.polyak", "/build", "__pycache__", "*.egg-info", "*.npz", "/bench",
 )
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# `polyak train --emit-weights` prints the weights file as {WEIGHTS_LINE_KEY: base64} on one line of its log.
+WEIGHTS_LINE_KEY = "polyak_weights_npz_base64"
+AUTH_HINT = (
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's token file> (or RAY_AUTH_TOKEN=<token>) "
+    "here, as on the cluster (`ray get-auth-token` on the head prints it)"
+)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -55,7 +61,7 @@ class RayJobFailed(PolyakError):
 
 def entrypoint(spec_relpath: str, extra_args: Sequence[str] = ()) -> str:
     """The job's command line: ``polyak train`` with one JSON metrics object per epoch on stdout."""
-    args = ["python", "-m", "service", "train", spec_relpath, "--json", "-o", "weights.npz", *extra_args]
+    args = ["python", "-m", "service", "train", spec_relpath, "--json", "--emit-weights", *extra_args]
     return shlex.join(args)
 
 
@@ -156,6 +162,22 @@ def follow(
     raise RayJobFailed(f"ray job {submission_id} {status}: {reason}", submission_id, status, line, logs)
 
 
+def fetch_weights(address: str, submission_id: str, *, token: str | None = None) -> bytes:
+    """The weights file a finished job printed into its log (``polyak train --emit-weights``)."""
+    import base64
+
+    client = _client(address, token)
+    logs = _call(client.get_job_logs, submission_id, address)
+    for line in reversed(logs.splitlines()):
+        line = _ANSI.sub("", line).strip()
+        if WEIGHTS_LINE_KEY in line and line.startswith("{"):
+            try:
+                return base64.b64decode(json.loads(line)[WEIGHTS_LINE_KEY])
+            except (ValueError, KeyError, TypeError):
+                break
+    raise PolyakError(f"ray job {submission_id} left no weights in its log (did it finish an epoch?)")
+
+
 def job_status(address: str, submission_id: str, *, token: str | None = None) -> str:
     """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
     client = _client(address, token)
@@ -200,7 +222,16 @@ def _client(address: str, token: str | None):
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:
-        raise PolyakError(f"cannot reach the Ray dashboard at {address}: {_reason(e)}") from e
+        reason = _reason(e)
+        if _is_auth_failure(e):  # reached, but it wants a token (or another one)
+            raise PolyakError(f"the Ray dashboard at {address} refused us ({reason}): {AUTH_HINT}") from None
+        raise PolyakError(f"cannot reach the Ray dashboard at {address}: {reason}") from e
+
+
+def _is_auth_failure(e: Exception) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(word in text for word in ("AuthenticationError", "Authentication required", "authentication token",
+                                          "Invalid authentication", "401", "403"))
 
 
 def _call(method, submission_id: str, address: str):

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from client.model import Model
 from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import JobSpec, parse_spec
 
@@ -76,8 +77,12 @@ class Client:
     def get(self, job_id: str) -> JobInfo:
         return self._request("GET", f"/jobs/{job_id}", JobInfo)
 
-    def list(self, state: JobState | str | None = None) -> list[JobInfo]:
-        return self._request("GET", "/jobs", list[JobInfo], params={"state": _value(state)})
+    def list(
+        self, state: JobState | str | None = None, group: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[JobInfo]:
+        """Jobs, newest first: a page of ``limit`` after skipping ``offset``; only ``state`` / ``group`` ones."""
+        params = {"state": _value(state), "group": group, "limit": limit, "offset": offset}
+        return self._request("GET", "/jobs", list[JobInfo], params=params)
 
     def cancel(self, job_id: str) -> JobInfo:
         return self._request("POST", f"/jobs/{job_id}/cancel", JobInfo)
@@ -182,6 +187,10 @@ class Job:
 
     def weights(self, which: str = "last") -> dict[str, np.ndarray]:
         return self.client.weights(self.id, which)
+
+    def model(self, which: str = "last", dtype=np.float64) -> Model:
+        """The trained model (``last`` or ``best`` weights), ready for raw inputs: predict, evaluate, export."""
+        return Model.from_arrays(self.weights(which), dtype=dtype, source=f"job {self.id} ({which} weights)")
 
     def stream(self) -> Iterator[EpochMetrics]:
         """Every epoch's metrics, history first then live, each exactly once, until the job ends."""

@@ -6,6 +6,7 @@ generated from these descriptions (tests/test_readme.py keeps the two in step).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -149,6 +150,9 @@ class ClusterSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str | None = Field(default=None, description="optional label")
+    group: str | None = Field(
+        default=None, max_length=200, description="label shared by related jobs (a sweep); GET /jobs?group= lists them"
+    )
     priority: int = Field(default=0, description="higher runs first; FIFO within a priority")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -280,7 +284,12 @@ def read_spec_file(path: Path) -> dict[str, Any]:
         msg = f"{path}: cannot read spec ({e.strerror})"
         raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:  # a named stream: YAML's errors then say the file, not "<unicode string>"
+            stream = io.StringIO(text)
+            stream.name = str(path)
+            data = yaml.safe_load(stream)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         msg = f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
         raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None

@@ -5,89 +5,70 @@ Ray is imported only inside ``serve`` and ``train``, so ``polyak submit`` starts
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import json
+import logging
+import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
+import client.model_commands  # noqa: F401  (registers predict, evaluate, export)
 from client.commands import cli
 from client.display import TrainingDisplay
 from client.errors import SpecError
 from client.models import JobState, StopReason
+from client.ray_job import WEIGHTS_LINE_KEY
 from client.spec import parse_spec
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One red ``error:`` line and the exit status of polyak's convention (see ``polyak --help``)."""
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
 
 
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), default="weights.npz", show_default=True,
-              help="where to write the final weights (.npz)")
+@click.option("-o", "--output", default="weights.npz", show_default=True,
+              help="where to write the final weights (.npz): a path in an existing folder, or a URI (s3://, gs://, "
+                   "file://) for shared storage")
+@click.option("--emit-weights", is_flag=True,
+              help="also print the weights file on stdout as one JSON line (base64): how `polyak ray-submit -o` "
+                   "brings a cluster job's weights back")
 @click.option("--json", "as_json", is_flag=True, help="print one EpochMetrics JSON object per line")
 @click.option("--ray-address", default=None, help="Ray cluster to join; default: start a local Ray")
 @click.option("--job-dir", type=click.Path(path_type=Path), default=None,
               help="checkpoint folder; a run pointed at an existing one resumes from its checkpoint")
-def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_dir: Path | None) -> None:
+def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_address: str | None,
+          job_dir: Path | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
-    from service.engine.checkpoint import save_npz
-    from service.engine.trainer import Hooks, train_job, weights_file
-    from workers.backend import DeviceError
-    from workers.data import prepare
+    from client.errors import PolyakError
+    from client.files import npz_bytes, write_output
+    from service.engine.trainer import weights_file
 
+    job_spec, info = _prepare(spec, output)
+    display = None
+    if not as_json:
+        display = TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=job_spec.name or str(spec),
+                                  all_epochs="--json prints every epoch")
+    result = _train(job_spec, info, display, ray_address, job_dir)
+    weights = npz_bytes(weights_file(result.weights, job_spec, info))
     try:
-        job_spec = parse_spec(spec)
-        info = prepare(job_spec.data, job_spec.model)
-    except SpecError as e:
-        _fail(f"{spec}: {e.message}")
-    except ValueError as e:  # DataError, and generators' own complaints (sklearn's make_classification)
-        _fail(str(e))
-
-    cancel = threading.Event()
-
-    def on_sigint(signum, frame):
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-        click.echo("cancelling at the next step (Ctrl-C again to abort)", err=True)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    started_ray = False
-    try:
-        if job_spec.cluster.num_workers > 0:
-            from service.engine.ray_engine import cluster_summary, connect
-
-            started_ray = connect(ray_address)
-            if not started_ray:  # joined a cluster: say which one, before anything runs on it
-                click.echo(f"joined the {cluster_summary()}", err=True)
-        with tempfile.TemporaryDirectory(prefix="polyak-") as scratch:
-            hooks = Hooks(should_cancel=cancel.is_set, job_dir=job_dir or Path(scratch))
-            if as_json:
-                hooks.on_epoch = lambda m: print(m.model_dump_json(), flush=True)
-                hooks.on_start = lambda where: click.echo(f"running {where}", err=True)
-                result = train_job(job_spec, "train", hooks, info)
-            else:
-                with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=str(spec)) as display:
-                    hooks.on_epoch = display.update
-                    hooks.on_start = lambda where: display.note(f"running {where}")
-                    result = train_job(job_spec, "train", hooks, info)
-                    display.finish(result.state.value, result.stop_reason.value, result.error)
-    except (ValueError, DeviceError, ConnectionError) as e:  # data, weights, device, Ray address
-        _fail(str(e))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    save_npz(output, weights_file(result.weights, job_spec, info))
-    click.echo(f"weights written to {output}", err=True)
+        where = write_output(output, weights)
+    except PolyakError as e:
+        _fail(e.message, 1)
+    click.echo(f"weights written to {where}", err=True)
+    if emit_weights:
+        print(json.dumps({WEIGHTS_LINE_KEY: base64.b64encode(weights).decode()}), flush=True)
     if as_json:
         click.echo(json.dumps({"state": result.state.value, "stop_reason": result.stop_reason.value,
                                "error": result.error, "weights": str(output)}), err=True)
@@ -95,6 +76,129 @@ def train(spec: Path, output: Path, as_json: bool, ray_address: str | None, job_
         _fail(result.error or "training failed", 1)
     if result.stop_reason == StopReason.CANCELLED:
         sys.exit(130)
+
+
+def _prepare(spec: Path, output: str):
+    """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong."""
+    from client.errors import PolyakError
+    from client.files import check_output
+    from workers.data import prepare
+
+    try:
+        check_output(output)
+        job_spec = parse_spec(spec)
+        return job_spec, prepare(job_spec.data, job_spec.model)
+    except SpecError as e:
+        _fail(e.message if str(spec) in e.message else f"{spec}: {e.message}")
+    except PolyakError as e:
+        _fail(e.message)
+    except ValueError as e:  # DataError, and generators' own complaints (sklearn's make_classification)
+        _fail(str(e))
+
+
+def _train(job_spec, info, display: TrainingDisplay | None, ray_address: str | None, job_dir: Path | None):
+    """The TrainResult, shown live on ``display``, or as JSON lines on stdout and notes on stderr without one."""
+    import numpy as np
+
+    from service.engine.trainer import Hooks, train_job
+    from workers.backend import DeviceError
+
+    say = display.note if display is not None else _note
+    cancel = threading.Event()
+    try:
+        with contextlib.ExitStack() as stack:
+            if display is not None:
+                stack.enter_context(display)
+            stack.enter_context(_cancel_on_sigint(cancel, say))
+            if job_spec.cluster.num_workers > 0:
+                _connect_ray(ray_address, job_spec.cluster.num_workers, say, stack)
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="polyak-"))
+            hooks = Hooks(should_cancel=cancel.is_set, job_dir=job_dir or Path(scratch),
+                          on_start=lambda where: say(f"running {where}"),
+                          on_epoch=display.update if display is not None else _print_json)
+            # A diverging run overflows NumPy on its way to a non-finite loss; the trainer detects that and
+            # reports it as the job's error, so NumPy's own warnings would only say it again, worse.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                result = train_job(job_spec, "train", hooks, info)
+            if display is not None:
+                # Without the error: it follows once, as the `error:` line.
+                display.finish(result.state, result.stop_reason)
+            return result
+    except ConnectionError as e:  # a Ray cluster that cannot be reached, or refuses us
+        _fail(str(e), 3)
+    except (ValueError, DeviceError) as e:  # data, weights, device
+        _fail(str(e))
+
+
+@contextlib.contextmanager
+def _cancel_on_sigint(cancel: threading.Event, say):
+    """The first Ctrl-C stops training at its next step (its weights are still written); a second aborts."""
+
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        say("cancelling at the next step (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _connect_ray(address: str | None, workers: int, say, stack: contextlib.ExitStack) -> None:
+    """Start or join Ray, saying which first: starting one takes seconds, and the screen would be blank."""
+    from service.engine.ray_engine import cluster_summary, connect
+
+    _quiet_ray()
+    if address in (None, "", "local") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # connect()'s rule
+        say(f"starting a local Ray for {workers} worker(s) ...")
+    else:
+        say(f"joining the Ray cluster at {address or 'auto'} ...")
+    if connect(address):
+        import ray
+
+        stack.callback(ray.shutdown)
+    else:  # joined a cluster: say which one, before anything runs on it
+        say(f"joined the {cluster_summary()}")
+
+
+# Ray's warnings that are no news for a Ray that polyak starts itself, by the logger that says them.
+_NO_NEWS = {
+    # Token authentication is Ray's default for a new local Ray, announced on every start.
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    # `serve` starts Ray off the main thread on purpose: SIGTERM stays with uvicorn, for a graceful shutdown.
+    "ray._private.worker": "SIGTERM handler is not set because current thread is not the main thread",
+}
+
+
+class _NoNews(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not record.getMessage().startswith(self.prefix)
+
+
+def _quiet_ray() -> None:
+    """Drop _NO_NEWS's warnings and nothing else: Ray's other warnings, and any error, still show.
+
+    Filters on Ray's loggers, not RAY_AUTH_MODE=token: Ray reads that variable once, when it is imported, so
+    setting it later would start a Ray whose own driver does not send the token it demands."""
+    for name, prefix in _NO_NEWS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoNews) for f in logger.filters):
+            logger.addFilter(_NoNews(prefix))
+
+
+def _note(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def _print_json(m) -> None:
+    print(m.model_dump_json(), flush=True)
 
 
 @cli.command()
@@ -114,8 +218,6 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
           server_token: str | None, data_root: Path | None) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     import ipaddress
-    import logging
-    import os
     import sqlite3
 
     import uvicorn
@@ -133,10 +235,12 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     if not loopback and server_token is None:
         _fail(f"refusing to listen on {host} without a token: anyone who can reach it could run jobs. "
               "Pass --token (or set POLYAK_TOKEN), or listen on 127.0.0.1.")
+    _check_port(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     # Ray's driver would take SIGTERM over from uvicorn and die on it at once: no graceful shutdown,
     # and the local Ray left running.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    _quiet_ray()
     try:
         lock = _lock_data_dir(data_dir)  # held until the process exits, however it exits
         store = Store(data_dir)
@@ -146,6 +250,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     try:
         if ray_address:
             cluster.capacity()  # a wrong address should fail now, not with the first job
+            logging.getLogger("polyak").info("joined the %s", _cluster_summary())
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
         app = create_app(scheduler, token=server_token, data_root=data_root)
         app.state.data_dir_lock = lock
@@ -155,12 +260,33 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
         # Open event streams would otherwise hold a shutdown until their jobs end.
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     except ClusterUnavailable as e:
-        _fail(str(e))
+        _fail(str(e), 3)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down on
         pass
-    finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port in use)
+    finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port taken meanwhile)
         cluster.shutdown()
         store.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before anything starts when HOST:PORT cannot be listened on: uvicorn would only log it, after Ray and
+    the job database were up. SO_REUSEADDR, as uvicorn binds: a closed server's lingering connections are no
+    obstacle, a listening server is."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            _fail(f"cannot listen on {host}:{port}: address already in use (another polyak serve? pick --port)", 3)
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}", 3)
+
+
+def _cluster_summary() -> str:
+    from service.engine.ray_engine import cluster_summary
+
+    return cluster_summary()
 
 
 def _lock_data_dir(data_dir: Path):

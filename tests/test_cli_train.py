@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pty
+import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +36,10 @@ def write_spec(tmp_path, spec, name="spec.yaml"):
     return path
 
 
-def polyak(*args, timeout=120):
+def polyak(*args, timeout=120, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "service", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "service", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        env=env,
     )
 
 
@@ -59,8 +66,12 @@ def test_train_writes_weights_and_streams_json_metrics(tmp_path):
 
 def test_train_on_a_local_ray_with_two_workers(tmp_path):
     spec = with_("cluster", num_workers=2, mode="sync")
-    proc = polyak(write_spec(tmp_path, spec), "-o", tmp_path / "w.npz", "--json", timeout=300)
+    # Ray announces the token authentication it turns on by default only while RAY_AUTH_MODE is unset.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = polyak(write_spec(tmp_path, spec), "-o", tmp_path / "w.npz", "--json", timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("starting a local Ray for 2 worker(s) ...\n"), proc.stderr
+    assert "Token authentication" not in proc.stderr
     assert len(proc.stdout.splitlines()) == 4
     reference = polyak(write_spec(tmp_path, IRIS, "local.yaml"), "-o", tmp_path / "ref.npz")
     assert reference.returncode == 0
@@ -127,3 +138,138 @@ def test_ctrl_c_cancels_and_still_writes_the_last_weights(tmp_path):
     assert "Traceback" not in stderr and "cancelling at the next step" in stderr
     with np.load(out) as w:
         assert set(w.files) == {"W1", "b1", "W2", "b2", "x_mean", "x_std", "spec"}
+
+
+
+DIVERGING = {**IRIS, "model": {"layers": [10, 1], "loss": "mse"}, "data": {"source": "sklearn", "name": "diabetes"},
+             "optimizer": {"method": "sgd", "lr": 10.0}}
+
+
+def test_divergence_is_said_once_without_numpy_warnings(tmp_path):
+    spec = write_spec(tmp_path, DIVERGING)
+    proc = polyak(spec, "-o", tmp_path / "w.npz")
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    reason = line.removeprefix("error: ")
+    assert (proc.stdout + proc.stderr).count(reason) == 1
+    assert proc.stdout.splitlines()[0] == str(spec)  # the header: the spec has no name, so its file
+    assert proc.stdout.splitlines()[-1] == "job failed (diverged)"
+    assert "Warning" not in proc.stderr
+
+
+def test_divergence_in_json_mode_is_one_error_line_without_numpy_warnings(tmp_path):
+    proc = polyak(write_spec(tmp_path, DIVERGING), "-o", tmp_path / "w.npz", "--json")
+    line = one_line_error(proc)
+    assert proc.returncode == 1 and "Warning" not in proc.stderr
+    summary = json.loads(proc.stderr.splitlines()[-2])  # the machine-readable record carries the same error
+    assert (summary["state"], f"error: {summary['error']}") == ("failed", line)
+
+
+def test_the_header_is_the_jobs_name(tmp_path):
+    proc = polyak(write_spec(tmp_path, {**IRIS, "name": "iris-tanh"}), "-o", tmp_path / "w.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "iris-tanh"
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a terminal shows for ``raw``, scrolled-off ones included: enough of VT100 for rich's Live
+    (cursor up, erase line, carriage return; colours ignored)."""
+    rows, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|.|\n", raw):
+        if token.startswith("\x1b["):
+            if token[-1] == "A":
+                row = max(0, row - int(token[2:-1] or 1))
+            elif token[-1] == "K":
+                rows[row] = rows[row][:col] if token[2:-1] in ("", "0") else ""
+        elif token == "\r":
+            col = 0
+        elif token == "\n":  # a terminal's onlcr: a newline also returns the carriage
+            row, col = row + 1, 0
+            rows += [""] * (row + 1 - len(rows))
+        elif token >= " ":
+            line = rows[row].ljust(col)
+            rows[row] = line[:col] + token + line[col + 1:]
+            col += 1
+    return rows
+
+
+def read_until(fd: int, raw: bytearray, done, deadline: float) -> None:
+    while not done(raw) and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            raw += chunk
+
+
+def test_ctrl_c_on_a_terminal_leaves_one_epoch_bar(tmp_path):
+    """The live view on a real terminal: Ctrl-C cancels, and the last frame stays on screen once. A note
+    written past the live frame (to stderr, as the cancel note once was) left the frame's top line, the epoch
+    bar, behind as a second copy."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "200", "LINES": "80", "TERM": "xterm-256color"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "train", str(write_spec(tmp_path, with_("stopping", max_epochs=100000))),
+         "-o", str(tmp_path / "w.npz")], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env,
+    )
+    os.close(follower)
+    raw = bytearray()
+    try:
+        read_until(leader, raw, lambda r: b"/100000" in r, time.monotonic() + 60)  # the live view is up
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        read_until(leader, raw, lambda r: False, time.monotonic() + 60)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        os.close(leader)
+    rows = screen(raw.decode(errors="replace"))
+    assert len([row for row in rows if row.startswith("epoch ") and "/100000" in row]) == 1, "\n".join(rows)
+    assert sum(row.startswith("┏") for row in rows) == 2  # the metrics and the criteria table, once each
+    assert "cancelling at the next step (Ctrl-C again to abort)" in rows
+    assert "job cancelled" in rows
+
+
+def test_serve_on_a_busy_port_exits_3_before_starting(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 3
+    assert proc.stderr == (f"error: cannot listen on 127.0.0.1:{port}: address already in use "
+                           "(another polyak serve? pick --port)\n")
+    assert not (tmp_path / "data").exists()  # nothing was started, nothing was created
+
+
+def test_only_rays_no_news_is_dropped():
+    from service.cli import _quiet_ray
+
+    _quiet_ray()
+    banner = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    off_thread = "SIGTERM handler is not set because current thread is not the main thread."
+    said = [
+        ("ray._private.authentication.authentication_token_setup", logging.WARNING, banner),
+        ("ray._private.authentication.authentication_token_setup", logging.WARNING, "Token authentication is disabled"),
+        ("ray._private.authentication.authentication_token_setup", logging.ERROR, banner),
+        ("ray._private.worker", logging.WARNING, off_thread),
+        ("ray._private.worker", logging.WARNING, "Failed to connect to the GCS server"),
+    ]
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.levelno, record.getMessage()))
+    for name in {name for name, _, _ in said}:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        for name, level, message in said:
+            logging.getLogger(name).log(level, message)
+    finally:
+        for name in {name for name, _, _ in said}:
+            logging.getLogger(name).removeHandler(handler)
+    assert seen == [said[1], said[2], said[4]]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from datetime import datetime, timedelta, timezone
+from importlib.metadata import version
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,8 +18,8 @@ from rich.console import Console
 
 from client import Client, Criterion, EpochMetrics, JobInfo, JobSpec, JobState, StopReason
 from client.commands import cli
-from client.display import TrainingDisplay
-from client.plot import plot_metrics
+from client.display import TrainingDisplay, compact_line, final_line, metrics_table
+from client.plot import _figure, plot_metrics
 
 URL = "http://polyak.test:8765"
 DONE, QUEUED = "9b1e0c7d3a52", "4c8f2a6e1d07"
@@ -201,7 +204,7 @@ def test_cancel_reports_the_new_state(server):
     result = invoke(server, "cancel", QUEUED)
     assert result.exit_code == 0, result.output
     assert f"job {QUEUED} is cancelled" in result.output
-    assert (server.requests[0].method, server.requests[0].url.path) == ("POST", f"/jobs/{QUEUED}/cancel")
+    assert (server.requests[-1].method, server.requests[-1].url.path) == ("POST", f"/jobs/{QUEUED}/cancel")
 
 
 def test_weights_writes_the_npz_to_the_exact_path(server, tmp_path):
@@ -253,17 +256,18 @@ def test_submit_follow_prints_one_line_per_epoch_when_not_a_terminal(server, tmp
     assert len(epoch_lines) == MAX_EPOCHS
     assert epoch_lines[-1].startswith(f"epoch {MAX_EPOCHS}/{MAX_EPOCHS}  step 330")
     assert "max_epochs 30/30 ✓" in epoch_lines[-1]
-    assert lines[-1] == "job succeeded: stopped by max_epochs"
+    assert lines[-1] == "job succeeded (max_epochs)"
 
 
 @pytest.mark.parametrize(
-    ("state", "reason", "error"),
+    ("state", "reason", "error", "last"),
     [
-        (JobState.FAILED, StopReason.DIVERGED, "loss became nan at epoch 12, step 130"),
-        (JobState.CANCELLED, StopReason.CANCELLED, None),
+        (JobState.FAILED, StopReason.DIVERGED, "loss became nan at epoch 12, step 130",
+         "job failed (diverged): loss became nan at epoch 12, step 130"),
+        (JobState.CANCELLED, StopReason.CANCELLED, None, "job cancelled"),
     ],
 )
-def test_submit_follow_exits_nonzero_when_the_job_does_not_succeed(tmp_path, state, reason, error):
+def test_submit_follow_exits_nonzero_when_the_job_does_not_succeed(tmp_path, state, reason, error, last):
     spec = tmp_path / "digits.yaml"
     spec.write_text("name: digits-mlp\n")
     server = Server()
@@ -271,7 +275,6 @@ def test_submit_follow_exits_nonzero_when_the_job_does_not_succeed(tmp_path, sta
     server.jobs[DONE] = server.jobs[DONE].model_copy(update=update)
     result = invoke(server, "submit", str(spec), "--follow")
     assert result.exit_code == 1
-    last = f"job {state.value}: stopped by {reason.value}" + (f" ({error})" if error else "")
     assert result.output.splitlines()[-1] == last
 
 
@@ -290,7 +293,7 @@ def test_bad_spec_prints_each_field_error_without_a_request(tmp_path):
         raise AssertionError("a bad spec must not reach the server")
 
     result = invoke(never_called, "submit", str(spec))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("error: ")
     assert "stopping.max_epochs" in result.output and "optimizer.momentum: unknown key" in result.output
     assert "Traceback" not in result.output
@@ -305,7 +308,7 @@ def test_rejected_spec_lists_the_server_field_errors(tmp_path):
         return httpx.Response(422, json={"detail": "job spec rejected", "errors": errors})
 
     result = invoke(reject, "submit", str(spec))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.splitlines() == [
         "error: job spec rejected",
         "  model.layers: layers[0] = 64 does not fit the data: X has 13 features",
@@ -317,7 +320,7 @@ def test_unreachable_server_names_the_url():
         raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
 
     result = invoke(refuse, "--url", URL, "list")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert result.output.startswith(f"error: cannot reach polyak server at {URL}: is `polyak serve` running?")
     assert "Traceback" not in result.output
 
@@ -331,7 +334,7 @@ def test_training_display_renders_live_on_a_terminal():
         display.finish(JobState.SUCCEEDED, StopReason.MAX_EPOCHS, None)
     text = out.getvalue()
     for part in ("digits-mlp", "30/30", "train loss", "stopping criteria", "weight_change", "✓",
-                 "job succeeded: stopped by max_epochs"):
+                 "job succeeded (max_epochs)"):
         assert part in text, part
 
 
@@ -345,3 +348,276 @@ def test_plot_skips_missing_values(tmp_path):
     history[-1] = history[-1].model_copy(update={"train_loss": float("nan"), "stop": StopReason.DIVERGED})
     path = plot_metrics(history, tmp_path / "diverged.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+
+# ------------------------------------------------------------------ -o, one behaviour, one error line
+
+
+def error_lines(result) -> list[str]:
+    assert "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_weights_into_a_missing_folder_is_one_error_line_before_any_request(server, tmp_path):
+    out = tmp_path / "nonexistent" / "dir" / "w.npz"
+    result = invoke(server, "weights", DONE, "-o", str(out))
+    assert result.exit_code == 2
+    assert result.output == f"error: cannot write {out}: the folder {out.parent} does not exist\n"
+    assert server.requests == []
+
+
+def test_plot_into_a_missing_folder_is_one_error_line(server, tmp_path):
+    out = tmp_path / "nonexistent" / "x.png"
+    result = invoke(server, "plot", DONE, "-o", str(out))
+    assert result.exit_code == 2
+    assert result.output == f"error: cannot write {out}: the folder {out.parent} does not exist\n"
+
+
+def test_plot_of_an_unknown_image_type_lists_the_supported_ones(server, tmp_path):
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    result = invoke(server, "plot", DONE, "-o", str(tmp_path / "c.xyz"))
+    assert result.exit_code == 2
+    (line,) = error_lines(result)
+    assert line.startswith(f"error: cannot write {tmp_path / 'c.xyz'}: not an image type matplotlib writes")
+    for ext in FigureCanvasBase.get_supported_filetypes():
+        assert f".{ext}" in line, ext
+    assert not (tmp_path / "c.xyz").exists() and server.requests == []
+
+
+def test_plot_writes_other_image_types_by_their_extension(server, tmp_path):
+    result = invoke(server, "plot", DONE, "-o", str(tmp_path / "curves.svg"))
+    assert result.exit_code == 0, result.output
+    assert b"<svg" in (tmp_path / "curves.svg").read_bytes()[:1000]
+
+
+def test_plot_without_output_writes_job_png_here_and_says_the_absolute_path(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(server, "plot", DONE)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / f"{DONE}.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.output.strip() == f"wrote {tmp_path / f'{DONE}.png'}"
+
+
+def test_weights_says_the_absolute_path_it_wrote(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(server, "weights", DONE, "-o", "w.npz")
+    assert result.exit_code == 0, result.output
+    assert f"to {tmp_path / 'w.npz'} (4 arrays" in result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "w.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------ errors said once, exit codes
+
+
+def test_a_missing_spec_file_is_said_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def never_called(request):
+        raise AssertionError("a missing spec must not reach the server")
+
+    result = invoke(never_called, "submit", "nonexist.yaml")
+    assert result.exit_code == 2
+    assert result.output == "error: nonexist.yaml: cannot read spec (No such file or directory)\n"
+
+
+def transport_failure(error: type[httpx.TransportError]):
+    def fail(request):
+        raise error("[Errno 104] Connection reset by peer", request=request)
+
+    return fail
+
+
+def answer(status: int, detail: str):
+    return lambda request: httpx.Response(status, json={"detail": detail})
+
+
+@pytest.mark.parametrize(
+    ("handler", "code", "message"),
+    [
+        (answer(404, "no job with id nope"), 1, "error: no job with id nope"),
+        (answer(409, "job nope is still running"), 1, "error: job nope is still running"),
+        (answer(401, "a bearer token is required"), 1, "error: a bearer token is required"),
+        (answer(500, "database is locked"), 1, "error: database is locked"),
+        (answer(422, "job spec rejected"), 2, "error: job spec rejected"),
+        (transport_failure(httpx.ConnectError), 3, f"error: cannot reach polyak server at {URL}"),
+        (transport_failure(httpx.ReadError), 3,
+         f"error: GET {URL}/jobs/nope: connection to the polyak server failed"),
+    ],
+)
+def test_exit_status_follows_the_convention(handler, code, message):
+    result = invoke(handler, "--url", URL, "status", "nope")
+    assert result.exit_code == code, result.output
+    (line,) = error_lines(result)
+    assert line.startswith(message)
+
+
+def test_ctrl_c_exits_130_without_a_traceback():
+    def interrupt(request):
+        raise KeyboardInterrupt
+
+    result = invoke(interrupt, "list")
+    assert result.exit_code == 130
+    assert result.output == "interrupted\n"
+
+
+def test_help_documents_exit_codes_and_environment_variables():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for text in ("0    done", "1    the job failed or was cancelled", "2    bad input or usage",
+                 "3    a server, Ray cluster or port that cannot be reached or used", "130  interrupted (Ctrl-C)",
+                 "POLYAK_URL", "POLYAK_TOKEN"):
+        assert text in result.output, text
+    command_help = CliRunner().invoke(cli, ["list", "--help"]).output
+    assert "POLYAK_URL" in command_help and "POLYAK_TOKEN" in command_help
+
+
+def test_version_is_the_installed_package_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"polyak, version {version('polyak')}\n"
+
+
+@pytest.mark.parametrize("before", [[], ["--url", "http://elsewhere:1", "--token", "other"]])
+def test_url_and_token_after_the_command(server, before):
+    result = invoke(server, *before, "list", "--url", URL, "--token", "s3cret")
+    assert result.exit_code == 0, result.output
+    assert (server.url, server.token) == (URL, "s3cret")
+    assert server.requests[0].headers["authorization"] == "Bearer s3cret"
+
+
+# ------------------------------------------------------------------ cancel, final line
+
+
+def test_cancel_of_an_ended_job_is_refused(server):
+    result = invoke(server, "cancel", DONE)
+    assert result.exit_code == 1
+    assert result.output == f"error: job {DONE} already ended (succeeded); nothing to cancel\n"
+    assert [r.method for r in server.requests] == ["GET"]
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "error", "line"),
+    [
+        ("succeeded", "max_epochs", None, "job succeeded (max_epochs)"),
+        ("succeeded", "weight_change", None, "job succeeded (weight_change)"),
+        ("cancelled", "cancelled", None, "job cancelled"),
+        ("failed", "diverged", "diverged at epoch 4", "job failed (diverged): diverged at epoch 4"),
+        ("failed", "error", "node lost", "job failed: node lost"),
+        ("failed", None, "no such file", "job failed: no such file"),
+        ("stopped", "max_epochs", "stopped by the user", "job stopped (max_epochs): stopped by the user"),
+        ("succeeded", None, None, "job succeeded"),
+    ],
+)
+def test_final_line_says_the_state_and_why_naturally(state, reason, error, line):
+    assert final_line(state, reason, error).plain == line
+
+
+def test_final_line_takes_the_enums_too():
+    assert final_line(JobState.CANCELLED, StopReason.CANCELLED).plain == "job cancelled"
+    assert final_line(JobState.SUCCEEDED, StopReason.MAX_EPOCHS).plain == "job succeeded (max_epochs)"
+
+
+# ------------------------------------------------------------------ follow, the live view
+
+
+def test_follow_reattaches_to_a_job(server):
+    result = invoke(server, "follow", DONE)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "digits-mlp"  # the header: the job's name
+    assert len([line for line in lines if line.startswith("epoch ")]) == MAX_EPOCHS
+    assert lines[-1] == "job succeeded (max_epochs)"
+
+
+def test_follow_of_a_failed_job_exits_1():
+    server = Server(final_state=JobState.FAILED)
+    assert invoke(server, "follow", DONE).exit_code == 1
+
+
+def test_submit_follow_header_names_the_job(server, tmp_path):
+    spec = tmp_path / "unnamed.yaml"
+    spec.write_text("stopping:\n  max_epochs: 30\n")
+    result = invoke(server, "submit", str(spec), "--follow")
+    assert result.output.splitlines()[:2] == [QUEUED, str(spec)]  # no name in the spec: the file
+
+
+def test_following_a_queued_job_says_it_waits(server, monkeypatch):
+    queued = server.jobs[QUEUED].model_copy(update={"waiting_reason": "waiting for 2 free CPUs"})
+    replay = Server.events
+
+    def queued_first(self, job):
+        events = replay(self, job)
+        state = f"event: state\ndata: {queued.model_dump_json()}\n\n".encode()
+        return httpx.Response(200, headers=events.headers, content=state + events.content)
+
+    monkeypatch.setattr(Server, "events", queued_first)
+    result = invoke(server, "follow", QUEUED)
+    assert result.output.splitlines()[:2] == ["wine-sgd", "queued (position 1): waiting for 2 free CPUs"]
+
+
+def test_ctrl_c_while_following_says_how_to_reattach(server, monkeypatch):
+    def interrupted(self, job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Server, "events", interrupted)
+    result = invoke(server, "follow", DONE)
+    assert result.exit_code == 130
+    assert f"`polyak follow {DONE}` re-attaches" in result.output
+    assert f"`polyak cancel {DONE}` ends it" in result.output
+
+
+def live_console(out: io.StringIO) -> Console:
+    return Console(file=out, force_terminal=True, width=150, height=60)
+
+
+def test_live_view_says_when_it_showed_only_the_last_epochs():
+    history = [epoch_metrics(e) for e in range(1, 38)]
+    out = io.StringIO()
+    with TrainingDisplay(max_epochs=40, console=live_console(out), all_epochs="`polyak metrics J` lists all") as d:
+        for m in history:
+            d.update(m)
+        d.finish(JobState.SUCCEEDED, StopReason.MAX_EPOCHS)
+    assert "showing the last 10 of 37 epochs; `polyak metrics J` lists all" in out.getvalue()
+    out = io.StringIO()
+    with TrainingDisplay(max_epochs=40, console=live_console(out), all_epochs="`polyak metrics J` lists all") as d:
+        for m in history[:10]:
+            d.update(m)
+        d.finish(JobState.SUCCEEDED, StopReason.MAX_EPOCHS)
+    assert "showing the last" not in out.getvalue()
+
+
+# ------------------------------------------------------------------ async jobs: staleness, dropped gradients
+
+
+def async_epoch(epoch: int) -> EpochMetrics:
+    return epoch_metrics(epoch).model_copy(
+        update={"staleness_mean": 0.75 + epoch / 10, "staleness_max": 3, "dropped_gradients": epoch - 1}
+    )
+
+
+def test_async_epochs_show_staleness_and_dropped_gradients():
+    m = async_epoch(2)
+    assert "staleness=0.95/3  dropped=1" in compact_line(m, MAX_EPOCHS)
+    assert "staleness" not in compact_line(HISTORY[1], MAX_EPOCHS)
+    out = io.StringIO()
+    Console(file=out, width=200).print(metrics_table([async_epoch(1), m]))
+    header, *_, last = [line for line in out.getvalue().splitlines() if "│" in line or "┃" in line]
+    assert header.split("┃")[-3:-1] == [" staleness ", " dropped "]
+    assert last.split("│")[-3:-1] == ["    0.95/3 ", "       1 "]
+    out = io.StringIO()
+    Console(file=out, width=200).print(metrics_table(HISTORY[:2]))
+    assert "staleness" not in out.getvalue() and "dropped" not in out.getvalue()
+
+
+def test_plot_of_an_async_job_adds_a_staleness_panel(tmp_path):
+    fig = _figure([async_epoch(e) for e in range(1, 6)], title="async")
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    panel = titles["async staleness and dropped gradients"]
+    assert {line.get_label() for line in panel.lines} >= {"staleness mean", "staleness max", "dropped gradients"}
+    assert "async staleness and dropped gradients" not in {ax.get_title() for ax in _figure(HISTORY, None).axes}
+    path = plot_metrics([async_epoch(e) for e in range(1, 6)], tmp_path / "async.png")
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"

@@ -210,7 +210,9 @@ def test_token_defaults_to_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("state", "query"), [(None, ""), ("queued", "state=queued"), (JobState.RUNNING, "state=running")]
+    ("state", "query"),
+    [(None, "limit=100&offset=0"), ("queued", "state=queued&limit=100&offset=0"),
+     (JobState.RUNNING, "state=running&limit=100&offset=0")],
 )
 def test_list_filters_by_state(state, query):
     server = Server(json_response([job_info(), job_info(JobState.RUNNING, 2, job_id="a1b2c3d4e5f6")]))
@@ -218,6 +220,13 @@ def test_list_filters_by_state(state, query):
     (request,) = server.requests
     assert (request.method, request.url.path, request.url.query.decode()) == ("GET", "/jobs", query)
     assert [j.id for j in jobs] == [JOB, "a1b2c3d4e5f6"]
+
+
+def test_list_pages_and_groups():
+    server = Server(json_response([]))
+    assert server.client().list(group="sweep-1", limit=5, offset=10) == []
+    (request,) = server.requests
+    assert request.url.query.decode() == "group=sweep-1&limit=5&offset=10"
 
 
 def test_cancel_posts_and_parses():

@@ -329,8 +329,8 @@ def test_ray_submit_command_follows_a_failing_job(cluster, workdir):
     # Without RAY_AUTH_MODE=token Ray's client sends no token, whatever token files there are.
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "error: cannot reach the Ray dashboard" in proc.stderr, proc.stderr
-    assert "Authentication required" in proc.stderr
+    assert proc.returncode == 1 and "error: the Ray dashboard at " in proc.stderr, proc.stderr
+    assert "Authentication required" in proc.stderr and "set RAY_AUTH_MODE=token" in proc.stderr
 
 
 def test_the_helper_needs_the_token(cluster, workdir):
@@ -408,3 +408,35 @@ def test_ray_job_submit_runs_the_documented_entrypoint(cluster):
     # The parameter server and both gradient workers were actors of this cluster, not of a Ray the
     # job started for itself (whose workers could not even fetch the job's working_dir).
     assert_trained_here(cluster, before)
+
+
+def test_without_the_token_polyak_says_in_one_line_what_to_set(cluster, tmp_path):
+    spec = write_spec(tmp_path, IRIS)
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"  # what a shell that never heard of the cluster's token has
+    for args in (["train", str(spec), "--ray-address", cluster.gcs_address],
+                 ["serve", "--ray-address", cluster.gcs_address, "--port", str(free_ports(1)[0]),
+                  "--data-dir", str(tmp_path / "data")]):
+        proc = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, proc.stderr
+        assert f"Ray cluster at {cluster.gcs_address}" in errors[0], errors[0]
+        assert "wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=" in errors[0], errors[0]
+        assert "Traceback" not in proc.stderr
+
+
+def test_ray_submit_brings_the_weights_back_to_this_machine(cluster, workdir, tmp_path):
+    from service.engine.checkpoint import load_npz
+
+    write_spec(workdir, IRIS)
+    out = tmp_path / "from-cluster.npz"
+    args = [sys.executable, "-m", "service", "ray-submit", "spec.yaml", "--address", cluster.dashboard,
+            "--working-dir", ".", "-o", str(out)]
+    proc = run(args, cluster, timeout=240, cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"to {out}" in proc.stdout
+    weights = load_npz(out)
+    assert weights["W1"].shape == (8, 4) and "x_mean" in weights and "spec" in weights
+    assert oct(out.stat().st_mode & 0o777) == "0o644"

@@ -188,11 +188,22 @@ def test_runtime_env_pip_is_pyproject_dependencies_without_ray(runtime_env):
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     path = KUBERAY_SCHEMAS / CRD_FILES[kind]
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD {path} is absent; the {kind} manifest is not validated")
+        pytest.skip(f"the KubeRay v1.7.0 CRD schemas (shared/schemas/kuberay-v1.7.0, {CRD_FILES[kind]}) are not "
+                    f"available; the {kind} manifest is not validated against them")
     crd = yaml.load(path.read_text(), Loader=Loader)
     assert crd["spec"]["names"]["kind"] == kind
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
     return jsonschema.Draft7Validator(strict(schema))
+
+
+def test_missing_crd_schemas_are_named_in_words(monkeypatch, tmp_path):
+    monkeypatch.setitem(globals(), "KUBERAY_SCHEMAS", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        crd_validator.__wrapped__("RayJob")  # past the cache: the real schemas may be loaded already
+    assert skipped.value.msg == (
+        "the KubeRay v1.7.0 CRD schemas (shared/schemas/kuberay-v1.7.0, ray.io_rayjobs.yaml) are not available; "
+        "the RayJob manifest is not validated against them"
+    )
 
 
 def strict(schema):

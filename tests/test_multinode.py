@@ -172,8 +172,9 @@ def test_sync_across_two_nodes_equals_the_in_process_loop(two_nodes, tmp_path):
     proc = train_on(two_nodes, DIGITS, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + two_nodes.tails()
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("joined the Ray cluster at ") and "2 node(s), 3 CPU(s)" in lines[0]
-    placement = lines[1]
+    assert lines[0] == f"joining the Ray cluster at {two_nodes.address} ..."
+    assert lines[1].startswith("joined the Ray cluster at ") and "2 node(s), 3 CPU(s)" in lines[1]
+    placement = lines[2]
     assert placement.startswith("running sync on Ray, 2 cpu worker(s)")
     assert "sync steps over actor calls: the job spans 2 nodes" in placement, placement
     assert "Traceback" not in proc.stderr

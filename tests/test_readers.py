@@ -365,3 +365,37 @@ def test_npy_read_keeps_only_the_output_resident(tmp_path):
     assert report["last"] == last
     assert report["out"] == n // 2 * width * 4
     assert report["peak"] < report["out"] + 150 * 2**20, report
+
+
+def test_a_wide_parquet_source_is_read_a_group_of_columns_at_a_time(tmp_path, monkeypatch):
+    import workers.readers as readers
+    from workers.data import load_part
+
+    monkeypatch.setattr(readers, "COLUMNS_PER_READ", 2)  # 5 features: groups of 2, 2 and 1
+    rng = np.random.default_rng(5)
+    table = np.column_stack([rng.standard_normal((60, 5)) * 3 + 100, rng.integers(0, 3, 60)])
+    source = open_file(write("parquet", tmp_path, table, 1), [5, 3], loss="cross_entropy")
+    groups = source.column_groups()
+    assert [(lo, hi, g.n_features) for lo, hi, g in groups] == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
+    rows = np.sort(rng.choice(60, 25, replace=False))
+    mean, std = feature_stats(source, rows, chunk_rows=4)
+    np.testing.assert_allclose(mean, table[rows, :5].mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(std, table[rows, :5].std(axis=0), rtol=1e-12)
+    part = load_part(source, rows[::-1], np.float64, (mean, std), [5, 3])  # any order in, source order held
+    np.testing.assert_allclose(part.X, (table[rows, :5] - mean) / std, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(part.y, table[rows, 5].astype(np.int64))
+
+
+def test_npy_chunks_never_span_more_of_the_file_than_a_chunk(tmp_path, monkeypatch):
+    """A sparse set of rows (a validation slice) in a big file would otherwise map the whole file at once."""
+    import workers.readers as readers
+
+    table = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3) % 7
+    source = open_file(write("npy", tmp_path, table, 1), [2, 1])
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 24 * 50)  # 50 rows of 3 float64
+    rows = np.arange(0, 1000, 37)
+    runs = list(readers._spans(rows, 10, 50))
+    assert np.array_equal(np.concatenate([r for _, r in runs]), rows)
+    assert all(r[-1] - r[0] < 50 and len(r) <= 10 for _, r in runs)
+    X, _ = source.read(rows)
+    np.testing.assert_array_equal(X, table[rows, :2])

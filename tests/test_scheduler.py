@@ -14,7 +14,7 @@ import pytest
 
 from client.errors import SpecError
 from client.models import EpochMetrics, JobState, StopReason
-from client.spec import JobSpec
+from client.spec import JobSpec, parse_spec
 from service.engine.trainer import TrainResult
 from service.server.cluster import ClusterUnavailable, Resources
 from service.server.scheduler import Scheduler
@@ -24,8 +24,13 @@ QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 
 
 class FakeCluster:
+    """A cluster that is up from the start, of a fixed size."""
+
+    connected = True
+
     def __init__(self, cpus: float = 2, gpus: float = 0):
         self.size = Resources(cpus, gpus)
+        self.started_in_background = 0
 
     def connect(self) -> None:
         pass
@@ -33,10 +38,22 @@ class FakeCluster:
     def capacity(self) -> Resources:
         return self.size
 
+    def known_capacity(self) -> Resources | None:
+        return self.size
+
+    def start_background(self, when_done=lambda: None) -> None:
+        self.started_in_background += 1
+
+    def status(self) -> dict:
+        return {}
+
 
 class LostCluster(FakeCluster):
     def capacity(self) -> Resources:
         raise ClusterUnavailable("the Ray cluster does not answer: GetTimeoutError")
+
+    def known_capacity(self) -> Resources | None:
+        return None
 
 
 class FakeTrainer:
@@ -272,3 +289,21 @@ def test_stop_leaves_running_jobs_to_resume_at_the_next_start(make_scheduler):
     again = make_scheduler(trainer=trainer)
     again.start()
     wait_until(lambda: state(again, job) == JobState.SUCCEEDED)
+
+
+def test_a_job_that_needs_ray_is_queued_at_once_while_ray_starts_in_the_background(tmp_path):
+    class Starting(FakeCluster):
+        connected = False
+
+        def known_capacity(self):
+            return None
+
+        def capacity(self):
+            raise AssertionError("submit and dispatch must not wait for Ray")
+
+    cluster = Starting()
+    scheduler = Scheduler(Store(tmp_path), cluster, 1, train=FakeTrainer())
+    info = scheduler.submit(parse_spec({"cluster": {"num_workers": 64}}))  # size unknown: no 422 yet
+    assert info.state == JobState.QUEUED and cluster.started_in_background == 1
+    scheduler._dispatch()
+    assert scheduler.info(info.id).waiting_reason == "waiting for Ray to start"

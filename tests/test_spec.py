@@ -75,7 +75,7 @@ def only_error(source) -> dict:
 # -- accepted specs ------------------------------------------------------------------------------
 def test_empty_spec_gets_the_design_defaults():
     dumped = parse_spec({}).model_dump()
-    design = yaml.safe_load(DESIGN_EXAMPLE) | {"name": None}
+    design = yaml.safe_load(DESIGN_EXAMPLE) | {"name": None, "group": None}  # group: DESIGN's sweeps section
     assert set(dumped) == set(design)
     for key, value in design.items():
         if isinstance(value, dict):  # DESIGN.md lists every field but the synthetic-data knobs
@@ -175,6 +175,7 @@ def test_bad_yaml_file_message_names_the_file(tmp_path):
     path.write_text("model: [1,\n  x: : y\n")
     err = only_error(path)
     assert err["field"] == "(file)" and str(path) in err["message"] and "YAML" in err["message"]
+    assert "<unicode string>" not in err["message"] and f'in "{path}", line 2' in err["message"]
 
 
 def test_bad_json_file_message_names_the_file(tmp_path):

@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from client.spec import DataSpec, ModelSpec
-from workers.readers import ArraySource, DataError, Source, feature_stats, open_source
+from workers.readers import _URI, ArraySource, DataError, Source, feature_stats, open_source
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,57 @@ def prepare(data: DataSpec, model: ModelSpec, source: Source | None = None) -> D
     return info
 
 
+def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
+    """The data's shape against the spec, where that costs next to nothing: synthetic data (from the spec),
+    sklearn's bundled sets, a local .npy's header, .parquet metadata, an .npz's array headers. A .csv or a URI
+    is checked when the job loads it. DataError names the field and both numbers."""
+    if data.source == "synthetic":
+        classification = data.name == "classification"
+        if classification != (model.loss == "cross_entropy"):
+            kind = "class labels" if classification else "real-valued targets"
+            raise DataError(f"model.loss = {model.loss} does not suit synthetic {data.name} data, which has {kind}")
+        info = DataInfo(f"synthetic {data.name} data", 0, 0, data.n_features, 1, classification)
+        check_fits(info, model.layers)
+        if classification and data.n_classes > model.layers[-1]:
+            raise DataError(f"model.layers[-1] = {model.layers[-1]} outputs but data.n_classes = {data.n_classes}")
+        return
+    path = data.path or ""
+    if data.source == "file" and (_URI.match(path) or path.endswith(".csv")):
+        return
+    if data.source == "file" and path.endswith(".npz"):
+        shapes = npz_shapes(path)
+        if "X" in shapes and len(shapes["X"]) == 2 and shapes["X"][1] != model.layers[0]:
+            raise DataError(
+                f"model.layers[0] = {model.layers[0]} but {path} has {shapes['X'][1]} features per sample"
+            )
+        return
+    source = open_source(data, model)  # sklearn: small; .npy / .parquet: metadata only
+    check_fits(DataInfo(source.origin, source.n, 0, source.n_features, source.n_targets, source.classification),
+               model.layers)
+    if isinstance(source, ArraySource) and source.classification:
+        check_labels(source.y, model.layers, source.origin)
+
+
+def npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Each array's shape from its header alone (a member of an .npz is only decompressed when read)."""
+    import zipfile
+
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    with archive.open(member) as f:
+                        major, _ = np.lib.format.read_magic(f)
+                        read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                       else np.lib.format.read_array_header_2_0)
+                        shape, _, _ = read_header(f)
+                        shapes[member.removesuffix(".npy")] = shape
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}  # the loader reports what is wrong with the file
+    return shapes
+
+
 # -- what a worker (or the in-process engine) holds ------------------------------------------------------
 @dataclass(frozen=True)
 class Part:
@@ -203,11 +254,14 @@ def load_part(source: Source, rows: np.ndarray, dtype, stats, layers) -> Part:
     X = np.empty((len(rows), source.n_features), dtype)
     y = np.empty(len(rows), np.int64) if source.classification else np.empty((len(rows), source.n_targets), dtype)
     mean, std = (None, None) if stats is None else (np.asarray(stats[0]), np.asarray(stats[1]))
-    for pos, X_chunk, y_chunk in source.chunks(rows, np.float64 if stats is not None else dtype):
-        if stats is not None:
-            X_chunk = (X_chunk - mean) / std
-        X[pos : pos + len(X_chunk)] = X_chunk
-        y[pos : pos + len(y_chunk)] = y_chunk
+    for first, end, columns in source.column_groups():
+        for pos, X_chunk, y_chunk in columns.chunks(rows, np.float64 if stats is not None else dtype):
+            if stats is not None:  # in place: the chunk is a fresh float64 copy
+                X_chunk -= mean[first:end]
+                X_chunk /= std[first:end]
+            X[pos : pos + len(X_chunk), first:end] = X_chunk
+            if first == 0:
+                y[pos : pos + len(y_chunk)] = y_chunk
     if source.classification:
         check_labels(y, layers, source.origin)
     return Part(X, y)

@@ -8,6 +8,8 @@ slice. A restarted worker reads the same rows again: they are a function of the 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
@@ -39,6 +41,7 @@ class GradientWorker:
         self.dtype = dtype
         self.seed = spec.model.seed
         self.shard = shard
+        self.compute_seconds: list[float] = []  # per gradient() call: benchmarks split a step's time with it
 
     def info(self) -> dict:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
@@ -63,11 +66,20 @@ class GradientWorker:
     def gradient(self, W: np.ndarray, rows: np.ndarray):
         """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""
         xp = self.backend.xp
+        started = time.perf_counter()
         if len(rows) == 0:  # this step's random batch drew nothing from this shard
-            return np.zeros(self.mlp.p, dtype=self.dtype), 0.0, 0
-        idx = xp.asarray(rows)
-        grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
-        return to_numpy(grad_sum), loss_sum, count
+            out = np.zeros(self.mlp.p, dtype=self.dtype), 0.0, 0
+        else:
+            idx = xp.asarray(rows)
+            grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
+            out = to_numpy(grad_sum), loss_sum, count
+        self.compute_seconds.append(time.perf_counter() - started)
+        return out
+
+    def take_timings(self) -> list[float]:
+        """Seconds of each gradient() call since the last take."""
+        taken, self.compute_seconds = self.compute_seconds, []
+        return taken
 
     def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:
         """(loss sum, correct or None for mse, count) over this worker's validation rows, at weights W."""

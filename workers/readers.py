@@ -17,10 +17,11 @@ global row number however large the source is.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -28,7 +29,8 @@ import numpy as np
 from client.spec import DataSpec, ModelSpec
 
 CHUNK_ROWS = 65536
-CHUNK_BYTES = 64 * 2**20
+COLUMNS_PER_READ = 64
+CHUNK_BYTES = 16 * 2**20  # of stored rows: the float64 copy a chunk becomes is 2-4x that, and transient
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
 
@@ -48,6 +50,11 @@ class Source:
     n_targets: int
     classification: bool  # targets are class ids (model.loss == "cross_entropy")
     nbytes_per_row: int  # as stored, for memory estimates
+
+    def column_groups(self) -> list[tuple[int, int, Source]]:
+        """(first, end, source of features [first, end)): the feature columns in groups that are best read one
+        group at a time. One group, but for a wide columnar source (parquet keeps a reader per column)."""
+        return [(0, self.n_features, self)]
 
     def read(self, rows: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
         """(X (len(rows), d) in ``dtype``, y) for sorted, unique row numbers in [0, n); y is int64 (len,) class
@@ -102,6 +109,16 @@ def _checked_rows(rows, n: int) -> np.ndarray:
     if rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0))):
         raise ValueError(f"rows must be sorted, unique row numbers in [0, {n}), got {rows!r}")
     return rows
+
+
+def _spans(rows: np.ndarray, chunk_rows: int, span: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Runs of at most ``chunk_rows`` sorted rows whose row numbers lie within ``span`` of the run's first."""
+    pos = 0
+    while pos < len(rows):
+        end = min(pos + chunk_rows, int(np.searchsorted(rows, rows[pos] + span, side="left")))
+        end = max(end, pos + 1)
+        yield pos, rows[pos:end]
+        pos = end
 
 
 def _runs(rows: np.ndarray, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -198,9 +215,12 @@ class NpySource(Source):
     path: str  # features then the n_targets target columns
 
     def _raw_chunks(self, rows, chunk_rows):
-        for pos, run in _runs(rows, chunk_rows):
-            # Mapped pages that were touched count in RSS until unmapped: a map per chunk, dropped after the
-            # copy, keeps the resident part of the file to about one chunk.
+        # Mapped pages that were touched count in RSS until unmapped, and the kernel maps the pages around
+        # each one it faults in: a chunk is also cut where its rows span more than a chunk's bytes of the file
+        # (a sparse set of rows, a validation slice, would map the whole file), and its map is dropped after
+        # the copy, keeping the resident part of the file to about one chunk.
+        span = max(chunk_rows, CHUNK_BYTES // max(1, self.nbytes_per_row))
+        for pos, run in _spans(rows, chunk_rows, span):
             table = np.load(self.path, mmap_mode="r", allow_pickle=False)
             block = np.asarray(table[run])  # a copy: fancy indexing
             del table
@@ -238,6 +258,15 @@ class ParquetSource(Source):
     features: list[str]  # column names
     targets: list[str]
 
+    def column_groups(self) -> list[tuple[int, int, Source]]:
+        # Each column being read holds buffers of its own (a few hundred KB): 784 at once cost ~250 MB.
+        return [
+            (lo, min(lo + COLUMNS_PER_READ, self.n_features),
+             replace(self, features=self.features[lo : lo + COLUMNS_PER_READ],
+                     n_features=len(self.features[lo : lo + COLUMNS_PER_READ])))
+            for lo in range(0, self.n_features, COLUMNS_PER_READ)
+        ]
+
     def _raw_chunks(self, rows, chunk_rows):
         pa, pq, _ = _pyarrow(self.origin)
         first = np.searchsorted(rows, self.group_starts)  # rows[first[g] : first[g + 1]] lie in row group g
@@ -245,16 +274,18 @@ class ParquetSource(Source):
         try:
             for f in np.unique(self.group_file[needed]):
                 with self.filesystem.open_input_file(self.files[f]) as handle:
-                    parquet = pq.ParquetFile(handle)
+                    parquet = pq.ParquetFile(handle, pre_buffer=False)
                     for g in needed[self.group_file[needed] == f]:
                         yield from self._group_chunks(parquet, g, rows, first[g], first[g + 1], chunk_rows)
+                        _release_free_memory()
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{self.origin}: cannot read data ({type(e).__name__}: {e})") from None
 
     def _group_chunks(self, parquet, g: int, rows: np.ndarray, lo: int, hi: int, chunk_rows: int):
         start = self.group_starts[g]
         batches = parquet.iter_batches(
-            batch_size=chunk_rows, row_groups=[int(self.group_index[g])], columns=self.features + self.targets
+            batch_size=chunk_rows, row_groups=[int(self.group_index[g])], columns=self.features + self.targets,
+            use_threads=False,
         )
         for batch in batches:
             stop = lo + np.searchsorted(rows[lo:hi], start + batch.num_rows)
@@ -264,8 +295,23 @@ class ParquetSource(Source):
             lo, start = stop, start + batch.num_rows
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it after a row group's many mid-sized buffers,
+    and RSS would stay at the streaming pass's peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to do
+        pass
+
+
 def _columns(batch, names: list[str], local: np.ndarray) -> np.ndarray:
-    return np.column_stack([batch.column(name).to_numpy(zero_copy_only=False)[local] for name in names])
+    """The named columns at these rows of the batch, filled into one array: no list of columns to stack."""
+    first = batch.column(names[0]).to_numpy(zero_copy_only=False)
+    out = np.empty((len(local), len(names)), dtype=np.result_type(first.dtype, np.float32))
+    out[:, 0] = first[local]
+    for j, name in enumerate(names[1:], start=1):
+        out[:, j] = batch.column(name).to_numpy(zero_copy_only=False)[local]
+    return out
 
 
 def _pyarrow(origin: str):
@@ -275,6 +321,9 @@ def _pyarrow(origin: str):
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{origin}: reading .parquet needs pyarrow (pip install 'polyak[parquet]')") from None
+    # Arrow's own allocator keeps freed batches for reuse, so a streaming pass would hold its peak for good;
+    # the system allocator hands big blocks back at once.
+    pa.set_memory_pool(pa.system_memory_pool())
     return pa, pq, pafs
 
 
@@ -438,19 +487,27 @@ def _open_uri(uri: str, target, n_targets: int, classification: bool) -> Parquet
 
 # -- statistics ----------------------------------------------------------------------------------
 def feature_stats(source: Source, rows: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) of the features over ``rows`` in one streaming pass, float64. Each chunk's mean and sum of
-    squared deviations (M2) are merged with Chan et al.'s parallel formula: a sum of squares minus the squared
-    mean would cancel catastrophically for features far from 0. std is the population std (ddof=0); a constant
-    feature gets std 1.0, so it standardizes to 0 instead of NaN."""
+    """(mean, std) of the features over ``rows`` in one streaming pass, float64, a group of columns at a time
+    (statistics are per column; a columnar source reads each column once either way). Each chunk's mean and
+    sum of squared deviations (M2) are merged with Chan et al.'s parallel formula: a sum of squares minus the
+    squared mean would cancel catastrophically for features far from 0. std is the population std (ddof=0);
+    a constant feature gets std 1.0, so it standardizes to 0 instead of NaN."""
+    parts = [_column_stats(group, rows, chunk_rows) for _, _, group in source.column_groups()]
+    return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+def _column_stats(source: Source, rows: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     count, mean, m2, shift = 0, np.zeros(source.n_features), np.zeros(source.n_features), None
     for _, X, _ in source.chunks(rows, np.float64, chunk_rows):
         # Merging chunk means of size |x| carries their rounding (eps * |x|) into M2 through the mean
         # differences; data shifted by a value near the mean has small chunk means, so the merge keeps float64's
         # digits even for a feature like 1e6 + N(0, 1). (x - shift rounds relative to the small difference.)
         shift = X.mean(axis=0) if shift is None else shift
-        X = X - shift
+        X -= shift  # in place: each chunk is a fresh float64 copy, and there is no room for three of them
         n_b, mean_b = len(X), X.mean(axis=0)
-        m2_b = ((X - mean_b) ** 2).sum(axis=0)
+        X -= mean_b
+        X *= X
+        m2_b = X.sum(axis=0)
         delta, total = mean_b - mean, count + n_b
         mean = mean + delta * (n_b / total)
         m2 = m2 + m2_b + delta**2 * (count * n_b / total)

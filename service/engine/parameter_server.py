@@ -10,6 +10,7 @@ answers with the current version and a reference to W, put in the object store o
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import numpy as np
@@ -33,6 +34,7 @@ class ParameterServer:
         self._published: tuple[int, ray.ObjectRef] | None = None
         # A restarted actor runs __init__ again with the initial weights: the driver notices by this id.
         self.incarnation = uuid.uuid4().hex
+        self.update_seconds: list[float] = []  # per applied step: benchmarks split a step's time with it
         self._begin_epoch(step_limit=None)
 
     def _begin_epoch(self, step_limit: int | None) -> None:
@@ -48,7 +50,9 @@ class ParameterServer:
         return self.core.state.W
 
     def apply(self, *parts) -> int:
+        started = time.perf_counter()
         self.core.apply_parts(parts)
+        self.update_seconds.append(time.perf_counter() - started)
         return self.core.state.version
 
     def step_count(self) -> int:
@@ -80,7 +84,9 @@ class ParameterServer:
         if staleness > self.max_staleness:
             self.dropped += 1
             return (STALE, *self._current())
+        started = time.perf_counter()
         self.core.apply(grad_sum, loss_sum, count)
+        self.update_seconds.append(time.perf_counter() - started)
         self.staleness.append(staleness)
         self.applied_by_shard[shard] = self.applied_by_shard.get(shard, 0) + 1
         return (APPLIED, *self._current())
@@ -108,6 +114,11 @@ class ParameterServer:
 
     def ping(self) -> str:
         return self.incarnation
+
+    def take_timings(self) -> list[float]:
+        """Seconds of each update since the last take."""
+        taken, self.update_seconds = self.update_seconds, []
+        return taken
 
     def pid(self) -> int:
         """This process: benchmarks measure its memory, fault tests check that a restart happened."""

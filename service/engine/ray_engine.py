@@ -36,6 +36,7 @@ import numpy as np
 import ray
 from ray.dag import InputNode
 from ray.exceptions import (
+    AuthenticationError,
     GetTimeoutError,
     RayActorError,
     RayChannelError,
@@ -45,6 +46,7 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from client.ray_job import AUTH_HINT
 from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint, save_checkpoint
 from service.engine.parameter_server import ParameterServer
@@ -93,8 +95,21 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     packages = [str(Path(m.__file__).parent) for m in (client, service, workers)]
     # Workers' own output is not forwarded: an actor's error reaches the driver as an exception, and a worker
     # on a dead node would otherwise print Ray's C++ stack trace into the job's output.
-    ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING,
-             log_to_driver=False)
+    try:
+        ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except AuthenticationError as e:  # reached, but it wants a token (Ray 2.60's `ray start` turns auth on)
+        reason = " ".join(str(e).split())
+        raise ConnectionError(f"the Ray cluster at {address} refused us ({reason[:200]}): {AUTH_HINT}") from None
+    except ConnectionError as e:
+        # Without RAY_AUTH_MODE=token, Ray cannot even tell a cluster that wants a token from one that is not there.
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            reason = " ".join(str(e).split())
+            raise ConnectionError(
+                f"cannot connect to the Ray cluster at {address} ({reason[:200]}); a cluster started with "
+                f"`ray start` wants a token: {AUTH_HINT}"
+            ) from None
+        raise
     return False
 
 

@@ -16,8 +16,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from client.errors import SpecError
@@ -29,10 +32,12 @@ from service.server.events import job_events
 from service.server.job import Job
 from service.server.paths import resolve_paths
 from service.server.scheduler import JobNotResumable, Scheduler
+from workers.data import DataError, check_cheaply
 
 log = logging.getLogger("polyak")
 
 MAX_BODY_BYTES = 1 << 20
+STATIC = Path(__file__).parent / "static"  # package data: Swagger UI's assets, the dashboard
 _SPEC_SCHEMA = {"$ref": "#/components/schemas/JobSpec"}
 _SPEC_BODY = {
     "requestBody": {
@@ -84,7 +89,20 @@ def create_app(
         title="polyak",
         summary="Distributed minibatch SGD with heavy-ball momentum on Ray, as a job service",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package's own copy of Swagger UI, not from a CDN
+        redoc_url=None,
     )
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="polyak API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
     _add_error_handlers(app)
 
     def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
@@ -109,14 +127,21 @@ def create_app(
         body, content_type = await _body(request), request.headers.get("content-type", "")
 
         def submit_now() -> JobInfo:  # parsing up to 1 MB of YAML must not stall every event stream
-            return scheduler.submit(resolve_paths(parse_spec(_read_spec(body, content_type)), data_root))
+            spec = resolve_paths(parse_spec(_read_spec(body, content_type)), data_root)
+            _check_data(spec)
+            return scheduler.submit(spec)
 
         return await run_in_threadpool(submit_now)
 
     @api.get("/jobs", response_model=list[JobInfo])
-    def list_jobs(state: JobState | None = None) -> list[JobInfo]:
-        """All jobs, newest first; ``?state=`` keeps those in one state."""
-        return scheduler.infos(state)
+    def list_jobs(
+        state: JobState | None = None,
+        group: str | None = Query(None, description="only the jobs of this group (spec field group)"),
+        limit: int = Query(100, ge=1, le=10_000, description="at most this many jobs"),
+        offset: int = Query(0, ge=0, description="skip this many of the newest first"),
+    ) -> list[JobInfo]:
+        """Jobs, newest first, a page at a time; ``?state=`` and ``?group=`` keep those in one state or group."""
+        return scheduler.infos(state, group, limit, offset)
 
     @api.get("/jobs/{job_id}", response_model=JobInfo, responses=_NOT_FOUND)
     def get_job(job_id: str) -> JobInfo:
@@ -234,6 +259,17 @@ def _read_spec(body: bytes, content_type: str) -> dict[str, Any]:
     return data
 
 
+def _check_data(spec) -> None:
+    """A spec whose layers do not fit its data is a 422 now, where that is cheap to see, not a failure later."""
+    try:
+        check_cheaply(spec.data, spec.model)
+    except DataError as e:
+        message = str(e)
+        field = next((f for f in ("model.layers", "model.loss", "data.target", "data.validation_fraction")
+                      if message.startswith(f)), "data.path")
+        raise SpecError(message, [{"field": field, "message": message}]) from None
+
+
 # -- answers ---------------------------------------------------------------------------------------
 def _file(path: Path, job: Job, which: str) -> Response | None:
     try:
@@ -261,6 +297,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecError)
     async def spec_error(request: Request, e: SpecError) -> JSONResponse:
         return JSONResponse({"detail": f"invalid job spec: {e.message}", "errors": e.errors}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        """A bad query or path parameter, in the same shape as a bad spec: {detail, errors: [{field, message}]}."""
+        errors = [{"field": ".".join(str(p) for p in err["loc"][1:]) or str(err["loc"][0]), "message": err["msg"]}
+                  for err in e.errors()]
+        detail = "invalid request: " + "; ".join(f"{x['field']}: {x['message']}" for x in errors)
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
     @app.exception_handler(BadBody)
     async def bad_body(request: Request, e: BadBody) -> JSONResponse:

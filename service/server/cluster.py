@@ -1,7 +1,9 @@
-"""The Ray cluster as the scheduler sees it: joined (or started) on first need, asked for its size.
+"""The Ray cluster as the scheduler sees it: joined (or started) in the background, asked for its size.
 
-Without an address a local Ray starts with the first job that needs workers, so a service that
-only runs ``num_workers: 0`` jobs never pays for Ray. Ray is imported only in here and the engine.
+Ray starts (or is joined) in a background thread when the first job that needs it arrives (or at startup,
+when queued jobs need it), so no request ever waits for Ray: a job submitted before Ray is up is queued at
+once and checked against the cluster's size when it is known. A service that only runs in-process jobs
+(``num_workers: 0``) never starts Ray. Ray is imported only in here and the engine.
 """
 
 from __future__ import annotations
@@ -49,7 +51,43 @@ class Cluster:
         self._lock = threading.Lock()
         self._connected = False
         self._started_here = False
-        self._last_capacity: Resources | None = None  # for /health, which must never wait on Ray
+        self._last_capacity: Resources | None = None  # for /health and submit, which never wait on Ray
+        self._error: str | None = None
+        self._starting = False
+        self._released = threading.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start_background(self, when_done=lambda: None) -> None:
+        """Connect and read the capacity in a thread of its own (once); failures are reported by status().
+        ``when_done`` runs after either."""
+        with self._lock:
+            if self._starting:
+                return
+            self._starting = True
+
+        def run() -> None:
+            try:
+                self.capacity()
+            except ClusterUnavailable as e:
+                self._error = str(e)
+                with self._lock:
+                    self._starting = False  # the next job that needs Ray tries again
+                when_done()
+                return
+            when_done()
+            # Ray's processes are started with PR_SET_PDEATHSIG: they die with the *thread* that started them.
+            # This thread is their parent, so it lives until Ray is shut down.
+            self._released.wait()
+
+
+        threading.Thread(target=run, name="polyak-ray-start", daemon=True).start()
+
+    def known_capacity(self) -> Resources | None:
+        """The size last read, without waiting for Ray: None until Ray is up."""
+        return self._last_capacity
 
     def connect(self) -> None:
         """Join the cluster, or start a local Ray; idempotent and safe from any thread."""
@@ -60,9 +98,11 @@ class Cluster:
 
             try:
                 self._started_here = connect(self.address)
+                self._error = None
             except Exception as e:  # Ray raises many kinds for "not there"; the caller needs one
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
-                raise ClusterUnavailable(f"cannot start or join {where}: {type(e).__name__}: {e}") from e
+                detail = str(e) if isinstance(e, ConnectionError) else f"{type(e).__name__}: {e}"  # ours: one line
+                raise ClusterUnavailable(f"cannot start or join {where}: {detail}") from e
             self._connected = True
 
     def capacity(self) -> Resources:
@@ -81,8 +121,10 @@ class Cluster:
         """For /health: what was last seen. Never asks Ray, whose calls can block for a minute when
         its head is gone."""
         out: dict[str, Any] = {"connected": self._connected, "address": self.address or "local"}
-        if not self._connected:
-            out["note"] = "Ray starts with the first job that needs workers (cluster.num_workers > 0)"
+        if self._error and not self._connected:
+            out["error"] = self._error
+        elif not self._connected:
+            out["note"] = "Ray is starting"
         elif self._last_capacity is not None:
             out.update(cpus=self._last_capacity.cpus, gpus=self._last_capacity.gpus)
         return out
@@ -95,3 +137,4 @@ class Cluster:
 
                 ray.shutdown()
             self._connected = self._started_here = False
+        self._released.set()

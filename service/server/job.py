@@ -85,6 +85,7 @@ class Job:
         return JobInfo(
             id=self.id,
             name=self.name,
+            group=self.spec.group,
             state=self.state,
             priority=self.priority,
             queue_position=queue_position if self.state == QUEUED else None,

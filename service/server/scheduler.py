@@ -114,6 +114,8 @@ class Scheduler:
             else:
                 note = "server restarted: resumes from its last checkpoint"
                 self._set_state(job.id, QUEUED, recovery=True, note=note)
+        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+            self.cluster.start_background(self._wake.set)
         self._dispatcher = threading.Thread(target=self._loop, name="polyak-scheduler", daemon=True)
         self._wake.set()
         self._dispatcher.start()
@@ -133,9 +135,13 @@ class Scheduler:
 
     # -- the API's verbs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobInfo:
-        """Queue a job and describe it as queued; SpecError if the cluster is too small for it ever to run."""
-        if spec.cluster.num_workers > 0:
-            error = unfit(spec, self.cluster.capacity())
+        """Queue a job and describe it as queued; SpecError if the cluster is known to be too small for it ever
+        to run. Never waits for Ray: before Ray is up the job is queued, and dispatch checks it."""
+        capacity = self.cluster.known_capacity()
+        if spec.cluster.num_workers > 0 and capacity is None:
+            self.cluster.start_background(self._wake.set)
+        elif spec.cluster.num_workers > 0:
+            error = unfit(spec, capacity)
             if error is not None:
                 raise error
         elif spec.cluster.device == "gpu" and not gpu_available():  # in-process jobs compute right here
@@ -197,10 +203,13 @@ class Scheduler:
         job = self.store.get(job_id)
         return None if job is None else self._info(job)
 
-    def infos(self, state: JobState | None = None) -> list[JobInfo]:
-        """Newest first."""
-        positions = {j.id: i for i, j in enumerate(self.queue(), start=1)}
-        jobs = reversed(self.store.jobs(state))
+    def infos(
+        self, state: JobState | None = None, group: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[JobInfo]:
+        """Newest first, a page of them."""
+        jobs = self.store.jobs(state, group, newest_first=True, limit=limit, offset=offset)
+        queued = any(j.state == QUEUED for j in jobs)
+        positions = {j.id: i for i, j in enumerate(self.queue(), start=1)} if queued else {}
         return [j.info(positions.get(j.id), self.store.latest_metrics(j.id)) for j in jobs]
 
     # -- dispatching ---------------------------------------------------------------------------------
@@ -216,13 +225,18 @@ class Scheduler:
                 log.exception("scheduling pass failed; retrying in %g s", POLL_SECONDS)
 
     def _dispatch(self) -> None:
-        # Ray may take seconds to start (a minute to fail): asked before taking the lock cancel() needs.
+        # Ray starts in the background (seconds; a minute to fail): until it is up, in-process jobs still start
+        # and jobs that need Ray wait. Its size is asked before taking the lock cancel() needs.
         capacity, no_ray = None, "waiting for Ray to start"
         if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
-            try:
-                capacity = self.cluster.capacity()
-            except ClusterUnavailable as e:
-                no_ray = str(e)
+            if self.cluster.connected:
+                try:
+                    capacity = self.cluster.capacity()
+                except ClusterUnavailable as e:
+                    no_ray = str(e)
+            else:
+                self.cluster.start_background(self._wake.set)
+                no_ray = self.cluster.status().get("error", no_ray)
         with self._lock:
             if self._stopping.is_set():
                 return
@@ -243,7 +257,7 @@ class Scheduler:
                     reason = no_ray  # or it came in after this pass asked: the next one will
                     behind = f"behind job {job.id}, which needs Ray ({reason})"
                 elif (error := unfit(job.spec, capacity)) is not None:
-                    note = "the cluster shrank below its needs"
+                    note = "the cluster is too small for it"
                     self._set_state(job.id, FAILED, StopReason.ERROR, error.message, note=note)
                     continue
                 elif not need.fits_in(free):

@@ -107,13 +107,29 @@ class Store:
         rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def jobs(self, state: JobState | None = None) -> list[Job]:
-        """Jobs in submission order, all or those in ``state``."""
-        if state is None:
-            rows = self._read(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq")
-        else:
-            rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY seq", (state.value,))
-        return [_job(r) for r in rows]
+    def jobs(
+        self,
+        state: JobState | None = None,
+        group: str | None = None,
+        *,
+        newest_first: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Job]:
+        """Jobs in submission order (or newest first), all or those in ``state`` / ``group``, a page of them."""
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state.value)
+        if group is not None:
+            where.append("json_extract(spec, '$.group') = ?")
+            params.append(group)
+        sql = f"SELECT {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else limit, offset]
+        return [_job(r) for r in self._read(sql, tuple(params))]
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in JobState), 0)
