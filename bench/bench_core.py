@@ -27,7 +27,8 @@ import os
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from _frameworks import framework_info
+from threadpoolctl import threadpool_limits
 
 from client.spec import parse_spec
 from service.engine.local_engine import LocalEngine
@@ -119,17 +120,7 @@ def worker(framework: str, conn) -> None:
     loop, limiter = None, None
     while (msg := conn.recv()) is not None:
         if msg[0] == "info":
-            if framework == "torch":
-                import torch
-
-                conn.send(f"torch {torch.__version__}, {torch.__config__.parallel_info().splitlines()[1].strip()}")
-            else:
-                blas = [
-                    f"{i['internal_api']} {i['version']} kernel={i.get('architecture')}"
-                    for i in threadpool_info()
-                    if i["user_api"] == "blas"
-                ]
-                conn.send(f"NumPy {np.__version__}, BLAS {'; '.join(blas)}")
+            conn.send(framework_info(framework))
         elif msg[0] == "setup":
             _, layers, batch, threads = msg
             if limiter is not None:

@@ -39,7 +39,7 @@ from service.server.store import Store  # noqa: E402
 QUICK = {"model": {"layers": [4, 8, 3]}, "data": {"source": "sklearn", "name": "iris"},
          "stopping": {"max_epochs": 2}, "cluster": {"num_workers": 0}}
 TRAINING = {"model": {"layers": [64, 32, 10]}, "data": {"source": "sklearn", "name": "digits"},
-            "batch": {"size": 16}, "stopping": {"max_epochs": 100_000}, "cluster": {"num_workers": 1}}
+            "batch": {"size": 128}, "stopping": {"max_epochs": 100_000}, "cluster": {"num_workers": 1}}
 
 
 def fill(data_dir: Path, jobs: int) -> None:

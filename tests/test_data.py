@@ -7,6 +7,7 @@ import pytest
 
 from client.spec import DataSpec, ModelSpec
 from workers.data import (
+    SKLEARN_SHAPES,
     DataError,
     ShardLayout,
     Split,
@@ -390,3 +391,12 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(b"this is not numpy")
     with pytest.raises(DataError, match="cannot read data"):
         load({"source": "file", "path": str(path)}, {"layers": [2, 2]})
+
+
+@pytest.mark.parametrize("name", sorted(SKLEARN_SHAPES))
+def test_the_known_sklearn_shapes_are_the_datasets_own(name):
+    d, classes = SKLEARN_SHAPES[name]
+    loss = "cross_entropy" if classes else "mse"
+    ds = load({"source": "sklearn", "name": name}, {"layers": [d, classes or 1], "loss": loss})
+    assert ds.n_features == d
+    assert (int(ds.y_train.max()) + 1 if classes else None) == classes

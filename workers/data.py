@@ -187,6 +187,10 @@ def prepare(data: DataSpec, model: ModelSpec, source: Source | None = None) -> D
     return info
 
 
+# (features, classes or None for regression) of sklearn's bundled datasets; tests/test_data.py checks them.
+SKLEARN_SHAPES = {"digits": (64, 10), "iris": (4, 3), "wine": (13, 3), "breast_cancer": (30, 2), "diabetes": (10, None)}
+
+
 def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
     """The data's shape against the spec, where that costs next to nothing: synthetic data (from the spec),
     sklearn's bundled sets, a local .npy's header, .parquet metadata, an .npz's array headers. A .csv or a URI
@@ -200,6 +204,18 @@ def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
         check_fits(info, model.layers)
         if classification and data.n_classes > model.layers[-1]:
             raise DataError(f"model.layers[-1] = {model.layers[-1]} outputs but data.n_classes = {data.n_classes}")
+        return
+    if data.source == "sklearn":  # their shapes are fixed: no need to import sklearn inside a request
+        d, classes = SKLEARN_SHAPES[data.name]
+        if (classes is not None) != (model.loss == "cross_entropy"):
+            kind = "class labels" if classes is not None else "real-valued targets"
+            raise DataError(f"model.loss = {model.loss} does not suit sklearn dataset {data.name!r}, which has {kind}")
+        check_fits(DataInfo(f"sklearn dataset {data.name!r}", 0, 0, d, 1, classes is not None), model.layers)
+        if classes is not None and classes > model.layers[-1]:
+            raise DataError(
+                f"model.layers[-1] = {model.layers[-1]} outputs but sklearn dataset {data.name!r} has labels up to "
+                f"{classes - 1} (labels must be in 0..{model.layers[-1] - 1})"
+            )
         return
     path = data.path or ""
     if data.source == "file" and (_URI.match(path) or path.endswith(".csv")):

@@ -7,6 +7,7 @@ itself turns whatever a job raises into that job's ``failed`` state.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import secrets
@@ -21,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from client.errors import SpecError
@@ -37,7 +39,8 @@ from workers.data import DataError, check_cheaply
 log = logging.getLogger("polyak")
 
 MAX_BODY_BYTES = 1 << 20
-STATIC = Path(__file__).parent / "static"  # package data: Swagger UI's assets, the dashboard
+STATIC = Path(__file__).parent / "static"
+_JOB_LIST = TypeAdapter(list[JobInfo])  # package data: Swagger UI's assets, the dashboard
 _SPEC_SCHEMA = {"$ref": "#/components/schemas/JobSpec"}
 _SPEC_BODY = {
     "requestBody": {
@@ -79,6 +82,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(scheduler.start)
+        # Everything imported and built so far lives as long as the server: frozen, a full garbage collection
+        # (which a listing of 100 jobs can trigger) no longer walks it, and requests stop stalling ~100 ms.
+        gc.freeze()
         try:
             yield
         finally:
@@ -141,7 +147,9 @@ def create_app(
         offset: int = Query(0, ge=0, description="skip this many of the newest first"),
     ) -> list[JobInfo]:
         """Jobs, newest first, a page at a time; ``?state=`` and ``?group=`` keep those in one state or group."""
-        return scheduler.infos(state, group, limit, offset)
+        # Serialized once here: returned as models, FastAPI would validate each JobInfo again first.
+        return Response(_JOB_LIST.dump_json(scheduler.infos(state, group, limit, offset)),
+                        media_type="application/json")
 
     @api.get("/jobs/{job_id}", response_model=JobInfo, responses=_NOT_FOUND)
     def get_job(job_id: str) -> JobInfo:

@@ -8,6 +8,7 @@ once and checked against the cluster's size when it is known. A service that onl
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,7 @@ class Cluster:
                 when_done()
                 return
             when_done()
+            gc.freeze()  # Ray's many long-lived objects: kept out of every later full collection (see api.py)
             # Ray's processes are started with PR_SET_PDEATHSIG: they die with the *thread* that started them.
             # This thread is their parent, so it lives until Ray is shut down.
             self._released.wait()

@@ -208,9 +208,9 @@ class Scheduler:
     ) -> list[JobInfo]:
         """Newest first, a page of them."""
         jobs = self.store.jobs(state, group, newest_first=True, limit=limit, offset=offset)
-        queued = any(j.state == QUEUED for j in jobs)
-        positions = {j.id: i for i, j in enumerate(self.queue(), start=1)} if queued else {}
-        return [j.info(positions.get(j.id), self.store.latest_metrics(j.id)) for j in jobs]
+        positions = self.store.queue_positions() if any(j.state == QUEUED for j in jobs) else {}
+        latest = self.store.latest_metrics_of([j.id for j in jobs])
+        return [j.info(positions.get(j.id), latest.get(j.id)) for j in jobs]
 
     # -- dispatching ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -344,9 +344,7 @@ class Scheduler:
         return job
 
     def _info(self, job: Job) -> JobInfo:
-        position = None
-        if job.state == QUEUED:
-            position = next((i for i, j in enumerate(self.queue(), start=1) if j.id == job.id), None)
+        position = self.store.queue_positions().get(job.id) if job.state == QUEUED else None
         return job.info(position, self.store.latest_metrics(job.id))
 
 

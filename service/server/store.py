@@ -220,6 +220,28 @@ class Store:
         )
         return [EpochMetrics.model_validate_json(r[0]) for r in rows]
 
+    def queue_positions(self) -> dict[str, int]:
+        """Each queued job's place in the queue (1 = next), from three columns: no spec is parsed, so a long
+        queue costs a listing next to nothing. The order is the scheduler's: jobs that were running when the
+        server died first, then priority (higher first), then submission."""
+        rows = self._read(
+            "SELECT id FROM jobs WHERE state = 'queued' "
+            "ORDER BY started_at IS NULL, json_extract(spec, '$.priority') DESC, seq"
+        )
+        return {job_id: i for i, (job_id,) in enumerate(rows, start=1)}
+
+    def latest_metrics_of(self, job_ids: list[str]) -> dict[str, EpochMetrics]:
+        """The last epoch's metrics of each of these jobs, in one query."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._read(
+            f"SELECT m.job_id, m.data FROM metrics m JOIN jobs j ON j.id = m.job_id AND j.epoch = m.epoch "
+            f"WHERE j.id IN ({marks})",
+            tuple(job_ids),
+        )
+        return {job_id: EpochMetrics.model_validate_json(data) for job_id, data in rows}
+
     def latest_metrics(self, job_id: str) -> EpochMetrics | None:
         rows = self._read("SELECT data FROM metrics WHERE job_id = ? ORDER BY epoch DESC LIMIT 1", (job_id,))
         return EpochMetrics.model_validate_json(rows[0][0]) if rows else None
