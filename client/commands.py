@@ -24,7 +24,7 @@ from client.errors import PolyakError, SpecError
 from client.files import check_output, is_uri, npz_bytes, write_output
 from client.models import JobInfo, JobState
 from client.sdk import DEFAULT_URL, Client, Job
-from client.spec import parse_spec
+from client.spec import optimizer_summary, parse_spec
 
 EXIT_CODES = """\b
 Exit status, the same for every command:
@@ -108,7 +108,7 @@ def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
     job = _client(ctx).submit(job_spec)
     click.echo(job.id)
     if follow:
-        _follow(ctx, job, job_spec.stopping.max_epochs, job_spec.name or str(spec))
+        _follow(ctx, job, job_spec.stopping.max_epochs, _title(job_spec.name or str(spec), job_spec))
 
 
 @cli.command()
@@ -123,7 +123,7 @@ def resubmit(ctx: click.Context, job_id: str, follow: bool) -> None:
     click.echo(job.id)
     if follow:
         info = client.get(job.id)
-        _follow(ctx, job, info.spec.stopping.max_epochs, info.name or job.id)
+        _follow(ctx, job, info.spec.stopping.max_epochs, _title(info.name or job.id, info.spec))
 
 
 @cli.command()
@@ -137,7 +137,7 @@ def follow(ctx: click.Context, job_id: str) -> None:
     """
     client = _client(ctx)
     info = client.get(job_id)
-    _follow(ctx, client.job(job_id), info.spec.stopping.max_epochs, info.name or job_id)
+    _follow(ctx, client.job(job_id), info.spec.stopping.max_epochs, _title(info.name or job_id, info.spec))
 
 
 def _follow(ctx: click.Context, job: Job, max_epochs: int, title: str) -> None:
@@ -384,6 +384,11 @@ def _check_output(target: str) -> None:
 def _shown(where: str) -> str:
     """Where a file went: a local one by its absolute path, so it can be found whatever folder this ran in."""
     return where if is_uri(where) else str(Path(where).absolute())
+
+
+def _title(name: str, spec) -> str:
+    """The live view's header: the job and how it is optimized."""
+    return f"{name} · {optimizer_summary(spec.optimizer)}"
 
 
 def _client(ctx: click.Context) -> Client:

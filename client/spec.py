@@ -93,13 +93,15 @@ class DataSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    method: Literal["sgd", "heavy_ball", "nesterov"] = Field(default="heavy_ball", description="update rule")
+    method: Literal["sgd", "heavy_ball", "nesterov", "adagrad", "rmsprop", "adam"] = Field(
+        default="heavy_ball", description="update rule (MATH.md); adagrad, rmsprop and adam adapt per coordinate"
+    )
     lr: float = Field(default=0.1, gt=0, description="eta")
     alpha: float = Field(
         default=0.1,
         gt=0,
         le=1,
-        description="heavy ball: W+ = W - alpha*eta*g + (1 - alpha)(W - W_prev); ignored by sgd",
+        description="heavy ball: W+ = W - alpha*eta*g + (1 - alpha)(W - W_prev); ignored by sgd and the adaptive rules",
     )
     schedule: Literal["constant", "inverse_time", "inverse_power"] = Field(
         default="constant", description="step size eta_t as a function of the step t"
@@ -107,6 +109,31 @@ class OptimizerSpec(_Strict):
     decay_steps: float = Field(default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)")
     power: float = Field(default=1.0, gt=0.5, le=1.0, description="inverse_power: eta_t = eta / (1 + t)^power")
     weight_decay: float = Field(default=0.0, ge=0, description="L2: g += weight_decay * W (weights, not biases)")
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="adam: first-moment decay; ignored by the others")
+    beta2: float = Field(default=0.999, ge=0, lt=1, description="adam: second-moment decay; ignored by the others")
+    rho: float = Field(
+        default=0.99, ge=0, lt=1, description="rmsprop: second-moment decay (torch's RMSprop alpha); ignored by others"
+    )
+    eps: float = Field(
+        default=1e-8, gt=0, description="adagrad, rmsprop, adam: added to the root (torch's Adagrad default is 1e-10)"
+    )
+
+
+# The hyperparameters each method reads (the others are accepted and ignored).
+METHOD_FIELDS = {
+    "sgd": ("lr",), "heavy_ball": ("lr", "alpha"), "nesterov": ("lr", "alpha"), "adagrad": ("lr", "eps"),
+    "rmsprop": ("lr", "rho", "eps"), "adam": ("lr", "beta1", "beta2", "eps"),
+}
+
+
+def optimizer_summary(o: OptimizerSpec) -> str:
+    """'adam lr=0.002 beta1=0.9 beta2=0.999 eps=1e-08': the method and the parameters it uses."""
+    parts = [o.method, *(f"{name}={getattr(o, name):g}" for name in METHOD_FIELDS[o.method])]
+    if o.schedule != "constant":
+        parts.append(o.schedule)
+    if o.weight_decay:
+        parts.append(f"weight_decay={o.weight_decay:g}")
+    return " ".join(parts)
 
 
 class BatchSpec(_Strict):

@@ -27,7 +27,7 @@ from client.display import TrainingDisplay
 from client.errors import SpecError
 from client.models import JobState, StopReason
 from client.ray_job import WEIGHTS_LINE_KEY
-from client.spec import parse_spec
+from client.spec import optimizer_summary, parse_spec
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -58,7 +58,8 @@ def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_addres
     job_spec, info = _prepare(spec, output)
     display = None
     if not as_json:
-        display = TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=job_spec.name or str(spec),
+        title = f"{job_spec.name or spec} · {optimizer_summary(job_spec.optimizer)}"
+        display = TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, title=title,
                                   all_epochs="--json prints every epoch")
     result = _train(job_spec, info, display, ray_address, job_dir)
     weights = npz_bytes(weights_file(result.weights, job_spec, info))

@@ -152,7 +152,7 @@ def test_divergence_is_said_once_without_numpy_warnings(tmp_path):
     assert proc.returncode == 1
     reason = line.removeprefix("error: ")
     assert (proc.stdout + proc.stderr).count(reason) == 1
-    assert proc.stdout.splitlines()[0] == str(spec)  # the header: the spec has no name, so its file
+    assert proc.stdout.splitlines()[0].startswith(f"{spec} · ")  # the header: no name in the spec, so its file
     assert proc.stdout.splitlines()[-1] == "job failed (diverged)"
     assert "Warning" not in proc.stderr
 
@@ -168,7 +168,7 @@ def test_divergence_in_json_mode_is_one_error_line_without_numpy_warnings(tmp_pa
 def test_the_header_is_the_jobs_name(tmp_path):
     proc = polyak(write_spec(tmp_path, {**IRIS, "name": "iris-tanh"}), "-o", tmp_path / "w.npz")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == "iris-tanh"
+    assert proc.stdout.splitlines()[0] == "iris-tanh · heavy_ball lr=0.5 alpha=0.5"
 
 
 def screen(raw: str) -> list[str]:

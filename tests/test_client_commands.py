@@ -528,7 +528,7 @@ def test_follow_reattaches_to_a_job(server):
     result = invoke(server, "follow", DONE)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "digits-mlp"  # the header: the job's name
+    assert lines[0] == "digits-mlp · heavy_ball lr=0.1 alpha=0.1"  # the header: the job's name and optimizer
     assert len([line for line in lines if line.startswith("epoch ")]) == MAX_EPOCHS
     assert lines[-1] == "job succeeded (max_epochs)"
 
@@ -542,7 +542,8 @@ def test_submit_follow_header_names_the_job(server, tmp_path):
     spec = tmp_path / "unnamed.yaml"
     spec.write_text("stopping:\n  max_epochs: 30\n")
     result = invoke(server, "submit", str(spec), "--follow")
-    assert result.output.splitlines()[:2] == [QUEUED, str(spec)]  # no name in the spec: the file
+    # no name in the spec: the file
+    assert result.output.splitlines()[:2] == [QUEUED, f"{spec} · heavy_ball lr=0.1 alpha=0.1"]
 
 
 def test_following_a_queued_job_says_it_waits(server, monkeypatch):
@@ -556,7 +557,8 @@ def test_following_a_queued_job_says_it_waits(server, monkeypatch):
 
     monkeypatch.setattr(Server, "events", queued_first)
     result = invoke(server, "follow", QUEUED)
-    assert result.output.splitlines()[:2] == ["wine-sgd", "queued (position 1): waiting for 2 free CPUs"]
+    assert result.output.splitlines()[:2] == [
+        "wine-sgd · heavy_ball lr=0.1 alpha=0.1", "queued (position 1): waiting for 2 free CPUs"]
 
 
 def test_ctrl_c_while_following_says_how_to_reattach(server, monkeypatch):

@@ -126,7 +126,7 @@ def test_unknown_keys_are_rejected(source, field):
         ({"optimizer": {"power": 0.5}}, "optimizer.power", ["> 0.5"]),
         ({"optimizer": {"power": 0.3}}, "optimizer.power", ["> 0.5", "0.3"]),
         ({"optimizer": {"power": 1.2}}, "optimizer.power", ["<= 1", "1.2"]),
-        ({"optimizer": {"method": "adam"}}, "optimizer.method", ["sgd", "heavy_ball", "nesterov", "adam"]),
+        ({"optimizer": {"method": "lbfgs"}}, "optimizer.method", ["sgd", "heavy_ball", "nesterov", "adam"]),
         ({"optimizer": {"schedule": "cosine"}}, "optimizer.schedule", ["inverse_time", "inverse_power"]),
         ({"batch": {"size": 0}}, "batch.size", [">= 1"]),
         ({"batch": {"growth": 0.5}}, "batch.growth", [">= 1"]),
@@ -244,3 +244,12 @@ def test_relative_paths_in_a_spec_file_name_files_beside_it(tmp_path, monkeypatc
         assert parse_spec(spec_file).data.path == kept
     # a dict is not a file: its paths are left to whoever resolves them (the server, against its data root)
     assert parse_spec({"data": {"source": "file", "path": "x.npy"}}).data.path == "x.npy"
+
+
+def test_the_optimizer_summary_names_the_parameters_the_method_uses():
+    from client.spec import optimizer_summary
+
+    adam = parse_spec({"optimizer": {"method": "adam", "lr": 0.002, "alpha": 0.7}}).optimizer
+    assert optimizer_summary(adam) == "adam lr=0.002 beta1=0.9 beta2=0.999 eps=1e-08"  # alpha is ignored by adam
+    hb = parse_spec({"optimizer": {"schedule": "inverse_time", "weight_decay": 0.01}}).optimizer
+    assert optimizer_summary(hb) == "heavy_ball lr=0.1 alpha=0.1 inverse_time weight_decay=0.01"

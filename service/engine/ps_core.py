@@ -21,7 +21,7 @@ class ServerCore:
         self.xp = xp
         self.dtype = np.dtype(spec.cluster.dtype)
         self.optimizer = Optimizer(spec.optimizer, spec.model.layers)
-        self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp)
+        self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp, self.optimizer.buffers)
         self.stats = GradientStats(self.state.W.shape[0], xp)
         self.step_losses: list[float] = []
         self.samples = 0
@@ -73,16 +73,17 @@ class ServerCore:
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, counters) of everything an update changes: what a checkpoint must hold."""
-        arrays = {"W": self.weights(), "u": to_numpy(self.state.u).copy()}
+        arrays = {"W": self.weights(), **{k: to_numpy(b).copy() for k, b in self.state.buffers.items()}}
         return arrays, {"step": self.state.step, "version": self.state.version}
 
     def restore(self, arrays: dict[str, np.ndarray], counters: dict) -> None:
+        """Back to these weights and buffers; a buffer the arrays lack (a fresh start) is zero."""
         xp = self.xp
-        self.state = OptState(
-            W=xp.asarray(arrays["W"], dtype=self.dtype).copy(),
-            u=xp.asarray(arrays["u"], dtype=self.dtype).copy(),
-            step=counters["step"],
-            version=counters["version"],
-        )
+        W = xp.asarray(arrays["W"], dtype=self.dtype).copy()
+        buffers = {
+            name: xp.asarray(arrays[name], dtype=self.dtype).copy() if name in arrays else xp.zeros_like(W)
+            for name in self.optimizer.buffers
+        }
+        self.state = OptState(W=W, buffers=buffers, step=counters["step"], version=counters["version"])
         self.stats.reset()
         self.step_losses, self.samples = [], 0

@@ -208,7 +208,7 @@ class RayEngine:
 
     def _reset(self) -> None:
         """Back to the initial weights and an empty momentum buffer."""
-        self._restore_server({"W": self.W0, "u": np.zeros_like(self.W0)}, {"step": 0, "version": 0})
+        self._restore_server({"W": self.W0}, {"step": 0, "version": 0})  # the method's buffers start at zero
 
     def _restore_server(self, arrays: dict, counters: dict) -> None:
         ray.get(self.server.restore.remote(arrays, counters))
