@@ -49,11 +49,7 @@ def nesterov(W, u, g, eta: float, alpha: float):
 def adagrad(W, s, g, eta: float, eps: float, scratch):
     """s <- s + g^2;  W <- W - eta g / (sqrt(s) + eps)   (torch.optim.Adagrad, lr_decay 0)."""
     s += np.multiply(g, g, out=scratch)
-    np.sqrt(s, out=scratch)
-    scratch += eps
-    np.divide(g, scratch, out=scratch)
-    scratch *= eta
-    W -= scratch
+    _step_over_root(W, g, s, eta, eps, scratch)
     return W, s
 
 
@@ -63,12 +59,17 @@ def rmsprop(W, v, g, eta: float, rho: float, eps: float, scratch):
     np.multiply(g, g, out=scratch)
     scratch *= 1.0 - rho
     v += scratch
-    np.sqrt(v, out=scratch)
+    _step_over_root(W, g, v, eta, eps, scratch)
+    return W, v
+
+
+def _step_over_root(W, g, squares, eta: float, eps: float, scratch) -> None:
+    """W <- W - eta g / (sqrt(squares) + eps), through the one scratch array."""
+    np.sqrt(squares, out=scratch)
     scratch += eps
     np.divide(g, scratch, out=scratch)
     scratch *= eta
     W -= scratch
-    return W, v
 
 
 def adam(W, m, v, g, eta: float, beta1: float, beta2: float, eps: float, t: int, scratch):
