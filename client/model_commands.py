@@ -14,9 +14,9 @@ import click
 import numpy as np
 from rich.text import Text
 
-from client.commands import _console, cli
+from client.commands import _check_output, _console, cli
 from client.errors import PolyakError
-from client.files import check_output, write_output
+from client.files import write_output
 from client.model import Model
 
 
@@ -28,7 +28,7 @@ from client.model import Model
 def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
     """Predict with a weights file on DATA's raw features (the model applies its own standardization)."""
     if output is not None:
-        check_output(output)
+        _check_output(output)
         if Path(output).suffix not in (".npy", ".csv"):
             raise PolyakError(f"-o {output}: predictions are written as .npy or .csv")
     model = Model.load(weights)
@@ -72,7 +72,7 @@ def evaluate(weights: Path, data: Path, as_json: bool) -> None:
 @click.option("--opset", type=click.IntRange(13), default=17, show_default=True, help="ONNX opset")
 def export(weights: Path, onnx_path: str, opset: int) -> None:
     """Export a weights file as one ONNX graph: standardization, layers, and a softmax for classifiers."""
-    check_output(onnx_path)
+    _check_output(onnx_path)
     model = Model.load(weights)
     where = model.to_onnx(onnx_path, opset=opset)
     _console().print(Text(f"wrote {where}: input 'input' [N, {model.n_features}], opset {opset}"))
