@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from client.errors import SpecError
+from client.files import is_uri
 
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 SYNTHETIC_DATASETS = ("classification", "regression")
@@ -284,15 +285,12 @@ def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
         raise SpecError("; ".join(f"{x['field']}: {x['message']}" for x in errors), errors) from None
 
 
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def _paths_beside(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative ``data.path`` and ``init_weights`` of a spec file name files beside it, as its author meant;
     made absolute here so that they mean the same wherever the job runs from."""
 
     def beside(value: Any) -> Any:
-        if not isinstance(value, str) or not value or _URI.match(value) or Path(value).is_absolute():
+        if not isinstance(value, str) or not value or is_uri(value) or Path(value).is_absolute():
             return value
         return os.path.abspath(folder / value)
 

@@ -18,8 +18,9 @@ from functools import cached_property
 
 import numpy as np
 
+from client.files import is_uri
 from client.spec import DataSpec, ModelSpec
-from workers.readers import _URI, ArraySource, DataError, Source, feature_stats, open_source
+from workers.readers import ArraySource, DataError, Source, feature_stats, open_source
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
             )
         return
     path = data.path or ""
-    if data.source == "file" and (_URI.match(path) or path.endswith(".csv")):
+    if data.source == "file" and (is_uri(path) or path.endswith(".csv")):
         return
     if data.source == "file" and path.endswith(".npz"):
         shapes = npz_shapes(path)

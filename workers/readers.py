@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from client.files import is_uri
 from client.spec import DataSpec, ModelSpec
 
 CHUNK_ROWS = 65536
 COLUMNS_PER_READ = 64
 CHUNK_BYTES = 16 * 2**20  # of stored rows: the float64 copy a chunk becomes is 2-4x that, and transient
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
 
 
@@ -440,7 +439,7 @@ def open_source(data: DataSpec, model: ModelSpec) -> Source:
         return _in_memory(data, model)
     origin, classification = data.path, model.loss == "cross_entropy"
     n_targets = _n_targets(data, model, origin)
-    if _URI.match(origin):
+    if is_uri(origin):
         return _open_uri(origin, data.target, n_targets, classification)
     path = Path(origin)
     if not path.exists():

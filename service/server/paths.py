@@ -9,19 +9,17 @@ a URI (it names no file under the root); without one, a URI (s3://, gs://, file:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from client.errors import SpecError
+from client.files import is_uri
 from client.spec import JobSpec
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
     """The spec with its file paths absolute and checked; SpecError naming the field otherwise."""
     data, init = spec.data, spec.init_weights
-    if data.source == "file" and not (_URI.match(data.path) and data_root is None):
+    if data.source == "file" and not (is_uri(data.path) and data_root is None):
         data = data.model_copy(update={"path": _resolve("data.path", data.path, data_root, directory_ok=True)})
     if init:
         init = _resolve("init_weights", init, data_root)
@@ -30,7 +28,7 @@ def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
 
 def _resolve(field: str, value: str, root: Path | None, directory_ok: bool = False) -> str:
     base = root.resolve() if root else Path.cwd()
-    if _URI.match(value):
+    if is_uri(value):
         raise _error(field, f"{value} is a URI, but the server confines data to its data root {base}")
     try:
         path = (base / value).resolve()  # follows symlinks: where the file really is decides
