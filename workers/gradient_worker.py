@@ -9,6 +9,7 @@ slice. A restarted worker reads the same rows again: they are a function of the 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 import ray
@@ -20,6 +21,7 @@ from workers.mlp import MLP
 
 # The answers of ParameterServer.push; defined here because workers never import service code.
 APPLIED, STALE, STOP = "applied", "stale", "stop"
+TIMINGS_KEPT = 100_000  # the latest calls' timings a worker or the parameter server keeps
 
 
 class GradientWorker:
@@ -41,7 +43,8 @@ class GradientWorker:
         self.dtype = dtype
         self.seed = spec.model.seed
         self.shard = shard
-        self.compute_seconds: list[float] = []  # per gradient() call: benchmarks split a step's time with it
+        # Per gradient() call, for benchmarks to split a step's time; bounded, as nobody may ever take them.
+        self.compute_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)
 
     def info(self) -> dict:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
@@ -78,7 +81,8 @@ class GradientWorker:
 
     def take_timings(self) -> list[float]:
         """Seconds of each gradient() call since the last take."""
-        taken, self.compute_seconds = self.compute_seconds, []
+        taken = list(self.compute_seconds)
+        self.compute_seconds.clear()
         return taken
 
     def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:

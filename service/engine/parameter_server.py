@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 
 import numpy as np
 import ray
@@ -19,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from client.spec import JobSpec
 from service.engine.ps_core import ServerCore
-from workers.gradient_worker import APPLIED, STALE, STOP
+from workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 
 
 class ParameterServer:
@@ -34,7 +35,7 @@ class ParameterServer:
         self._published: tuple[int, ray.ObjectRef] | None = None
         # A restarted actor runs __init__ again with the initial weights: the driver notices by this id.
         self.incarnation = uuid.uuid4().hex
-        self.update_seconds: list[float] = []  # per applied step: benchmarks split a step's time with it
+        self.update_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)  # per applied step, for benchmarks
         self._begin_epoch(step_limit=None)
 
     def _begin_epoch(self, step_limit: int | None) -> None:
@@ -117,7 +118,8 @@ class ParameterServer:
 
     def take_timings(self) -> list[float]:
         """Seconds of each update since the last take."""
-        taken, self.update_seconds = self.update_seconds, []
+        taken = list(self.update_seconds)
+        self.update_seconds.clear()
         return taken
 
     def pid(self) -> int:
