@@ -88,6 +88,32 @@ def test_cupy_rules_equal_numpy(method):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["sgd", "heavy_ball", "nesterov", "adagrad", "rmsprop", "adam"])
+def test_cupy_optimizer_equals_numpy_with_schedule_and_weight_decay(method):
+    """The parameter server's whole update (rule, buffers, scratch, schedule, decay) on CuPy arrays."""
+    from client.spec import OptimizerSpec
+    from service.engine.optim import BUFFERS, Optimizer, new_state
+
+    cp = get_backend("gpu").xp
+    layers = [6, 5, 3]
+    spec = OptimizerSpec(method=method, lr=0.05, alpha=0.3, weight_decay=1e-3, schedule="inverse_time",
+                         decay_steps=10)
+    rng = np.random.default_rng(2)
+    W0 = rng.standard_normal(sum((a + 1) * b for a, b in zip(layers, layers[1:])))
+    cpu, gpu = Optimizer(spec, layers), Optimizer(spec, layers)
+    s_cpu, s_gpu = new_state(W0, np, BUFFERS[method]), new_state(W0, cp, BUFFERS[method])
+    for _ in range(25):
+        g = rng.standard_normal(W0.shape)
+        cpu.apply(s_cpu, cpu.regularize(g.copy(), s_cpu.W))
+        gpu.apply(s_gpu, gpu.regularize(cp.asarray(g), s_gpu.W))
+    assert type(s_gpu.W).__module__.startswith("cupy")
+    np.testing.assert_allclose(to_numpy(s_gpu.W), s_cpu.W, rtol=1e-12, atol=1e-12)
+    for name in BUFFERS[method]:
+        np.testing.assert_allclose(to_numpy(s_gpu.buffers[name]), s_cpu.buffers[name], rtol=1e-12, atol=1e-12)
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_cupy_training_equals_numpy_training(make_spec, train_local):
     base = {"cluster": {"dtype": "float64"}, "stopping": {"max_epochs": 3}}
     cpu, _, _ = train_local(make_spec({**base, "cluster": {"device": "cpu", "dtype": "float64"}}))
