@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workers.backend import Backend, DeviceError, get_backend, gpu_available, to_numpy
-from workers.mlp import MLP, init_params
+from workers.mlp import MLP, init_params, param_count
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU visible (CuPy missing or no CUDA device)")
 
@@ -99,7 +99,7 @@ def test_cupy_optimizer_equals_numpy_with_schedule_and_weight_decay(method):
     spec = OptimizerSpec(method=method, lr=0.05, alpha=0.3, weight_decay=1e-3, schedule="inverse_time",
                          decay_steps=10)
     rng = np.random.default_rng(2)
-    W0 = rng.standard_normal(sum((a + 1) * b for a, b in zip(layers, layers[1:])))
+    W0 = rng.standard_normal(param_count(layers))
     cpu, gpu = Optimizer(spec, layers), Optimizer(spec, layers)
     s_cpu, s_gpu = new_state(W0, np, BUFFERS[method]), new_state(W0, cp, BUFFERS[method])
     for _ in range(25):
