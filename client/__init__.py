@@ -8,6 +8,7 @@ from client.model import Model, ModelError
 from client.models import Criterion, EpochMetrics, JobInfo, JobState, StopReason
 from client.sdk import Client, Job
 from client.spec import JobSpec, parse_spec
+from client.sweep import RankedJob, Sweep
 
 __all__ = [
     "Client",
@@ -22,9 +23,11 @@ __all__ = [
     "Model",
     "ModelError",
     "PolyakError",
+    "RankedJob",
     "ServerError",
     "SpecError",
     "StopReason",
+    "Sweep",
     "Unauthorized",
     "parse_spec",
 ]

@@ -253,12 +253,18 @@ def metrics(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="[JOB]", required=False)
+@click.option("--group", default=None, help="cancel every job of this group (a sweep) that has not ended")
 @server_options
 @click.pass_context
-def cancel(ctx: click.Context, job_id: str) -> None:
-    """Cancel a job: a queued one at once, a running one at its next step."""
+def cancel(ctx: click.Context, job_id: str | None, group: str | None) -> None:
+    """Cancel a job (or every unfinished job of a --group): a queued one at once, a running one at its next step."""
+    if (job_id is None) == (group is None):
+        raise BadInput("give either JOB or --group NAME (exactly one of them)")
     client = _client(ctx)
+    if group is not None:
+        _cancel_group(client, group)
+        return
     # The server answers a finished job's cancel with the job as it is: only asking first tells the two apart.
     ended = client.get(job_id)
     if ended.state.is_terminal():
@@ -268,6 +274,21 @@ def cancel(ctx: click.Context, job_id: str) -> None:
         _console().print(Text(f"job {info.id} is {info.state.value}"))
     else:
         _console().print(Text(f"job {info.id} is {info.state.value}: it stops at its next step"))
+
+
+def _cancel_group(client: Client, group: str) -> None:
+    cancelled = client.cancel_group(group)
+    if not cancelled:
+        jobs = client.list(group=group, limit=10_000)
+        if not jobs:
+            raise PolyakError(f"no jobs in group {group}")
+        # Not an error: cancelling a sweep that has already ended leaves it as the user wants it.
+        _console().print(Text(f"nothing to cancel: all {len(jobs)} jobs of group {group} have ended"), soft_wrap=True)
+        return
+    for info in cancelled:
+        running = "" if info.state.is_terminal() else ": it stops at its next step"
+        _console().print(Text(f"job {info.id} is {info.state.value}{running}"))
+    _console().print(Text(f"cancelled {len(cancelled)} jobs of group {group}"), soft_wrap=True)
 
 
 @cli.command()

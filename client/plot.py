@@ -1,4 +1,5 @@
-"""Training curves of one job as a 2x2 PNG (or any format matplotlib writes); a third row for async jobs."""
+"""Training curves of one job as a 2x2 PNG (or any format matplotlib writes; a third row for async jobs), and the
+loss curves of several jobs overlaid (``polyak compare -o``)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,43 @@ def _staleness(ax, metrics: list[EpochMetrics]) -> None:
         ax.plot([], [], color="tab:red", label="dropped gradients")  # into the main legend, as in _schedule
         ax.set_zorder(dropped.get_zorder() + 1)
         ax.patch.set_visible(False)
+
+
+def compare_figure(curves: dict[str, list[EpochMetrics]], title: str | None = None):
+    """Loss curves of several jobs overlaid, ``curves`` label -> epochs in ranking order: training loss on the
+    left, validation loss on the right (when some job has it); one line per job on each, log y."""
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("no jobs to plot")
+    has_val = any(m.val_loss is not None for history in curves.values() for m in history)
+    fig = Figure(figsize=(13 if has_val else 8, 6.5), layout="constrained")
+    axes = fig.subplots(1, 2 if has_val else 1, sharex=True, squeeze=False)[0]
+    panels = [("train_loss", "training loss")] + ([("val_loss", "validation loss")] if has_val else [])
+    for ax, (field, name) in zip(axes, panels, strict=True):
+        for i, (label, history) in enumerate(curves.items()):
+            points = [(m.epoch, v) for m in history if (v := getattr(m, field)) is not None]
+            epochs, values = zip(*points, strict=True) if points else ((), ())
+            # Colour and dash pattern both vary, so a line stays identifiable where colours are hard to tell apart.
+            ax.plot(epochs, values, color=_COLOURS[i % len(_COLOURS)], linestyle=_DASHES[i % len(_DASHES)],
+                    marker="." if len(points) < 50 else None, label=label)
+        values = [v for line in ax.lines for v in line.get_ydata()]
+        if values and not any(v <= 0 for v in values):  # so written, a NaN (diverged) does not veto log y
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    fig.legend(handles=axes[0].lines, loc="outside lower center", ncols=min(3, len(curves)), fontsize="small")
+    fig.suptitle(title or f"{len(curves)} jobs")
+    return fig
+
+
+def compare_bytes(curves: dict[str, list[EpochMetrics]], image_type: str, title: str | None = None) -> bytes:
+    """``compare_figure`` as an image of ``image_type`` (one of ``image_formats()``)."""
+    buffer = io.BytesIO()
+    compare_figure(curves, title).savefig(buffer, format=image_type, dpi=110)
+    return buffer.getvalue()
+
+
+_COLOURS = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
+_DASHES = ["-", "--", "-.", ":"]

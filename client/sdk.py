@@ -24,6 +24,7 @@ from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, Sp
 from client.model import Model
 from client.models import EpochMetrics, JobInfo, JobState
 from client.spec import JobSpec, parse_spec
+from client.sweep import Sweep, SweepPlan, plan_sweep
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -73,6 +74,22 @@ class Client:
         body = parse_spec(spec).model_dump(mode="json")
         info = self._request("POST", "/jobs", JobInfo, json=body)
         return Job(info.id, self)
+
+    def sweep(self, spec: str | Path | dict[str, Any] | JobSpec, grid: dict[str, list[Any]],
+              group: str | None = None) -> Sweep:
+        """Queue one job per combination of ``grid`` (dotted keys -> values) as one group (default a new
+        ``sweep-...`` name). Every combination is validated first: one bad value queues nothing."""
+        return self.submit_sweep(plan_sweep(spec, grid, group))
+
+    def submit_sweep(self, plan: SweepPlan) -> Sweep:
+        """Queue a plan from ``client.sweep.plan_sweep`` (``polyak sweep`` prints its group before this)."""
+        jobs = [self.submit(trial.spec) for trial in plan.trials]
+        return Sweep(plan.group, jobs, [trial.params for trial in plan.trials], self)
+
+    def cancel_group(self, group: str) -> list[JobInfo]:
+        """Cancel every job of ``group`` that has not ended; the answers, one per job cancelled."""
+        live = [j for j in self.list(group=group, limit=10_000) if not j.state.is_terminal()]
+        return [self.cancel(j.id) for j in live]
 
     def get(self, job_id: str) -> JobInfo:
         return self._request("GET", f"/jobs/{job_id}", JobInfo)

@@ -1,4 +1,4 @@
-"""The ``polyak`` entry point: the client's commands plus ``serve`` and ``train``.
+"""The ``polyak`` entry point: the client's commands plus ``serve``, ``train`` and ``lr-find``.
 
 Ray is imported only inside ``serve`` and ``train``, so ``polyak submit`` starts fast.
 """
@@ -22,6 +22,7 @@ from typing import NoReturn
 import click
 
 import client.model_commands  # noqa: F401  (registers predict, evaluate, export)
+import client.sweep_commands  # noqa: F401  (registers sweep, compare)
 from client.commands import cli
 from client.display import TrainingDisplay
 from client.errors import SpecError
@@ -79,14 +80,15 @@ def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_addres
         sys.exit(130)
 
 
-def _prepare(spec: Path, output: str):
+def _prepare(spec: Path, output: str | None):
     """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong."""
     from client.errors import PolyakError
     from client.files import check_output
     from workers.data import prepare
 
     try:
-        check_output(output)
+        if output is not None:
+            check_output(output)
         job_spec = parse_spec(spec)
         return job_spec, prepare(job_spec.data, job_spec.model)
     except SpecError as e:
@@ -200,6 +202,115 @@ def _note(text: str) -> None:
 
 def _print_json(m) -> None:
     print(m.model_dump_json(), flush=True)
+
+
+@cli.command(name="lr-find")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("-o", "--output", default=None,
+              help="plot the range test and the curvature bound to this image file; its extension picks the type")
+@click.option("--json", "as_json", is_flag=True, help="print both estimates as one JSON object")
+@click.option("--steps", type=click.IntRange(20, 1000), default=200, show_default=True,
+              help="range-test steps from eta = 1e-6 to 10 (fewer when the loss blows up first)")
+def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
+    """Step sizes for SPEC from its loss, before training, two ways: a learning-rate range test (the smoothed
+    loss's steepest descent), and the curvature at the initial weights (lambda_max gives the stable lr; for a
+    quadratic loss also lambda_min, kappa and Polyak's heavy-ball lr and alpha, ready to paste)."""
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from client.commands import _console
+    from client.errors import PolyakError
+    from client.files import write_output
+    from client.plot import image_formats
+    from client.tuning_plot import lr_find_bytes
+    from service.engine.trainer import initial_weights
+    from service.engine.tuning import curvature, load_problem, range_test
+    from workers.backend import DeviceError, get_backend
+
+    if output is not None and Path(output).suffix.lstrip(".").lower() not in image_formats():
+        _fail(f"cannot write {output}: not an image type matplotlib writes; use one of "
+              + ", ".join(f".{ext}" for ext in image_formats()))
+    job_spec, info = _prepare(spec, output)
+    console = _console()
+    progress_console = Console(stderr=True, highlight=False)
+    try:
+        W0 = initial_weights(job_spec).astype(np.float64)
+        problem = load_problem(job_spec, get_backend(job_spec.cluster.device).xp, info)
+    except (ValueError, DeviceError) as e:  # data, weights, device
+        _fail(str(e))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[now]}"),
+                  console=progress_console, transient=True) as bar:
+        task = bar.add_task("range test", total=steps, now="")
+        test = range_test(job_spec, problem, W0, steps,
+                          lambda t, lr, loss: bar.update(task, completed=t + 1, now=f"lr {lr:.2e}  loss {loss:.4g}"))
+    with progress_console.status("curvature: Lanczos on Hessian-vector products ..."):
+        curv = curvature(job_spec, problem, W0)
+    found = {"range_test": test.as_dict(), "curvature": curv.as_dict()}
+    if as_json:
+        click.echo(json.dumps(found))
+    else:
+        _show_lr_find(console, job_spec, spec, found, problem.mlp.xp is np)
+    if output is not None:
+        title = f"lr-find: {job_spec.name or spec} · {optimizer_summary(job_spec.optimizer)}"
+        try:
+            where = write_output(output, lr_find_bytes(found, Path(output).suffix.lstrip(".").lower(), title))
+        except PolyakError as e:
+            _fail(e.message)
+        click.echo(f"wrote {Path(where).absolute()}", err=True)
+
+
+def _show_lr_find(console, job_spec, spec: Path, found: dict, on_cpu: bool) -> None:
+    """The two estimates side by side, then Polyak's parameters as YAML to paste."""
+    from rich.table import Table
+    from rich.text import Text
+
+    test, curv, o = found["range_test"], found["curvature"], job_spec.optimizer
+    momentum = f" (alpha {o.alpha:g})" if o.method in ("heavy_ball", "nesterov") else ""
+
+    def grid(rows):
+        g = Table.grid(padding=(0, 2))
+        g.add_column(style="bold", no_wrap=True)
+        g.add_column()
+        for key, value in rows:
+            g.add_row(key, Text(value))
+        return g
+
+    def num(x, fmt=".4g"):
+        return "-" if x is None else format(x, fmt)
+
+    left = grid([
+        ("suggested lr", num(test["suggested_lr"])),
+        ("rule", test["rule"]),
+        ("run", f"{test['steps']} steps of {test['method']}{momentum}, batch {test['batch_size']}, "
+                f"lr {test['lr_min']:g} -> {test['lr_max']:g} geometrically"),
+        ("stopped", test["stopped"]),
+    ])
+    bound = (f"lr < {num(curv['lr_bound'])} for {o.method}{momentum}" if curv["lr_bound"] is not None
+             else f"none for {o.method} (per-coordinate steps)")
+    rows = [("lambda_max", num(curv["lambda_max"])), ("stable", bound),
+            ("GD bound", f"2 / lambda_max = {num(curv['gd_lr_bound'])}")]
+    if curv["lambda_min"] is not None:
+        rows += [("lambda_min", num(curv["lambda_min"])), ("kappa", num(curv["kappa"]))]
+    if curv["heavy_ball"] is not None:
+        hb = curv["heavy_ball"]
+        rows.append(("Polyak", f"heavy_ball lr {num(hb['lr'])}, alpha {num(hb['alpha'])}"))
+    rows.append(("from", f"{curv['batch']}; {curv['hvps']} Hessian-vector products (central differences of "
+                         f"gradients, h = {curv['fd_step']:.1e}), Lanczos"))
+    if curv["note"]:
+        rows.append(("note", curv["note"]))
+    table = Table(title=f"lr-find: {job_spec.name or spec} · {optimizer_summary(o)}")
+    table.add_column("1. range test (from the initial weights)", max_width=70)
+    table.add_column("2. curvature at the initial weights", max_width=70)
+    table.add_row(left, grid(rows))
+    console.print(table)
+    standardized = "standardized (data.standardize)" if job_spec.data.standardize else "as given (not standardized)"
+    console.print(Text(f"both in float64 on {'CPU' if on_cpu else 'GPU'}, features {standardized}", style="dim"))
+    if curv["heavy_ball"] is not None:
+        hb = curv["heavy_ball"]
+        console.print(Text(f"Polyak's heavy ball for this data (kappa = {curv['kappa']:.4g}), ready to paste:"))
+        console.print(Text(f"optimizer:\n  method: heavy_ball\n  lr: {hb['lr']:.4g}\n  alpha: {hb['alpha']:.4g}"),
+                      soft_wrap=True)
 
 
 @cli.command()

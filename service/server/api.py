@@ -19,7 +19,7 @@ import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import TypeAdapter
@@ -39,8 +39,9 @@ from workers.data import DataError, check_cheaply
 log = logging.getLogger("polyak")
 
 MAX_BODY_BYTES = 1 << 20
-STATIC = Path(__file__).parent / "static"
-_JOB_LIST = TypeAdapter(list[JobInfo])  # package data: Swagger UI's assets, the dashboard
+STATIC = Path(__file__).parent / "static"  # package data: Swagger UI's assets
+DASHBOARD = Path(__file__).parent / "dashboard"  # package data: the page at / (no build step, no CDN)
+_JOB_LIST = TypeAdapter(list[JobInfo])
 _SPEC_SCHEMA = {"$ref": "#/components/schemas/JobSpec"}
 _SPEC_BODY = {
     "requestBody": {
@@ -99,6 +100,12 @@ def create_app(
         redoc_url=None,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        """Open even with --token: the page has to load to ask for the token; the JSON API checks it."""
+        return FileResponse(DASHBOARD / "index.html")
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> Response:

@@ -125,8 +125,10 @@ class Cluster:
         out: dict[str, Any] = {"connected": self._connected, "address": self.address or "local"}
         if self._error and not self._connected:
             out["error"] = self._error
-        elif not self._connected:
+        elif self._starting and not self._connected:
             out["note"] = "Ray is starting"
+        elif not self._connected:
+            out["note"] = "Ray starts when the first job that needs it arrives"
         elif self._last_capacity is not None:
             out.update(cpus=self._last_capacity.cpus, gpus=self._last_capacity.gpus)
         return out
