@@ -15,10 +15,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 
 from client.models import EpochMetrics
 from client.spec import JobSpec, parse_spec
+from service.engine.trainer import initial_weights
+from workers.mlp import from_dict, to_dict
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},
@@ -116,29 +119,39 @@ def test_divergence_is_a_failure_naming_epoch_and_step(tmp_path):
     out = tmp_path / "w.npz"
     line = one_line_error(polyak(write_spec(tmp_path, spec), "-o", out))
     assert "diverged at epoch 1, step" in line
-    assert out.exists()  # the last finite weights are still written
+    # The last finite weights are still written: diverging in epoch 1, those are the initial ones.
+    W0 = to_dict(initial_weights(parse_spec(spec)), [10, 1])
+    with np.load(out) as w:
+        for name in ("W1", "b1"):
+            np.testing.assert_array_equal(w[name], W0[name])
 
 
 def test_ctrl_c_cancels_and_still_writes_the_last_weights(tmp_path):
-    spec = with_("stopping", max_epochs=100000)
+    # digits one sample a step: ~0.1 s an epoch, so the cancel lands mid-epoch on all but an overloaded machine
+    spec = {**IRIS, "model": {**IRIS["model"], "layers": [64, 16, 10]}, "data": {**IRIS["data"], "name": "digits"},
+            "optimizer": {**IRIS["optimizer"], "lr": 0.01}, "batch": {"size": 1}, "stopping": {"max_epochs": 100000}}
     out = tmp_path / "w.npz"
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "train", str(write_spec(tmp_path, spec)), "-o", str(out), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    first = proc.stdout.readline()  # training is under way
-    assert EpochMetrics.model_validate_json(first).epoch == 1
-    time.sleep(0.5)
+    lines = [proc.stdout.readline(), proc.stdout.readline()]  # training is under way
+    first, second = (EpochMetrics.model_validate_json(line) for line in lines)
+    time.sleep((second.elapsed_seconds - first.elapsed_seconds) / 2)  # aim for the middle of epoch 3
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    last = EpochMetrics.model_validate_json(stdout.splitlines()[-1])
-    assert last.stop in (None, "cancelled")  # None: the cancel fell on an epoch boundary, no partial epoch
+    metrics = [EpochMetrics.model_validate_json(line) for line in lines + stdout.splitlines()]
+    assert [m.epoch for m in metrics] == list(range(1, len(metrics) + 1))
+    last = metrics[-1]
+    # A cancel mid-epoch reports the part it trained as a last, cancelled epoch; one between epochs adds none.
+    assert last.stop == (None if last.samples_seen == metrics[0].samples_seen * last.epoch else "cancelled")
     assert json.loads(stderr.strip().splitlines()[-1])["state"] == "cancelled"
     assert "Traceback" not in stderr and "cancelling at the next step" in stderr
     with np.load(out) as w:
         assert set(w.files) == {"W1", "b1", "W2", "b2", "x_mean", "x_std", "spec"}
-
+        W = from_dict(w, [64, 16, 10], np.float64)
+    assert np.linalg.norm(W) == pytest.approx(last.weight_norm, rel=1e-12)  # the weights the last line reports
 
 
 DIVERGING = {**IRIS, "model": {"layers": [10, 1], "loss": "mse"}, "data": {"source": "sklearn", "name": "diabetes"},

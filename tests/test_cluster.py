@@ -333,14 +333,30 @@ def test_ray_submit_command_follows_a_failing_job(cluster, workdir):
     assert "Authentication required" in proc.stderr and "set RAY_AUTH_MODE=token" in proc.stderr
 
 
+NO_TOKEN_SUBMIT = """
+import sys
+from client.errors import PolyakError
+from client.ray_job import submit_spec
+try:
+    submit_spec(sys.argv[1], sys.argv[2], sys.argv[3])
+except PolyakError as e:
+    sys.exit(e.message)
+"""
+
+
 def test_the_helper_needs_the_token(cluster, workdir):
     spec = write_spec(workdir, IRIS)
+    before = cluster.job_ids()
     with pytest.raises(PolyakError, match="Authentication failed") as wrong:
         submit_spec(cluster.dashboard, spec, workdir, token="0" * 64)
     assert "Invalid authentication token" in wrong.value.message
-    if os.environ.get("RAY_AUTH_MODE") != "token":  # else Ray's client sends the token it finds itself
-        with pytest.raises(PolyakError, match="Authentication required"):
-            submit_spec(cluster.dashboard, spec, workdir)
+    # No token at all: in a process of its own, without RAY_AUTH_* (with RAY_AUTH_MODE=token, which Ray reads
+    # once per process, its client would send the token it finds itself).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-c", NO_TOKEN_SUBMIT, cluster.dashboard, str(spec), str(workdir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Authentication required" in proc.stderr, proc.stderr
+    assert cluster.job_ids() == before  # neither was submitted
 
 
 def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
@@ -440,3 +456,31 @@ def test_ray_submit_brings_the_weights_back_to_this_machine(cluster, workdir, tm
     weights = load_npz(out)
     assert weights["W1"].shape == (8, 4) and "x_mean" in weights and "spec" in weights
     assert oct(out.stat().st_mode & 0o777) == "0o644"
+
+
+def test_health_says_ray_starts_with_the_first_job_that_needs_it(monkeypatch):
+    """/health's Ray entry, through each state of the connection (no Ray is started: capacity is held)."""
+    import threading
+
+    from service.server.cluster import Cluster, ClusterUnavailable
+
+    cluster = Cluster(None)
+    assert cluster.status() == {"connected": False, "address": "local",
+                                "note": "Ray starts when the first job that needs it arrives"}
+    entered, release = threading.Event(), threading.Event()
+
+    def unreachable():
+        entered.set()
+        release.wait(10)
+        raise ClusterUnavailable("no Ray head answers at 10.0.0.9:6379")
+
+    monkeypatch.setattr(cluster, "capacity", unreachable)
+    cluster.start_background()
+    assert entered.wait(10)
+    assert cluster.status()["note"] == "Ray is starting"
+    release.set()
+    deadline = time.monotonic() + 10
+    while "error" not in cluster.status() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cluster.status() == {"connected": False, "address": "local",
+                                "error": "no Ray head answers at 10.0.0.9:6379"}

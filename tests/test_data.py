@@ -168,10 +168,17 @@ def test_shards_partition_the_training_set_and_the_layout_finds_every_row(standa
         np.testing.assert_array_equal(train.X[layout.position[lo:hi]], ds.X_train[lo:hi])
         np.testing.assert_array_equal(train.y[layout.position[lo:hi]], ds.y_train[lo:hi])
     assert sum(len(train.X) for train, _ in parts) == ds.n_train == 120
-    # each worker's slice of the validation rows: together, the validation set once
+    # each worker's slice of the validation rows: together, the validation set once (iris has duplicate rows:
+    # compared as multisets, row by row, not as sets)
     val = np.concatenate([v.X for _, v in parts])
     assert len(val) == len(ds.X_val) == 30
-    np.testing.assert_array_equal(np.unique(val, axis=0), np.unique(ds.X_val, axis=0))
+    np.testing.assert_array_equal(val[np.lexsort(val.T)], ds.X_val[np.lexsort(ds.X_val.T)])
+    # worker k holds validation rows [10k, 10k + 10) of the validation order, in source order
+    val_rows = Split(model.seed, 150, 0.2).val_rows()
+    for k, (_, v) in enumerate(parts):
+        mine = slice(10 * k, 10 * k + 10)
+        np.testing.assert_array_equal(v.X, ds.X_val[mine][np.argsort(val_rows[mine])])
+        np.testing.assert_array_equal(v.y, ds.y_val[mine][np.argsort(val_rows[mine])])
     batch = np.random.default_rng(0).permutation(120)[:50]
     split = layout.split_batch(batch)
     got = np.concatenate([parts[k][0].X[positions] for k, positions in enumerate(split)])
@@ -246,8 +253,9 @@ def _csv(path, table, header):
 
 
 def _parquet(path, table, header):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # in the dev extra: a missing pyarrow fails, it does not skip
+    import pyarrow.parquet as pq
+
     pq.write_table(pa.table({f"c{i}": table[:, i] for i in range(table.shape[1])}), path)
 
 

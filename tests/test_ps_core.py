@@ -53,3 +53,77 @@ def test_a_round_in_which_no_worker_had_rows_is_not_a_step():
     c.apply_parts([(np.zeros(8), 0.0, 0), (np.zeros(8), 0.0, 0)])
     assert c.state.step == 0 and c.state.version == 0 and c.step_losses == []
     np.testing.assert_array_equal(c.weights(), np.arange(8))
+
+
+# -- the parameter server's async bookkeeping (the class itself, in this process; W refs need Ray) ------------
+def async_server(**opt):
+    from service.engine.parameter_server import ParameterServer
+
+    spec = parse_spec({"model": {"layers": [3, 2]},
+                       "optimizer": {"method": "sgd", "lr": 0.5, "schedule": "inverse_time", "decay_steps": 2, **opt},
+                       "cluster": {"num_workers": 2, "mode": "async", "max_staleness": 1, "dtype": "float64"}})
+    server = ParameterServer(spec.model_dump_json(), 8, trace=True)
+    server.restore({"W": np.arange(8, dtype=np.float64)}, {"step": 0, "version": 0})
+    return server
+
+
+def test_async_pushes_are_recorded_with_their_read_version_rows_and_step_size(ray_session):
+    from service.engine.parameter_server import Join, Update
+    from workers.gradient_worker import APPLIED, STALE
+
+    server = async_server()
+    server.begin_epoch(4, None)
+    _, pass_0, version, _ = server.join_epoch(0)
+    _, pass_1, _, _ = server.join_epoch(1)
+    g = np.ones(8)
+    assert server.push(2 * g, 1.0, 2, version, 0, pass_0, np.array([5, 7]))[:2] == (APPLIED, 1)
+    assert server.push(g, 1.0, 1, version, 1, pass_1, np.array([3]))[:2] == (APPLIED, 2)  # one version old
+    assert server.push(g, 1.0, 1, version, 1, pass_1, np.array([4]))[:2] == (STALE, 2)  # two: dropped
+    # sgd, eta_t = 0.5 / (1 + t / 2): t = 0 then t = 1, each with g_B = 1
+    np.testing.assert_array_equal(server.core.weights(), np.arange(8) - 0.5 - 0.5 / 1.5)
+    figures = server.end_epoch()[0]
+    assert figures["dropped"] == 1 and figures["staleness_max"] == 1 and figures["rejoins"] == 0
+    joins, updates = figures["trace"][:2], figures["trace"][2:]
+    assert joins == [Join(4, 0, 0, 0), Join(4, 1, 0, 0)]
+    assert [(u.epoch, u.shard, u.rows.tolist(), u.count, u.read_version, u.version, u.step, u.lr) for u in updates] \
+        == [(4, 0, [5, 7], 2, 0, 1, 0, 0.5), (4, 1, [3], 1, 0, 2, 1, 0.5 / 1.5)]
+    assert all(isinstance(u, Update) for u in updates) and server.end_epoch()[0]["trace"] == []  # handed over once
+
+
+def test_a_restarted_worker_resumes_after_its_applied_batches_and_its_old_pass_is_turned_away(ray_session):
+    from service.engine.parameter_server import Update
+    from workers.gradient_worker import APPLIED, STOP
+
+    server = async_server()
+    server.begin_epoch(0, None)
+    _, old_pass, version, _ = server.join_epoch(0)
+    g = np.ones(8)
+    for _ in range(2):
+        _, version, _ = server.push(g, 1.0, 1, version, 0, old_pass, np.array([0]))
+    done, new_pass, version, _ = server.join_epoch(0)  # the restarted worker
+    assert done == 2 and new_pass != old_pass
+    assert server.push(g, 1.0, 1, version, 0, old_pass, np.array([1]))[0] == STOP  # the dead pass's late push
+    assert server.push(g, 1.0, 1, version, 0, new_pass, np.array([1]))[0] == APPLIED
+    assert server.core.state.version == 3
+    figures = server.end_epoch()[0]
+    assert figures["rejoins"] == 1
+    assert [u.rows.tolist() for u in figures["trace"] if isinstance(u, Update)] == [[0], [0], [1]]
+
+
+def test_stop_and_the_step_budget_turn_every_later_push_away(ray_session):
+    from service.engine.parameter_server import Stop
+    from workers.gradient_worker import APPLIED, STOP
+
+    server = async_server()
+    server.begin_epoch(0, 1)  # one step of budget
+    _, p, version, _ = server.join_epoch(0)
+    g = np.ones(8)
+    assert server.push(g, 1.0, 1, version, 0, p, np.array([0]))[0] == APPLIED
+    assert server.push(g, 1.0, 1, version + 1, 0, p, np.array([1]))[0] == STOP
+    server.end_epoch()
+    server.begin_epoch(1, None)
+    _, p, version, _ = server.join_epoch(0)
+    server.stop()
+    assert server.push(g, 1.0, 1, version, 0, p, np.array([2]))[0] == STOP
+    figures = server.end_epoch()[0]
+    assert server.core.state.version == 1 and figures["trace"][-1] == Stop(1)

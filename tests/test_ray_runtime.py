@@ -76,18 +76,36 @@ def test_the_update_is_an_average_not_a_sum_of_worker_gradients():
     assert d2 == pytest.approx(d1, rel=1e-10)
 
 
-def test_metrics_carry_every_field_of_the_design():
+def test_metrics_carry_every_field_of_the_design(replay, torch_ref):
+    """Each figure of the last epoch against the torch replay of the same 45 steps (MATH.md's definitions)."""
+    spec = digits_spec(**{"stopping.weight_change_tol": 1e-9})
     seen: list[EpochMetrics] = []
-    result = train(digits_spec(**{"stopping.weight_change_tol": 1e-9}), Hooks(on_epoch=seen.append))
+    result = train(spec, Hooks(on_epoch=seen.append))
     assert result.state == JobState.SUCCEEDED and result.stop_reason == StopReason.MAX_EPOCHS
     assert [m.epoch for m in seen] == [1, 2, 3]
     m = seen[-1]
     assert m.job_id == "t" and m.step == 3 * 15 and m.samples_seen == 3 * 1438 and m.batch_size == 100
     assert m.lr == 0.5
-    for name in ("train_loss", "val_loss", "val_accuracy", "weight_norm", "weight_change", "grad_avg_norm",
-                 "grad_noise", "samples_per_second", "elapsed_seconds"):
-        value = getattr(m, name)
-        assert value is not None and np.isfinite(value) and value >= 0, name
+    ds = load_dataset(spec.data, spec.model)
+    ref = replay(spec, ds, 45)
+    np.testing.assert_allclose(result.weights, ref["W"], rtol=0, atol=1e-10)
+    g = np.array(ref["grads"][30:45])  # epoch 3's steps
+    g_bar = g.mean(axis=0)
+    assert m.train_loss == pytest.approx(ref["losses"][30:45].mean(), rel=1e-10)
+    assert m.grad_avg_norm == pytest.approx(np.linalg.norm(g_bar), rel=1e-9)
+    assert m.grad_noise == pytest.approx(np.sqrt(np.mean(np.sum((g - g_bar) ** 2, axis=1))), rel=1e-6)
+    W_before, W = ref["weights"][30], ref["weights"][45]
+    assert m.weight_norm == pytest.approx(np.linalg.norm(W), rel=1e-10)
+    assert m.weight_change == pytest.approx(np.linalg.norm(W - W_before) / np.linalg.norm(W_before), rel=1e-8)
+    layers, model = spec.model.layers, spec.model
+    assert m.val_loss == pytest.approx(
+        torch_ref.mean_loss(layers, model.activation, model.loss, W, ds.X_val, ds.y_val), rel=1e-9)
+    with torch_ref.torch.no_grad():
+        out = torch_ref.model(layers, model.activation, W)(torch_ref.torch.from_numpy(ds.X_val)).numpy()
+    assert m.val_accuracy == np.mean(out.argmax(axis=1) == ds.y_val)
+    # The rate is this epoch's samples over this epoch's seconds, the same seconds elapsed_seconds adds up.
+    assert m.samples_per_second * (m.elapsed_seconds - seen[1].elapsed_seconds) == pytest.approx(1438, rel=1e-9)
+    assert 0 < seen[0].elapsed_seconds < seen[1].elapsed_seconds < m.elapsed_seconds
     assert m.staleness_mean is None and m.staleness_max is None  # sync steps are never stale
     assert [c.name for c in m.criteria] == ["weight_change", "max_epochs"]
     assert m.criteria[1].value == 3 and m.criteria[1].threshold == 3 and m.criteria[1].met
@@ -114,18 +132,25 @@ def test_async_drops_gradients_older_than_max_staleness():
 
 
 def killer(at_step: int, target):
-    """A should_cancel hook that kills an actor of the engine just before the given step."""
+    """A should_cancel hook that kills an actor of the engine just before the given step. It keeps the evidence
+    that the kill landed: the actor's pid before the kill and after each later epoch, the engine itself."""
 
     def hook(engine):
         calls = {"n": 0}
+        hook.engine, hook.incarnation, hook.pids = engine, engine.incarnation, []
 
         def should_cancel():
             calls["n"] += 1
             if calls["n"] == at_step:
+                hook.pids.append(ray.get(target(engine).pid.remote()))
                 ray.kill(target(engine), no_restart=False)
             return False
 
-        return Hooks(should_cancel=should_cancel, job_dir=hook.job_dir)
+        def on_epoch(m):
+            if hook.pids:
+                hook.pids.append(ray.get(target(engine).pid.remote()))
+
+        return Hooks(should_cancel=should_cancel, on_epoch=on_epoch, job_dir=hook.job_dir)
 
     return hook
 
@@ -137,6 +162,8 @@ def test_a_killed_worker_is_restarted_and_sync_weights_equal_an_undisturbed_run(
     hook.job_dir = tmp_path
     disturbed = train(spec, engine_hook=hook)
     assert disturbed.state == JobState.SUCCEEDED and len(disturbed.metrics) == 4
+    assert len(hook.pids) == 4 and hook.pids[0] != hook.pids[1] == hook.pids[-1]  # one new process, kept
+    assert hook.engine.worker_restarts == 1 and hook.engine.server_recoveries == 0
     np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
 
 
@@ -148,15 +175,20 @@ def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path):
     disturbed = train(spec, engine_hook=hook)
     assert disturbed.state == JobState.SUCCEEDED
     assert [m.epoch for m in disturbed.metrics] == [1, 2, 3, 4]
+    assert len(hook.pids) == 3 and hook.pids[0] != hook.pids[1] == hook.pids[-1]  # one new process, kept
+    assert hook.engine.incarnation != hook.incarnation and hook.engine.server_recoveries == 1
     assert (tmp_path / CHECKPOINT).exists()
     np.testing.assert_allclose(disturbed.weights, undisturbed.weights, rtol=0, atol=1e-12)
 
 
-def test_async_goes_on_after_a_worker_is_killed(tmp_path):
+def test_async_goes_on_after_a_worker_is_killed_between_epochs(tmp_path):
+    """Killed while idle, it restarts before its next pass; tests/test_async_replay.py kills one mid-pass."""
     spec = digits_spec(**{"cluster.mode": "async", "stopping.max_epochs": 3, "batch.size": 50})
+    pids = []
 
     def hook(engine):
         def on_epoch(m):
+            pids.append(ray.get(engine.workers[0].pid.remote()))
             if m.epoch == 1:
                 ray.kill(engine.workers[0], no_restart=False)
 
@@ -164,6 +196,7 @@ def test_async_goes_on_after_a_worker_is_killed(tmp_path):
 
     result = train(spec, engine_hook=hook)
     assert result.state == JobState.SUCCEEDED and [m.epoch for m in result.metrics] == [1, 2, 3]
+    assert pids[0] != pids[1] == pids[2]  # the kill landed: a new process held shard 1 for epochs 2 and 3
     assert result.metrics[-1].step == 3 * 30
 
 
@@ -248,6 +281,7 @@ def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp
     finally:
         engine.close()
     assert pids[0] != pids[1]  # the kill landed: a new process holds shard 2
+    assert engine.worker_restarts == 0  # no repair on this path: Ray retried the pure gradient() call itself
     np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
 
 

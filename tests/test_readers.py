@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from client.spec import DataSpec, ModelSpec
 from workers.readers import CHUNK_ROWS, DataError, feature_stats, open_source
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["npy", "npz", "csv", "csv_header", "parquet", "parquet_dir", "parquet_uri"]

@@ -170,8 +170,13 @@ def test_a_job_cancelled_just_before_the_server_died_is_not_resumed(make_schedul
     second.start()
     got = second.store.get(job)
     assert (got.state, got.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
-    time.sleep(0.1)
-    assert trainer.started == []
+    # A job submitted now starts first: had the cancelled one been requeued, it would have gone before it.
+    fresh = second.submit(spec()).id
+    wait_until(lambda: trainer.started)
+    assert trainer.started == [fresh]
+    trainer.finish(fresh)
+    wait_until(lambda: state(second, fresh) == JobState.SUCCEEDED)
+    assert trainer.started == [fresh] and state(second, job) == JobState.CANCELLED
 
 
 def test_admission_waits_for_cpus_and_says_why(make_scheduler):

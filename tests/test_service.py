@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from client import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
+from workers.mlp import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,8 @@ def data_root(tmp_path_factory) -> Path:
     np.savez(root / "three_features.npz", X=X[:, :3], y=y)
     np.savetxt(root / "three_features.csv", np.column_stack([X[:, :3], y]), delimiter=",")
     (root / "escape.npz").symlink_to("/etc/hosts")
+    (root / "parquet_escape").mkdir()
+    (root / "parquet_escape" / "part-0.parquet").symlink_to("/etc/hosts")  # a data directory's file leading out
     return root
 
 
@@ -461,6 +464,7 @@ def test_bad_specs_are_4xx_naming_the_field(client, server, content_type, body, 
         ("data.path", "../../../etc/hosts", "is outside the server's data root"),
         ("data.path", "/etc/hosts", "is outside the server's data root"),
         ("data.path", "escape.npz", "is outside the server's data root"),  # a symlink out
+        ("data.path", "parquet_escape", "part-0.parquet leads outside"),  # a file of a data directory
         ("init_weights", "/etc/hosts", "is outside the server's data root"),
         ("data.path", "bad\x00name.npz", "not a usable path"),
         ("data.path", "x" * 5000 + ".npz", "not a usable path"),
@@ -476,6 +480,78 @@ def test_paths_must_exist_within_the_data_root(client, server, make_spec, field,
     assert response.status_code == 422
     assert response.json()["errors"] == [{"field": field, "message": response.json()["errors"][0]["message"]}]
     assert words in response.json()["detail"] and field in response.json()["detail"]
+
+
+def weights_for(spec, seed: int) -> dict[str, np.ndarray]:
+    from workers.mlp import init_params, to_dict
+
+    W = init_params(spec.model.layers, 0.5, np.random.default_rng(seed), np, np.float64)
+    return to_dict(W, spec.model.layers)
+
+
+def test_init_weights_relative_or_through_a_symlinked_folder_inside_the_root(client, make_spec, data_root,
+                                                                            tmp_path):
+    spec = make_spec({"stopping": {"max_epochs": 0}})  # the job's weights are its init_weights
+    folder = data_root / f"weights-{tmp_path.name}"
+    folder.mkdir()
+    np.savez(folder / "w0.npz", **weights_for(spec, 1))
+    (data_root / f"link-{tmp_path.name}").symlink_to(folder)  # a folder link that stays inside the root
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    np.savez(outside / "w0.npz", **weights_for(spec, 2))
+    (data_root / f"out-{tmp_path.name}").symlink_to(outside)
+
+    for given in (f"{folder.name}/w0.npz", f"link-{tmp_path.name}/w0.npz", f"./{folder.name}/../{folder.name}/w0.npz"):
+        job = client.submit(spec.model_copy(update={"init_weights": given}))
+        assert job.info().spec.init_weights == str(folder.resolve() / "w0.npz"), given
+        info = job.wait(timeout=60)
+        assert (info.state, info.stop_reason) == (JobState.SUCCEEDED, StopReason.MAX_EPOCHS), info.error
+        got = job.weights()
+        for name, want in weights_for(spec, 1).items():
+            np.testing.assert_array_equal(got[name], want)
+    with pytest.raises(SpecError) as e:
+        client.submit(spec.model_copy(update={"init_weights": f"out-{tmp_path.name}/w0.npz"}))
+    assert e.value.errors[0]["field"] == "init_weights"
+    assert f"out-{tmp_path.name}/w0.npz is outside the server's data root" in e.value.message
+
+
+@pytest.mark.parametrize("field, swapped", [("data.path", "file"), ("data.path", "folder"),
+                                            ("init_weights", "file")])
+def test_a_file_swapped_for_a_symlink_out_of_the_root_after_submit_is_not_read(
+        client, make_spec, data_root, tmp_path, field, swapped):
+    """The path was checked at submit; the job starts later and must not follow what was put there since.
+    Outside the root lies a file the job could read: only the check stands in its way."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    spec = make_spec(QUICK)
+    contents = {"data.path": lambda f: np.savez(f, X=X, y=y), "init_weights": lambda f: np.savez(
+        f, **weights_for(spec, 3))}[field]
+    folder = data_root / f"swap-{tmp_path.name}"
+    folder.mkdir()
+    contents(folder / "file.npz")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    contents(outside / "file.npz")
+    given = f"{folder.name}/file.npz"
+    changes = {"data": {"source": "file", "path": given}} if field == "data.path" else {"init_weights": given}
+
+    holding = blockers(client, make_spec)
+    job = client.submit(make_spec({**QUICK, **changes}))
+    wait_for(lambda: job.info().waiting_reason)
+    if swapped == "file":
+        (folder / "file.npz").unlink()
+        (folder / "file.npz").symlink_to(outside / "file.npz")
+    else:
+        folder.rename(data_root / f"moved-{tmp_path.name}")
+        folder.symlink_to(outside)
+    for b in holding:
+        b.cancel()
+    info = job.wait(timeout=60)
+    assert (info.state, info.stop_reason) == (JobState.FAILED, StopReason.ERROR)
+    assert info.error.startswith(f"{field}: {folder / 'file.npz'} changed since the job was submitted: it now "
+                                 f"leads to {outside.resolve() / 'file.npz'} through a symlink"), info.error
+    assert job.metrics() == []
 
 
 def test_file_data_in_the_data_root_trains_and_data_that_does_not_fit_fails(client, make_spec):
@@ -554,6 +630,55 @@ def test_ray_jobs_wait_for_free_cpus_and_oversized_ones_are_rejected(client, mak
     assert [m.epoch for m in waiting.metrics()] == [1, 2, 3]
 
 
+def same_numbers(got: list, want: list) -> None:
+    """Two runs' epochs: every figure but the timings equal to 1e-12."""
+    timings = {"job_id", "samples_per_second", "elapsed_seconds"}
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        a, b = g.model_dump(mode="json", exclude=timings), w.model_dump(mode="json", exclude=timings)
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(b[key], float):
+                assert a[key] == pytest.approx(b[key], rel=0, abs=1e-12), (w.epoch, key)
+            else:
+                assert a[key] == b[key], (w.epoch, key)
+
+
+def run_side_by_side(client, specs: list) -> list:
+    """Submit the jobs at once; one listing must show them all running and past their first epoch together."""
+    jobs = [client.submit(spec) for spec in specs]
+    ids = {j.id for j in jobs}
+
+    def all_mid_run() -> bool:
+        listed = [i for i in client.list() if i.id in ids]
+        return all(i.state == JobState.RUNNING and (i.epoch or 0) >= 1 for i in listed)
+
+    wait_for(all_mid_run, timeout=300, every=0.01)
+    return jobs
+
+
+@pytest.mark.parametrize("num_workers", [0, 1], ids=["in-process", "ray-K1"])
+def test_jobs_side_by_side_give_the_numbers_each_gives_alone(client, make_spec, train_local, num_workers):
+    """Two different jobs in the two job slots at once. On Ray one worker each: the local Ray here has 2 CPUs,
+    and two K=2 jobs would run one after the other. One Ray worker computes exactly what the in-process
+    engine does (one part, the same rows in the same order), so both compare with the in-process run alone."""
+    base = SLOW if num_workers == 0 else {"batch": {"size": 2}}  # ~0.15 s an epoch either way
+    specs = [make_spec({**base, "data": {**base.get("data", {}), "validation_fraction": 0.2},
+                        "model": {**base.get("model", {}), "seed": seed},
+                        "optimizer": {"lr": lr, "alpha": alpha}, "stopping": {"max_epochs": 5},
+                        "cluster": {"num_workers": num_workers}})
+             for seed, lr, alpha in ((11, 0.01, 0.5), (12, 0.02, 0.3))]
+    jobs = run_side_by_side(client, specs)
+    for job, spec in zip(jobs, specs, strict=True):
+        info = job.wait(timeout=300)
+        assert (info.state, info.epoch) == (JobState.SUCCEEDED, 5), info.error
+        alone, _, _ = train_local(spec.model_copy(update={"cluster": spec.cluster.model_copy(
+            update={"num_workers": 0})}))
+        same_numbers(job.metrics(), alone.metrics)
+        W = from_dict(job.weights(), spec.model.layers, np.float64)
+        np.testing.assert_allclose(W, alone.weights, rtol=0, atol=1e-12)
+
+
 def test_cli_against_the_real_server(client, server, make_spec, tmp_path):
     spec_file = tmp_path / "iris.yaml"
     spec_file.write_text(yaml.safe_dump(make_spec({"name": "cli-iris"}).model_dump(mode="json")))
@@ -580,17 +705,42 @@ def test_cli_against_the_real_server(client, server, make_spec, tmp_path):
     assert missing.returncode == 1 and "error: no job with id nope" in missing.stderr
 
 
-def test_token_protects_every_route_but_health(tmp_path):
+def test_token_protects_every_route_but_health(tmp_path, make_spec):
     server = Server(tmp_path / "data", env={"POLYAK_TOKEN": "s3cret"}).start()
     try:
+        right = server.client(token="s3cret")
+        job = right.submit(make_spec({**QUICK, "data": {"validation_fraction": 0.2}}))
+        assert job.wait(timeout=60).state == JobState.SUCCEEDED
+        spec = make_spec(QUICK).model_dump(mode="json")
+        routes = [("GET", "/jobs", None), ("POST", "/jobs", spec), ("GET", f"/jobs/{job.id}", None),
+                  ("GET", f"/jobs/{job.id}/metrics", None), ("GET", f"/jobs/{job.id}/events", None),
+                  ("GET", f"/jobs/{job.id}/weights", None), ("GET", f"/jobs/{job.id}/weights?which=best", None),
+                  ("POST", f"/jobs/{job.id}/cancel", None), ("POST", f"/jobs/{job.id}/resubmit", None)]
+        wrong = ({"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}, {"Authorization": "s3cret"})
+        for method, path, body in routes:
+            for headers, words in [({}, "missing bearer token"), *((h, "bearer token") for h in wrong)]:
+                response = httpx.request(method, f"{server.url}{path}", json=body, headers=headers, timeout=30)
+                assert response.status_code == 401, (method, path, headers, response.text)
+                assert words in response.json()["detail"], (method, path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+            wrong_token = httpx.request(method, f"{server.url}{path}", json=body,
+                                        headers={"Authorization": "Bearer s3cre"}, timeout=30)
+            assert (wrong_token.status_code, wrong_token.json()) == (401, {"detail": "wrong bearer token"}), path
         assert httpx.get(f"{server.url}/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
-            response = httpx.get(f"{server.url}/jobs", headers=headers)
-            assert response.status_code == 401 and "token" in response.json()["detail"]
-        assert httpx.post(f"{server.url}/jobs", json={}).status_code == 401
-        with pytest.raises(Unauthorized):
-            server.client(token="wrong").list()
-        assert server.client(token="s3cret").list() == []
+        assert [j.id for j in right.list()] == [job.id]  # nothing above submitted, cancelled or resubmitted
+        assert right.get(job.id).state == JobState.SUCCEEDED
+
+        intruder = server.client(token="wrong")
+        for call in (intruder.list, lambda: intruder.get(job.id), lambda: list(intruder.events(job.id)),
+                     lambda: intruder.weights(job.id), lambda: intruder.metrics(job.id)):
+            with pytest.raises(Unauthorized, match="wrong bearer token"):
+                call()
+        # The right token: the whole event stream, as a listener that joined at the start would see it.
+        events = list(right.events(job.id))
+        assert [k for k, _ in events] == ["state", "epoch", "epoch", "epoch", "end"]
+        assert [m.epoch for k, m in events if k == "epoch"] == [1, 2, 3]
+        assert events[-1][1].state == JobState.SUCCEEDED
+        assert right.weights(job.id, "best")["W1"].shape == (16, 4)
     finally:
         server.stop()
 

@@ -38,7 +38,7 @@ class Recording:
         e.step(batch)
 
 
-def test_digits_reaches_95_percent_and_compares_with_sklearn(make_spec, train_local, record_property):
+def test_digits_reaches_95_percent_and_matches_sklearn(make_spec, train_local, record_property):
     spec = make_spec(
         {
             "model": {"layers": [64, 64, 10], "activation": "relu", "seed": 0},
@@ -51,6 +51,7 @@ def test_digits_reaches_95_percent_and_compares_with_sklearn(make_spec, train_lo
     )
     result, ds, _ = train_local(spec)
     acc = result.metrics[-1].val_accuracy
+    from sklearn.metrics import log_loss
     from sklearn.neural_network import MLPClassifier
 
     # the same heavy ball in scikit-learn: lr = alpha * eta, momentum = 1 - alpha, batch 32, 20 epochs
@@ -69,12 +70,19 @@ def test_digits_reaches_95_percent_and_compares_with_sklearn(make_spec, train_lo
         warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter
         clf.fit(ds.X_train, ds.y_train)
     sk_acc = clf.score(ds.X_val, ds.y_val)
-    print(f"\ndigits 64-64-10, 20 epochs: polyak val accuracy {acc:.4f}, scikit-learn MLPClassifier {sk_acc:.4f}")
+    sk_loss = log_loss(ds.y_val, clf.predict_proba(ds.X_val), labels=range(10))
+    loss = result.metrics[-1].val_loss
+    print(f"\ndigits 64-64-10, 20 epochs, val accuracy / loss: polyak {acc:.4f} / {loss:.4f}, "
+          f"scikit-learn MLPClassifier {sk_acc:.4f} / {sk_loss:.4f}")
     record_property("polyak_val_accuracy", acc)
     record_property("sklearn_val_accuracy", sk_acc)
     assert result.state == JobState.SUCCEEDED and result.stop_reason == StopReason.MAX_EPOCHS
-    assert acc >= 0.95
-    assert sk_acc > 0.9
+    # The same method, step and momentum from another init and shuffle: as accurate to one point (3-4 of the
+    # 359 held-out digits; measured 0.986 against 0.972-0.981 over sklearn seeds 0-3), and the same
+    # cross-entropy to 30% (0.123 against 0.107-0.148): a mis-scaled step or loss lands outside both.
+    assert acc >= 0.95 and sk_acc > 0.95
+    assert acc >= sk_acc - 0.01
+    assert loss == pytest.approx(sk_loss, rel=0.3)
     # the reported accuracy is the returned weights' accuracy on the held-out rows
     from workers.mlp import MLP
 

@@ -94,17 +94,19 @@ class GradientWorker:
         """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.
 
         A stale gradient is recomputed at fresh weights. After a restart the worker skips the batches
-        the server already applied this epoch. Returns the number of pushes that were applied.
+        the server already applied this epoch (its order is a function of the spec and epoch alone), and the
+        server turns away any late push of the pass it replaces. Returns the number of pushes that were applied.
         """
         n = self.X.shape[0]
         order = np.random.default_rng([self.seed, 3, epoch, self.shard]).permutation(n)
-        done, version, (w_ref,) = ray.get(server.join_epoch.remote(self.shard))
+        done, pass_id, version, (w_ref,) = ray.get(server.join_epoch.remote(self.shard))
         applied = 0
         for start in range(done * batch_size, n, batch_size):
             rows = order[start : start + batch_size]
             while True:
                 g, loss_sum, count = self.gradient(ray.get(w_ref), rows)
-                status, version, (w_ref,) = ray.get(server.push.remote(g, loss_sum, count, version, self.shard))
+                push = server.push.remote(g, loss_sum, count, version, self.shard, pass_id, rows)
+                status, version, (w_ref,) = ray.get(push)
                 if status != STALE:
                     break
             if status == STOP:

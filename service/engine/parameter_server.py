@@ -5,6 +5,11 @@ W goes to the K workers, their gradient sums come back, and ``apply`` takes one 
 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
 answers with the current version and a reference to W, put in the object store once per version.
+
+Asked for (``trace=True``, a debugging and testing aid, off by default), the server records what it did in
+async mode: every applied update with the version its W was read at and its rows, each worker joining an
+epoch, a cancel reaching it. The engine fetches the records with each epoch's figures; they are enough to
+replay the run from W0 (tests/test_async_replay.py does, in NumPy).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -23,8 +29,47 @@ from service.engine.ps_core import ServerCore
 from workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 
 
+@dataclass(frozen=True)
+class Update:
+    """An applied async update: the mean gradient of ``rows`` at the W of ``read_version``, applied as step
+    ``step`` (step size ``lr``) to the W of ``version - 1``."""
+
+    epoch: int
+    shard: int
+    rows: np.ndarray  # the batch: positions in the shard here; training-set rows once the engine has it
+    count: int
+    read_version: int
+    version: int  # the version this update produced
+    step: int  # t before the update: eta_t
+    lr: float
+
+
+@dataclass(frozen=True)
+class Join:
+    """A worker starting its pass over its shard, or resuming it after a restart: it skips ``skipped`` batches."""
+
+    epoch: int
+    shard: int
+    skipped: int
+    version: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A cancel reached the server at ``version``: every push after it is turned away."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class Restore:
+    """The engine put the server back at ``version`` (0: W0; else a checkpoint's W and buffers)."""
+
+    version: int
+
+
 class ParameterServer:
-    def __init__(self, spec_json: str, num_params: int):
+    def __init__(self, spec_json: str, num_params: int, trace: bool = False):
         # Weights arrive by restore(): a restarted actor then holds nothing stale, and no constructor
         # argument has to outlive its object-store reference.
         spec = JobSpec.model_validate_json(spec_json)
@@ -36,14 +81,22 @@ class ParameterServer:
         # A restarted actor runs __init__ again with the initial weights: the driver notices by this id.
         self.incarnation = uuid.uuid4().hex
         self.update_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)  # per applied step, for benchmarks
-        self._begin_epoch(step_limit=None)
+        self.tracing = trace
+        self.trace: list[Update | Join | Stop] = []  # this epoch's records; handed over by end_epoch
+        self._begin_epoch(step_limit=None, epoch=-1)
 
-    def _begin_epoch(self, step_limit: int | None) -> None:
+    def _begin_epoch(self, step_limit: int | None, epoch: int) -> None:
+        self.epoch = epoch
         self.step_limit = step_limit
         self.stopped = False
         self.staleness: list[int] = []
         self.dropped = 0
         self.applied_by_shard: dict[int, int] = {}
+        # Each join starts a pass with a new id, unique across epochs and restarts of this actor: a second join
+        # in one epoch is a restarted worker, and the pushes of any pass but a shard's latest this epoch are
+        # turned away, however late they arrive.
+        self.passes: dict[int, str] = {}
+        self.rejoins = 0
 
     # -- sync (the compiled graph's two server nodes) ------------------------------------------------
     def current(self, _rows) -> np.ndarray:
@@ -60,12 +113,19 @@ class ParameterServer:
         return self.core.state.step
 
     # -- async -------------------------------------------------------------------------------------
-    def begin_epoch(self, step_budget: int | None) -> None:
-        """Async: the PS stops accepting gradients after ``step_budget`` more steps (or ``stop``)."""
-        self._begin_epoch(None if step_budget is None else self.core.state.step + step_budget)
+    def begin_epoch(self, epoch: int, step_budget: int | None) -> str:
+        """Async: the PS stops accepting gradients after ``step_budget`` more steps (or ``stop``). Answers
+        with its incarnation: a server that restarted since the last epoch must not be trained on."""
+        self._begin_epoch(None if step_budget is None else self.core.state.step + step_budget, epoch)
+        return self.incarnation
 
     def stop(self) -> None:
         self.stopped = True
+        self._record(Stop(self.core.state.version))
+
+    def _record(self, item) -> None:
+        if self.tracing:
+            self.trace.append(item)
 
     def _current(self) -> tuple[int, list]:
         version = self.core.state.version
@@ -74,26 +134,38 @@ class ParameterServer:
         return version, [self._published[1]]  # in a list so Ray hands over the reference, not the array
 
     def join_epoch(self, shard: int):
-        """(batches of this shard already applied this epoch, version, [W ref])."""
-        return (self.applied_by_shard.get(shard, 0), *self._current())
+        """(batches of this shard already applied this epoch, this pass's id, version, [W ref])."""
+        if shard in self.passes:
+            self.rejoins += 1
+        self.passes[shard] = uuid.uuid4().hex
+        done = self.applied_by_shard.get(shard, 0)
+        self._record(Join(self.epoch, shard, done, self.core.state.version))
+        return (done, self.passes[shard], *self._current())
 
-    def push(self, grad_sum: np.ndarray, loss_sum: float, count: int, version: int, shard: int):
-        """Apply a worker's gradient computed at ``version``, unless stale; answers (status, version, [W ref])."""
-        if self.stopped or (self.step_limit is not None and self.core.state.step >= self.step_limit):
+    def push(self, grad_sum: np.ndarray, loss_sum: float, count: int, version: int, shard: int, pass_id: str,
+             rows: np.ndarray):
+        """Apply a worker's gradient of ``rows`` computed at ``version``, unless stale; answers
+        (status, version, [W ref])."""
+        state = self.core.state
+        if (self.stopped or (self.step_limit is not None and state.step >= self.step_limit)
+                or pass_id != self.passes.get(shard)):  # a dead worker's late push: its restart redoes it
             return (STOP, *self._current())
-        staleness = self.core.state.version - version
+        staleness = state.version - version
         if staleness > self.max_staleness:
             self.dropped += 1
             return (STALE, *self._current())
+        step, lr = state.step, self.core.optimizer.lr(state.step)
         started = time.perf_counter()
         self.core.apply(grad_sum, loss_sum, count)
         self.update_seconds.append(time.perf_counter() - started)
         self.staleness.append(staleness)
         self.applied_by_shard[shard] = self.applied_by_shard.get(shard, 0) + 1
+        self._record(Update(self.epoch, shard, np.asarray(rows), count, version, self.core.state.version, step, lr))
         return (APPLIED, *self._current())
 
     # -- both --------------------------------------------------------------------------------------
-    def end_epoch(self) -> tuple[dict, np.ndarray]:
+    def end_epoch(self) -> tuple[dict, dict[str, np.ndarray], dict]:
+        """(figures, arrays, counters): the epoch's figures and the whole state a checkpoint of it holds."""
         figures = self.core.end_epoch()
         if self.staleness or self.dropped:  # async only: sync steps are never stale
             figures.update(
@@ -101,17 +173,16 @@ class ParameterServer:
                 staleness_max=int(max(self.staleness)) if self.staleness else None,
                 dropped=self.dropped,
             )
-        figures["incarnation"] = self.incarnation
-        self._begin_epoch(None)
-        return figures, self.core.state.W
-
-    def snapshot(self):
-        return self.core.snapshot()
+        figures.update(incarnation=self.incarnation, rejoins=self.rejoins, trace=self.trace)
+        self.trace = []
+        self._begin_epoch(None, -1)
+        return figures, *self.core.snapshot()
 
     def restore(self, arrays: dict, counters: dict) -> None:
         self.core.restore(arrays, counters)
         self._published = None
-        self._begin_epoch(None)
+        self.trace = []  # records of the state just replaced: the engine notes the restore itself
+        self._begin_epoch(None, -1)
 
     def ping(self) -> str:
         return self.incarnation

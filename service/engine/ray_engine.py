@@ -21,11 +21,14 @@ takes. Nothing waits forever: a step later than a bound derived from the measure
 node whose workers have no room to restart, fails the job with a message naming the node and actor.
 
 async: each worker runs its own pull/compute/push loop over its shard with ordinary actor calls; the
-server drops gradients more than ``max_staleness`` versions old.
+server drops gradients more than ``max_staleness`` versions old. A worker that dies is restarted by Ray and
+resumes its pass after the batches the server already applied. ``AsyncRayEngine(..., trace=True)`` keeps the
+server's record of every update (``engine.trace``): enough to replay the run from W0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -49,7 +52,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from client.ray_job import AUTH_HINT
 from client.spec import JobSpec
 from service.engine.checkpoint import load_checkpoint, save_checkpoint
-from service.engine.parameter_server import ParameterServer
+from service.engine.parameter_server import ParameterServer, Restore, Update
 from workers.backend import worker_device
 from workers.data import DataInfo, ShardLayout
 from workers.gradient_worker import GradientWorker
@@ -161,7 +164,7 @@ class RayEngine:
     recoverable = (ParameterServerLost, RayActorError)
     fatal = (ClusterFault,)
 
-    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, trace: bool = False):
         K = spec.cluster.num_workers
         cpus = ray.cluster_resources().get("CPU", 0)
         if K > cpus:
@@ -172,6 +175,11 @@ class RayEngine:
         self.layout = ShardLayout.of(spec.data, spec.model, info, K)
         self.W0 = np.asarray(W0)
         self.driver_node = ray.get_runtime_context().get_node_id()
+        # Evidence that a fault was survived, not just absent: Ray restarts actors without telling anyone.
+        self.worker_restarts = 0
+        self.server_recoveries = 0
+        self.trace: list | None = [] if trace else None  # the server's records, fetched each epoch; each Restore
+        self._shard_rows = shard_rows(self.layout) if trace else None
         # The workers are asked for the driver's node, where their steps are cheapest, and go elsewhere when
         # it is full. Restarted workers rebuild their shard and Ray retries the call they died in: gradient()
         # is pure.
@@ -189,7 +197,7 @@ class RayEngine:
             num_cpus=0, max_restarts=-1, max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.driver_node, soft=False),
         )
-        self.server = server.remote(spec_json, self.W0.size)
+        self.server = server.remote(spec_json, self.W0.size, trace)
         try:
             self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
             self.worker_nodes = [info["node"] for info in self.worker_info]
@@ -214,14 +222,33 @@ class RayEngine:
         ray.get(self.server.restore.remote(arrays, counters))
         self.incarnation = ray.get(self.server.ping.remote())
         self.W = np.array(arrays["W"])
+        self._state = arrays, counters
+        if self.trace is not None:
+            self.trace.append(Restore(counters["version"]))
 
     # -- the trainer's interface --------------------------------------------------------------------
     def end_epoch(self) -> dict:
-        figures, W = ray.get(self.server.end_epoch.remote())
+        figures, arrays, counters = ray.get(self.server.end_epoch.remote())
         if figures.pop("incarnation") != self.incarnation:
             raise ParameterServerLost("the parameter server restarted during the epoch")
-        self.W = np.array(W)
+        # What checkpoint() writes: asking the server again later could reach one restarted since, whose
+        # zeros would be saved as the epoch's state.
+        self._state = arrays, counters
+        rejoins, records = figures.pop("rejoins"), figures.pop("trace")
+        if rejoins:
+            log.warning("%d gradient worker(s) restarted during the epoch; they resumed after their applied batches",
+                        rejoins)
+            self.worker_restarts += rejoins
+        if self.trace is not None:
+            self.trace.extend(self._in_training_rows(r) for r in records)
+        self.W = np.array(arrays["W"])
         return figures
+
+    def _in_training_rows(self, record):
+        """An Update's rows as indices into the training set (the server knows positions in a shard)."""
+        if not isinstance(record, Update):
+            return record
+        return dataclasses.replace(record, rows=self._shard_rows[record.shard][record.rows])
 
     def weights(self) -> np.ndarray:
         return self.W
@@ -234,7 +261,8 @@ class RayEngine:
         return sum(p[0] for p in parts), correct, sum(p[2] for p in parts)
 
     def checkpoint(self, path: str | Path, meta: dict) -> None:
-        arrays, counters = ray.get(self.server.snapshot.remote())
+        """The state of the last end_epoch (or restore): the trainer checkpoints right after an epoch."""
+        arrays, counters = self._state
         save_checkpoint(path, arrays, {**meta, **counters})
 
     def restore(self, path: str | Path) -> dict:
@@ -246,6 +274,7 @@ class RayEngine:
         """Wait for the restarted server, then put it back at the initial weights (a checkpoint may follow)."""
         _wait_until_alive(self.server)
         log.warning("parameter server lost; restored and resuming from the last checkpoint")
+        self.server_recoveries += 1
         self._reset()
 
     def close(self) -> None:
@@ -299,6 +328,16 @@ class RayEngine:
             suspects.append(f"the parameter server on node {self.driver_node[:8]}")
         who = "; no answer from " + ", ".join(suspects) if suspects else " (every actor still answers)"
         return f"a step did not finish within {waited:.0f} s{who}"
+
+
+def shard_rows(layout: ShardLayout) -> list[np.ndarray]:
+    """Per shard, the training row at each position: the inverse of ``layout.position``."""
+    out = []
+    for lo, hi in zip(layout.bounds[:-1], layout.bounds[1:], strict=True):
+        rows = np.empty(hi - lo, dtype=np.int64)
+        rows[layout.position[lo:hi]] = np.arange(lo, hi)
+        out.append(rows)
+    return out
 
 
 def _wait_until_alive(actor) -> None:
@@ -449,6 +488,7 @@ class SyncRayEngine(RayEngine):
         self._teardown()
         if ray.get(self.server.ping.remote()) != self.incarnation:
             raise ParameterServerLost("the parameter server restarted during the epoch")
+        self.worker_restarts += 1
         for worker in self.workers:
             _wait_until_alive(worker)
         applied = ray.get(self.server.step_count.remote()) - self.epoch_start_step
@@ -464,10 +504,6 @@ class SyncRayEngine(RayEngine):
         self.epoch_start_step, self.epoch_rows, self.repairs = figures["step"], [], 0
         return figures
 
-    def checkpoint(self, path: str | Path, meta: dict) -> None:
-        self._settle()
-        super().checkpoint(path, meta)
-
     def recover(self) -> None:
         self.inflight.clear()
         self._teardown()
@@ -481,13 +517,16 @@ class SyncRayEngine(RayEngine):
 
 
 class AsyncRayEngine(RayEngine):
+    """Bounded-staleness updates; ``trace=True`` keeps the server's record of every update in ``self.trace``."""
+
     mode = "async"
     drives_steps = True
 
     def run_epoch(self, epoch: int, batch_size: int, step_budget: int | None, should_cancel) -> bool:
         """Let every worker pass over its shard once (at most ``step_budget`` steps); True when cancelled."""
-        ray.get(self.server.begin_epoch.remote(step_budget))
-        runs = [w.run_async_epoch.remote(self.server, epoch, batch_size) for w in self.workers]
+        if ray.get(self.server.begin_epoch.remote(epoch, step_budget)) != self.incarnation:
+            raise ParameterServerLost("the parameter server restarted after the last epoch")
+        runs = [w.run_async_epoch.remote(self.pushes_to(), epoch, batch_size) for w in self.workers]
         pending, cancelled, checked = runs, False, time.monotonic()
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
@@ -499,3 +538,7 @@ class AsyncRayEngine(RayEngine):
                 checked = time.monotonic()
         ray.get(runs)
         return cancelled
+
+    def pushes_to(self):
+        """The handle the workers join, pull from and push to: the server (fault tests put a proxy between)."""
+        return self.server

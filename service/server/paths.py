@@ -4,7 +4,10 @@ Relative paths resolve against ``--data-root`` (or the server's working director
 are stored absolute, so a job means the same file wherever the server is started from later. With a
 data root, a path that leaves it (``..``, an absolute path, a symlink pointing out) is rejected, and so is
 a URI (it names no file under the root); without one, a URI (s3://, gs://, file://) is the workers' to read.
-``data.path`` may be a directory (of .parquet files); ``init_weights`` is a file.
+``data.path`` may be a directory (of .parquet files), whose files must lie in it; ``init_weights`` is a file.
+
+A job reads its files when it starts, which may be long after submit: ``recheck`` runs then, and refuses a
+path that no longer resolves to itself (a file or a folder on its way swapped for a symlink since submit).
 """
 
 from __future__ import annotations
@@ -26,6 +29,35 @@ def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
     return spec.model_copy(update={"data": data, "init_weights": init})
 
 
+def recheck(spec: JobSpec) -> None:
+    """Before the job reads them: the paths ``resolve_paths`` stored must still be the files it checked.
+    SpecError naming the field and the path otherwise."""
+    paths = [("init_weights", spec.init_weights)] if spec.init_weights else []
+    if spec.data.source == "file" and not is_uri(spec.data.path):
+        paths.insert(0, ("data.path", spec.data.path))
+    for field, value in paths:
+        path = Path(value)
+        if not path.is_absolute():  # not stored by resolve_paths (a library caller's spec): nothing to compare
+            continue
+        try:
+            real = path.resolve()
+            if real != path:
+                raise _error(field, f"{value} changed since the job was submitted: it now leads to {real} "
+                                    "through a symlink; the job reads only the file checked at submit")
+            if path.is_dir():
+                _check_members(field, path)
+        except (OSError, ValueError) as e:
+            raise _error(field, f"{value}: not a usable path ({type(e).__name__}: {e})") from None
+
+
+def _check_members(field: str, folder: Path) -> None:
+    """A data directory's files must lie in it: a symlink in it must not lead elsewhere."""
+    for member in folder.iterdir():
+        real = member.resolve()
+        if not real.is_relative_to(folder):
+            raise _error(field, f"{member} leads outside {folder} (to {real}): a data directory's files must lie in it")
+
+
 def _resolve(field: str, value: str, root: Path | None, directory_ok: bool = False) -> str:
     base = root.resolve() if root else Path.cwd()
     if is_uri(value):
@@ -37,6 +69,8 @@ def _resolve(field: str, value: str, root: Path | None, directory_ok: bool = Fal
         if not (path.is_file() or (directory_ok and path.is_dir())):
             what = "a file or a directory of .parquet files" if directory_ok else "a file"
             raise _error(field, f"{path} does not exist on the server or is not {what}")
+        if path.is_dir():
+            _check_members(field, path)
     except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system, ...
         raise _error(field, f"not a usable path ({type(e).__name__}: {e})") from None
     return str(path)

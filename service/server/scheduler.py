@@ -29,6 +29,7 @@ from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks
 from service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from service.server.events import Bus
 from service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
+from service.server.paths import recheck
 from service.server.store import Store
 from workers.backend import gpu_available
 
@@ -286,6 +287,7 @@ class Scheduler:
             job_dir=self.store.job_dir(job.id),
         )
         try:
+            recheck(job.spec)  # checked at submit; a symlink swapped in since must not be followed now
             if job.spec.cluster.num_workers > 0:
                 self.cluster.connect()
             result = self._train(job.spec, job.id, hooks)

@@ -1,0 +1,322 @@
+"""Async mode replayed: the parameter server's trace of a run on Ray, re-run in NumPy float64 from W0.
+
+Each applied update is recomputed independently — the torch gradient of its rows at the W of the version it
+was read at (the replay keeps every version it produced), MATH.md's step size and update rule — and the
+replayed weights must equal the job's to 1e-12. The rows applied per epoch must be each training row once.
+Faults are injected by a gate between the workers and the server at an exact push, so each test knows the
+fault happened mid-epoch, and asserts the evidence (pids, the engine's counters, the trace's joins).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray
+
+from client.models import JobState, StopReason
+from client.spec import parse_spec
+from service.engine.parameter_server import Join, Restore, Stop, Update
+from service.engine.ray_engine import AsyncRayEngine
+from service.engine.trainer import CHECKPOINT, Hooks, initial_weights, run
+from workers.data import load_dataset, prepare
+from workers.gradient_worker import APPLIED
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+BATCH = 8
+ROWS_PER_SHARD = 60  # iris: 150 rows, 30 held out, two shards of 60
+BATCHES_PER_SHARD = -(-ROWS_PER_SHARD // BATCH)  # 8: seven of 8 rows and one of 4
+STEPS_PER_EPOCH = 2 * BATCHES_PER_SHARD
+
+
+def iris_spec(max_staleness=4, **stopping):
+    return parse_spec({
+        "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 5},
+        "data": {"source": "sklearn", "name": "iris", "validation_fraction": 0.2, "standardize": True},
+        # Momentum, a decaying step and weight decay: a misordered, mis-scaled or mis-timed update shows.
+        "optimizer": {"method": "heavy_ball", "lr": 0.3, "alpha": 0.5, "schedule": "inverse_time",
+                      "decay_steps": 20, "weight_decay": 1e-3},
+        "batch": {"size": BATCH},
+        "stopping": {"max_epochs": 3, **stopping},
+        "cluster": {"num_workers": 2, "mode": "async", "max_staleness": max_staleness,
+                    "dtype": "float64"},
+    })
+
+
+# -- the replay ----------------------------------------------------------------------------------------------
+def eta(opt, t: int) -> float:
+    if opt.schedule == "inverse_time":
+        return opt.lr / (1 + t / opt.decay_steps)
+    assert opt.schedule == "constant"
+    return opt.lr
+
+
+def replay(spec, torch_ref, trace) -> tuple[np.ndarray, list[Update]]:
+    """(W after the last update, the updates of the trajectory that W is the end of) from the trace alone.
+
+    A Restore puts the replay back at a version it produced earlier (or W0): the updates after it are then
+    off the trajectory, and later updates produce those versions again."""
+    model, opt = spec.model, spec.optimizer
+    ds = load_dataset(spec.data, spec.model)
+    weights_only = np.concatenate([np.r_[np.ones(o * i), np.zeros(o)]
+                                   for i, o in zip(model.layers[:-1], model.layers[1:], strict=True)])
+    W0 = initial_weights(spec).astype(np.float64)
+    history = {0: (W0, np.zeros_like(W0), [])}  # version -> (W, u, the updates that led there)
+    W = u = version = path = None
+    for rec in trace:
+        if isinstance(rec, Restore):
+            W, u, path = history[rec.version]
+            W, u, path, version = W.copy(), u.copy(), list(path), rec.version
+        elif isinstance(rec, Update):
+            assert (rec.version, rec.step) == (version + 1, version), "updates must chain version by version"
+            assert 0 <= version - rec.read_version <= spec.cluster.max_staleness
+            assert rec.count == len(rec.rows)
+            W_read = history[rec.read_version][0]
+            _, g = torch_ref.loss_and_grad(model.layers, model.activation, model.loss, W_read,
+                                           ds.X_train[rec.rows], ds.y_train[rec.rows])
+            g = g + opt.weight_decay * weights_only * W  # MATH.md: the server adds decay with its own W
+            step = eta(opt, version)
+            assert rec.lr == pytest.approx(step, rel=1e-15)
+            u = (1 - opt.alpha) * u - opt.alpha * step * g
+            W = W + u
+            version += 1
+            path.append(rec)
+            history[version] = (W.copy(), u.copy(), list(path))
+    return W, path
+
+
+def rows_by_epoch(path: list[Update]) -> dict[int, Counter]:
+    out: dict[int, Counter] = {}
+    for rec in path:
+        out.setdefault(rec.epoch, Counter()).update(rec.rows.tolist())
+    return out
+
+
+def assert_each_row_once_per_epoch(path: list[Update], epochs: int) -> None:
+    every_row = Counter(range(2 * ROWS_PER_SHARD))
+    per_epoch = rows_by_epoch(path)
+    assert sorted(per_epoch) == list(range(epochs))
+    for epoch, rows in per_epoch.items():
+        assert rows == every_row, f"epoch {epoch}: rows twice {[r for r, c in rows.items() if c > 1]}, " \
+                                  f"lost {sorted(set(every_row) - set(rows))}"
+
+
+# -- running a job, with a fault at an exact push --------------------------------------------------------------
+@ray.remote(num_cpus=0, max_concurrency=8)
+class Gate:
+    """Between the workers and the server: forwards every call, and once ``shard`` has had ``after`` pushes
+    applied (counted over the whole run) does ``fault`` at its next push:
+
+    kill_worker  -- forward it, then kill the worker before it hears the answer (applied, unacknowledged)
+    kill_server  -- forward it, then kill the parameter server
+    hold         -- hold it, and every later push of any shard, until ``release()`` (the test cancels meanwhile)
+    late         -- kill the worker first, and forward its push only after the restarted worker has joined
+    """
+
+    def __init__(self, server, worker, shard: int, after: int, fault: str):
+        self.server, self.worker, self.shard, self.after, self.fault = server, worker, shard, after, fault
+        self.applied = 0
+        self.fired = False
+        self.released = threading.Event()
+        self.rejoined = threading.Event()
+        self.joins = 0
+
+    def join_epoch(self, shard):
+        answer = ray.get(self.server.join_epoch.remote(shard))
+        if shard == self.shard:
+            self.joins += 1
+            if self.fired:
+                self.rejoined.set()
+        return answer
+
+    def push(self, *args):
+        shard = args[4]
+        due = shard == self.shard and not self.fired and self.applied == self.after
+        if self.fault == "hold" and (due or self.fired):
+            self.fired = True
+            assert self.released.wait(60), "the test never released the held pushes"
+        elif due and self.fault == "late":
+            self.fired = True
+            ray.kill(self.worker, no_restart=False)
+            assert self.rejoined.wait(60), "the killed worker never came back"
+        answer = ray.get(self.server.push.remote(*args))
+        if shard == self.shard and answer[0] == APPLIED:
+            self.applied += 1
+            if due and self.fault in ("kill_worker", "kill_server"):
+                self.fired = True
+                ray.kill(self.worker if self.fault == "kill_worker" else self.server, no_restart=False)
+        return answer
+
+    def release(self):
+        self.released.set()
+
+    def fired_at(self):
+        return self.fired, self.joins
+
+
+class GatedEngine(AsyncRayEngine):
+    gate = None
+
+    def pushes_to(self):
+        return self.gate or self.server
+
+
+def train_async(spec, fault=None, after=0, hooks=None, tmp_path=None):
+    """(result, trace, engine facts) of an async run with trace=True; ``fault`` as Gate's, on shard 0."""
+    info = prepare(spec.data, spec.model)
+    engine = GatedEngine(spec, info, initial_weights(spec), trace=True)
+    try:
+        pids = {"worker": ray.get(engine.workers[0].pid.remote()), "server": ray.get(engine.server.pid.remote())}
+        incarnation = engine.incarnation
+        if fault:
+            engine.gate = Gate.remote(engine.server, engine.workers[0], 0, after, fault)
+        hooks = hooks(engine) if hooks else Hooks(job_dir=tmp_path)
+        result = run(spec, info, engine, "t", hooks)
+        facts = {
+            "worker_pid_changed": ray.get(engine.workers[0].pid.remote()) != pids["worker"],
+            "server_pid_changed": ray.get(engine.server.pid.remote()) != pids["server"],
+            "incarnation_changed": engine.incarnation != incarnation,
+            "worker_restarts": engine.worker_restarts,
+            "server_recoveries": engine.server_recoveries,
+            "server_W": ray.get(engine.server.current.remote(None)),
+            "gate": ray.get(engine.gate.fired_at.remote()) if fault else None,
+        }
+        return result, engine.trace, facts
+    finally:
+        engine.close()
+        if engine.gate is not None:
+            ray.kill(engine.gate)
+
+
+def answer(method):
+    """The actor's answer, None while it is down or restarting."""
+    try:
+        return ray.get(method.remote())
+    except ray.exceptions.RayActorError:
+        return None
+
+
+def updates(trace) -> list[Update]:
+    return [r for r in trace if isinstance(r, Update)]
+
+
+def joins(trace, shard: int) -> list[Join]:
+    return [r for r in trace if isinstance(r, Join) and r.shard == shard]
+
+
+# -- the tests -------------------------------------------------------------------------------------------------
+def test_an_async_run_replays_exactly_from_its_trace(torch_ref):
+    spec = iris_spec()
+    result, trace, facts = train_async(spec)
+    assert result.state == JobState.SUCCEEDED
+    assert [m.step for m in result.metrics] == [STEPS_PER_EPOCH * e for e in (1, 2, 3)]
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+    assert len(path) == len(updates(trace)) == 3 * STEPS_PER_EPOCH
+    assert_each_row_once_per_epoch(path, 3)
+    # The workers really raced: some gradients were applied to weights newer than they were computed at.
+    assert any(r.version - 1 > r.read_version for r in path)
+    assert facts["worker_restarts"] == 0 and all(j.skipped == 0 for j in joins(trace, 0) + joins(trace, 1))
+
+
+def test_max_steps_in_async_applies_exactly_that_many_updates(torch_ref):
+    spec = iris_spec(max_steps=STEPS_PER_EPOCH + 5)
+    result, trace, _ = train_async(spec)
+    assert result.state == JobState.SUCCEEDED and result.stop_reason == StopReason.MAX_STEPS
+    assert [m.step for m in result.metrics] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 5]
+    assert len(updates(trace)) == STEPS_PER_EPOCH + 5
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+    epoch_1 = rows_by_epoch(path)[1]
+    assert sum(epoch_1.values()) == len(set(epoch_1)) > 0  # the cut epoch applied no row twice
+
+
+def test_cancel_mid_epoch_stops_within_one_push_per_worker_and_keeps_the_last_weights(torch_ref):
+    """From shard 0's 4th push of epoch 2 on, every push is held until the cancel: the epoch is surely under
+    way, and the version at the cancel request is exact."""
+    spec = iris_spec(max_epochs=10)
+    at_cancel = {}
+
+    def hooks(engine):
+        def should_cancel():
+            if not ray.get(engine.gate.fired_at.remote())[0]:
+                return False
+            at_cancel["version"] = ray.get(engine.server.step_count.remote())
+            engine.gate.release.remote()
+            return True
+
+        return Hooks(should_cancel=should_cancel)
+
+    result, trace, facts = train_async(spec, "hold", after=BATCHES_PER_SHARD + 3, hooks=hooks)
+    assert result.state == JobState.CANCELLED and result.stop_reason == StopReason.CANCELLED
+    assert facts["gate"][0]  # the push was held: the cancel came mid-epoch
+    [stop] = [r for r in trace if isinstance(r, Stop)]
+    assert not [r for r in updates(trace) if r.version > stop.version]  # nothing applied once it arrived
+    assert STEPS_PER_EPOCH + 3 <= at_cancel["version"] < 2 * STEPS_PER_EPOCH
+    assert result.metrics[-1].step - at_cancel["version"] <= 2  # one push per worker at most
+    assert result.metrics[-1].step == len(updates(trace)) < 2 * STEPS_PER_EPOCH
+    np.testing.assert_array_equal(result.weights, facts["server_W"])  # the last version, nothing rolled back
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fault", ["kill_worker", "late"])
+def test_a_worker_killed_mid_epoch_resumes_after_exactly_the_applied_batches(torch_ref, fault):
+    """kill_worker: killed after its 4th push of epoch 2 was applied, before it heard so: the restart skips 4.
+    late: killed before its 4th push reached the server, which arrives after the restart joined: the server
+    turns it away, and the restart (which skipped 3) pushes that batch once. Staleness is allowed up to 50
+    versions, so that staleness alone cannot be what turns the late push away."""
+    spec = iris_spec(max_staleness=50)
+    result, trace, facts = train_async(spec, fault, after=BATCHES_PER_SHARD + 3)
+    assert result.state == JobState.SUCCEEDED
+    assert facts["gate"] == (True, 4)  # three epochs' joins and the restart's
+    assert facts["worker_pid_changed"] and facts["worker_restarts"] == 1
+    skipped = 4 if fault == "kill_worker" else 3
+    assert [(j.epoch, j.skipped) for j in joins(trace, 0)] == [(0, 0), (1, 0), (1, skipped), (2, 0)]
+    assert [m.step for m in result.metrics] == [STEPS_PER_EPOCH * e for e in (1, 2, 3)]
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+    assert_each_row_once_per_epoch(path, 3)
+
+
+def test_a_parameter_server_lost_mid_epoch_is_restored_from_the_checkpoint(torch_ref, tmp_path):
+    """Killed after shard 0's 4th update of epoch 2: the run goes back to epoch 1's checkpoint and redoes 2."""
+    spec = iris_spec()
+    result, trace, facts = train_async(spec, "kill_server", after=BATCHES_PER_SHARD + 3, tmp_path=tmp_path)
+    assert result.state == JobState.SUCCEEDED and [m.epoch for m in result.metrics] == [1, 2, 3]
+    assert facts["gate"][0] and facts["server_pid_changed"] and facts["incarnation_changed"]
+    assert facts["server_recoveries"] == 1
+    # W0 at construction; W0 again when recovered; then the checkpoint of epoch 1.
+    assert [r.version for r in trace if isinstance(r, Restore)] == [0, 0, STEPS_PER_EPOCH]
+    assert (tmp_path / CHECKPOINT).exists()
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+    assert len(path) == result.metrics[-1].step == 3 * STEPS_PER_EPOCH
+    assert_each_row_once_per_epoch(path, 3)
+
+
+def test_a_parameter_server_lost_after_an_epoch_never_lands_in_its_checkpoint(torch_ref, tmp_path):
+    """Killed once epoch 2's figures are in, before its checkpoint is written: the checkpoint must hold epoch 2's
+    state, not the restarted server's empty one, and epoch 3 must notice the restart before it trains on it."""
+    spec = iris_spec()
+
+    def hooks(engine):
+        def on_epoch(m):  # the trainer reports an epoch, then checkpoints it
+            if m.epoch == 2 and engine.server_recoveries == 0:
+                ray.kill(engine.server, no_restart=False)
+                while answer(engine.server.ping) in (None, engine.incarnation):  # until the new one answers
+                    pass
+
+        return Hooks(on_epoch=on_epoch, job_dir=tmp_path)
+
+    result, trace, facts = train_async(spec, hooks=hooks)
+    assert result.state == JobState.SUCCEEDED and [m.epoch for m in result.metrics] == [1, 2, 3]
+    assert facts["server_pid_changed"] and facts["incarnation_changed"] and facts["server_recoveries"] == 1
+    assert [r.version for r in trace if isinstance(r, Restore)] == [0, 0, 2 * STEPS_PER_EPOCH]
+    W, path = replay(spec, torch_ref, trace)
+    np.testing.assert_allclose(W, result.weights, rtol=0, atol=1e-12)
+    assert len(path) == 3 * STEPS_PER_EPOCH
+    assert_each_row_once_per_epoch(path, 3)
