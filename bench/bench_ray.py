@@ -14,9 +14,12 @@ Rows, for 784-256-10 at n'=128 and 1024 and 784-1024-1024-10 at n'=1024 (synthet
   one worker on each), the actor-call path, against the single-node compiled row of the same spec.
 
 Every row runs two epochs of the same steps and reports the second: the first warms up (Ray's workers,
-the compiled graph's channels, BLAS). step ms is the measured wall time of a step; compute and update come
-from timestamps taken inside the actors (a worker's gradient call, the server's update; in sync mode the
-slowest worker's compute of each step); comm is the rest of the step: transfers, scheduling, waiting.
+the compiled graph's channels, BLAS). Every figure of a step comes from wall-clock timestamps taken inside
+the actors (each gradient call's start and end in the workers, each update's in the server): a sync step
+runs from one update's end to the next, along the worker whose gradient came in last; an async step is a
+worker's, from one gradient call's start to its next. compute is the gradient call, update the server's
+update, comm the time between them on that path (W and gradients travelling, scheduling, waiting for the
+other worker's update): measured, not a remainder.
 """
 
 from __future__ import annotations
@@ -92,27 +95,49 @@ def measure(spec, sync_path: str | None = None) -> dict:
     finally:
         engine.close()
     m = seen[-1]
-    K, batch = spec.cluster.num_workers, m.batch_size
     out = {"rate": m.samples_per_second, "where": where}
-    if K == 0:
-        out.update(step=batch / m.samples_per_second, compute=None, update=None)
-        return out
-    workers, server = timings["workers"], timings["server"]
-    if spec.cluster.mode == "sync":
-        step = batch / m.samples_per_second
-        compute = float(np.mean(np.max(np.array(workers), axis=0)))  # the slowest worker of each step
-    else:  # each worker steps on its own: its step is K x n' samples at the job's rate
-        step = K * batch / m.samples_per_second
-        compute = float(np.mean(np.concatenate(workers)))
-    out.update(step=step, compute=compute, update=float(np.mean(server)))
-    return out
+    if spec.cluster.num_workers == 0:
+        return out | {"step": m.batch_size / m.samples_per_second, "compute": None, "comm": None, "update": None}
+    split = sync_split if spec.cluster.mode == "sync" else async_split
+    return out | dict(zip(("step", "compute", "comm", "update"), split(timings["workers"], timings["server"]),
+                          strict=True))
 
+
+def sync_split(workers: list[list], server: list) -> tuple[float, ...]:
+    """Mean (step, compute, comm, update) seconds over the epoch's steps after its first, from timestamps.
+
+    A step runs from the end of one update to the end of the next; along its critical path, the worker whose
+    gradient came in last: W reaching it (comm), its gradient call (compute), the sum reaching the server
+    (comm), the update. The parts add up to the step by construction; none is a remainder."""
+    updates = [(start, end) for _, start, end in server]
+    assert all(len(calls) == len(updates) for calls in workers), "one gradient call per worker and step"
+    parts = []
+    for i in range(1, len(updates)):
+        begin, (u_start, u_end) = updates[i - 1][1], updates[i]
+        c_start, c_end = max((calls[i] for calls in workers), key=lambda span: span[1])
+        parts.append((u_end - begin, c_end - c_start, (c_start - begin) + (u_start - c_end), u_end - u_start))
+    return tuple(np.mean(parts, axis=0))
+
+
+def async_split(workers: list[list], server: list) -> tuple[float, ...]:
+    """Mean (step, compute, comm, update) seconds of a worker's step, from timestamps.
+
+    A worker's step runs from the start of one gradient call to the start of its next: the call (compute),
+    the push reaching the server and waiting its turn (comm), the update (or none for a push turned away),
+    the answer and W reaching the worker again (comm). Pushes pair with gradient calls one to one."""
+    parts = []
+    for shard, calls in enumerate(workers):
+        pushes = [(start, end) for s, start, end in server if s == shard]
+        assert len(pushes) == len(calls), f"worker {shard}: one push per gradient call"
+        for (c_start, c_end), (p_start, p_end), (next_start, _) in zip(calls, pushes, calls[1:], strict=False):
+            parts.append((next_start - c_start, c_end - c_start, (p_start - c_end) + (next_start - p_end),
+                          p_end - p_start))
+    return tuple(np.mean(parts, axis=0))
 
 def line(model: str, batch: int, label: str, r: dict, baseline: float) -> str:
     ms = lambda x: f"{x * 1e3:8.2f}" if x is not None else f"{'-':>8}"  # noqa: E731
-    comm = None if r["compute"] is None else max(r["step"] - r["compute"] - r["update"], 0.0)
     return (f"{model:<18}{batch:>6}  {label:<22}{r['rate']:>11,.0f}{r['rate'] / baseline:>7.2f}x"
-            f"{ms(r['step'])}{ms(r['compute'])}{ms(comm)}{ms(r['update'])}")
+            f"{ms(r['step'])}{ms(r['compute'])}{ms(r['comm'])}{ms(r['update'])}")
 
 
 HEADER = (f"{'model':<18}{'n_':>6}  {'row':<22}{'samples/s':>11}{'ratio':>8}{'step ms':>8}{'compute':>8}"
@@ -150,8 +175,8 @@ def two_node_rows(cases, single_node: dict) -> None:
             model = "-".join(map(str, layers))
             base = single_node[(model, batch)]
             print(line(model, batch, "two nodes sync K=2", r, base["rate"]) + "   (ratio: vs ray sync K=2 on one node)")
-            print(f"{'':26}overhead a step: {(r['step'] - r['compute'] - r['update']) * 1e3:.2f} ms across nodes, "
-                  f"{(base['step'] - base['compute'] - base['update']) * 1e3:.2f} ms compiled on one node; "
+            print(f"{'':26}comm a step: {r['comm'] * 1e3:.2f} ms across nodes, "
+                  f"{base['comm'] * 1e3:.2f} ms compiled on one node; "
                   f"{r['where'].split('; sync steps over ')[-1]}", flush=True)
     finally:
         for p in reversed(procs):

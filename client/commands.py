@@ -105,7 +105,7 @@ def server_options(command: Callable) -> Callable:
 def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
     """Queue the job described by the YAML/JSON file SPEC and print its id."""
     job_spec = parse_spec(spec)
-    job = _client(ctx).submit(job_spec)
+    job = client_of(ctx).submit(job_spec)
     click.echo(job.id)
     if follow:
         _follow(ctx, job, job_spec.stopping.max_epochs, _title(job_spec.name or str(spec), job_spec))
@@ -118,7 +118,7 @@ def submit(ctx: click.Context, spec: Path, follow: bool) -> None:
 @click.pass_context
 def resubmit(ctx: click.Context, job_id: str, follow: bool) -> None:
     """Start a finished job again from its last checkpoint (say, after its cluster lost a node), as a new job."""
-    client = _client(ctx)
+    client = client_of(ctx)
     job = client.resubmit(job_id)
     click.echo(job.id)
     if follow:
@@ -135,7 +135,7 @@ def follow(ctx: click.Context, job_id: str) -> None:
 
     Ctrl-C stops watching, not the job. Exits 1 unless the job succeeded.
     """
-    client = _client(ctx)
+    client = client_of(ctx)
     info = client.get(job_id)
     _follow(ctx, client.job(job_id), info.spec.stopping.max_epochs, _title(info.name or job_id, info.spec))
 
@@ -143,7 +143,7 @@ def follow(ctx: click.Context, job_id: str) -> None:
 def _follow(ctx: click.Context, job: Job, max_epochs: int, title: str) -> None:
     """The live view of a job until it ends; exit 1 unless it succeeded, 130 on Ctrl-C (the job runs on)."""
     placement, queued = None, False
-    display = TrainingDisplay(max_epochs=max_epochs, console=_console(), title=title,
+    display = TrainingDisplay(max_epochs=max_epochs, console=make_console(), title=title,
                               all_epochs=f"`polyak metrics {job.id}` lists all")
     try:
         with display:
@@ -160,7 +160,7 @@ def _follow(ctx: click.Context, job: Job, max_epochs: int, title: str) -> None:
                     display.note(f"running {placement}")
             display.finish(final.state, final.stop_reason, final.error)
     except KeyboardInterrupt:
-        _console().print(Text(f"stopped following {job.id}; it runs on: `polyak follow {job.id}` re-attaches, "
+        make_console().print(Text(f"stopped following {job.id}; it runs on: `polyak follow {job.id}` re-attaches, "
                               f"`polyak cancel {job.id}` ends it"), soft_wrap=True)
         raise click.exceptions.Exit(130) from None
     if final.state != JobState.SUCCEEDED:
@@ -181,7 +181,7 @@ def _queued(info: JobInfo) -> str:
 @click.pass_context
 def list_jobs(ctx: click.Context, state: str | None, group: str | None, limit: int, offset: int) -> None:
     """Jobs, newest first, as the server orders them."""
-    jobs = _client(ctx).list(state, group, limit, offset)
+    jobs = client_of(ctx).list(state, group, limit, offset)
     table = Table(header_style="bold")
     for name in ("id", "name", "group", "state", "priority", "queue", "epoch", "stop reason", "created"):
         table.add_column(name, no_wrap=name in ("id", "state", "created"))
@@ -197,9 +197,10 @@ def list_jobs(ctx: click.Context, state: str | None, group: str | None, limit: i
             _or_dash(j.stop_reason),
             _time(j.created_at),
         )
-    _console().print(table if jobs else "no jobs")
+    make_console().print(table if jobs else "no jobs")
     if len(jobs) == limit:
-        _console().print(Text(f"the newest {limit} after {offset}; more with --offset {offset + limit}", style="dim"))
+        more = f"the newest {limit} after {offset}; more with --offset {offset + limit}"
+        make_console().print(Text(more, style="dim"))
 
 
 @cli.command()
@@ -208,7 +209,7 @@ def list_jobs(ctx: click.Context, state: str | None, group: str | None, limit: i
 @click.pass_context
 def status(ctx: click.Context, job_id: str) -> None:
     """One job: its state, timing, latest metrics and stopping criteria."""
-    info = _client(ctx).get(job_id)
+    info = client_of(ctx).get(job_id)
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
@@ -229,7 +230,7 @@ def status(ctx: click.Context, job_id: str) -> None:
     for key, value in rows:
         if value is not None:
             summary.add_row(key, value if isinstance(value, Text) else Text(value))
-    console = _console()
+    console = make_console()
     console.print(summary)
     if info.metrics is not None:
         console.print(metrics_table([info.metrics], title="latest epoch"))
@@ -244,12 +245,12 @@ def status(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def metrics(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Every epoch's metrics so far."""
-    history = _client(ctx).metrics(job_id)
+    history = client_of(ctx).metrics(job_id)
     if as_json:
         for m in history:
             click.echo(m.model_dump_json())
     else:
-        _console().print(metrics_table(history) if history else f"job {job_id} has no metrics yet")
+        make_console().print(metrics_table(history) if history else f"job {job_id} has no metrics yet")
 
 
 @cli.command()
@@ -261,7 +262,7 @@ def cancel(ctx: click.Context, job_id: str | None, group: str | None) -> None:
     """Cancel a job (or every unfinished job of a --group): a queued one at once, a running one at its next step."""
     if (job_id is None) == (group is None):
         raise BadInput("give either JOB or --group NAME (exactly one of them)")
-    client = _client(ctx)
+    client = client_of(ctx)
     if group is not None:
         _cancel_group(client, group)
         return
@@ -271,9 +272,9 @@ def cancel(ctx: click.Context, job_id: str | None, group: str | None) -> None:
         raise PolyakError(f"job {job_id} already ended ({ended.state.value}); nothing to cancel")
     info = client.cancel(job_id)
     if info.state.is_terminal():
-        _console().print(Text(f"job {info.id} is {info.state.value}"))
+        make_console().print(Text(f"job {info.id} is {info.state.value}"))
     else:
-        _console().print(Text(f"job {info.id} is {info.state.value}: it stops at its next step"))
+        make_console().print(Text(f"job {info.id} is {info.state.value}: it stops at its next step"))
 
 
 def _cancel_group(client: Client, group: str) -> None:
@@ -283,12 +284,13 @@ def _cancel_group(client: Client, group: str) -> None:
         if not jobs:
             raise PolyakError(f"no jobs in group {group}")
         # Not an error: cancelling a sweep that has already ended leaves it as the user wants it.
-        _console().print(Text(f"nothing to cancel: all {len(jobs)} jobs of group {group} have ended"), soft_wrap=True)
+        ended = f"nothing to cancel: all {len(jobs)} jobs of group {group} have ended"
+        make_console().print(Text(ended), soft_wrap=True)
         return
     for info in cancelled:
         running = "" if info.state.is_terminal() else ": it stops at its next step"
-        _console().print(Text(f"job {info.id} is {info.state.value}{running}"))
-    _console().print(Text(f"cancelled {len(cancelled)} jobs of group {group}"), soft_wrap=True)
+        make_console().print(Text(f"job {info.id} is {info.state.value}{running}"))
+    make_console().print(Text(f"cancelled {len(cancelled)} jobs of group {group}"), soft_wrap=True)
 
 
 @cli.command()
@@ -301,12 +303,12 @@ def _cancel_group(client: Client, group: str) -> None:
 @click.pass_context
 def weights(ctx: click.Context, job_id: str, output: str, which: str) -> None:
     """Download a job's weights (W1, b1, ..., WL, bL) to an .npz file."""
-    _check_output(output)
-    arrays = _client(ctx).weights(job_id, which)
+    check_output_option(output)
+    arrays = client_of(ctx).weights(job_id, which)
     where = write_output(output, npz_bytes(arrays))
     n = sum(a.size for a in arrays.values())
-    message = f"wrote {which} weights of job {job_id} to {_shown(where)} ({len(arrays)} arrays, {n:,} values)"
-    _console().print(Text(message), soft_wrap=True)
+    message = f"wrote {which} weights of job {job_id} to {shown_path(where)} ({len(arrays)} arrays, {n:,} values)"
+    make_console().print(Text(message), soft_wrap=True)
 
 
 @cli.command()
@@ -317,22 +319,18 @@ def weights(ctx: click.Context, job_id: str, output: str, which: str) -> None:
 def plot(ctx: click.Context, job_id: str, output: str | None) -> None:
     """Plot a job's training curves: loss, accuracy, weight change / gradient noise, lr / batch size
     (and staleness / dropped gradients of an async job)."""
-    from client.plot import image_formats, plot_bytes
+    from client.plot import plot_bytes
 
     output = output or f"{job_id}.png"
-    image_type = PurePath(output).suffix.lstrip(".").lower()
-    if image_type not in image_formats():
-        extensions = ", ".join(f".{ext}" for ext in image_formats())
-        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
-    _check_output(output)
-    client = _client(ctx)
+    image_type = check_image_output(output)
+    client = client_of(ctx)
     history = client.metrics(job_id)
     if not history:
         raise PolyakError(f"job {job_id} has no metrics yet")
     info = client.get(job_id)
     title = f"{info.name or 'job'} {info.id} ({info.state.value})"
     where = write_output(output, plot_bytes(history, image_type, title=title))
-    _console().print(Text(f"wrote {_shown(where)}"), soft_wrap=True)
+    make_console().print(Text(f"wrote {shown_path(where)}"), soft_wrap=True)
 
 
 @cli.command(name="ray-submit")
@@ -367,14 +365,14 @@ def ray_submit(spec: Path, address: str, working_dir: Path, runtime_env_file: Pa
             raise PolyakError(f"{runtime_env_file}: a runtime_env must be a mapping")
     job_spec = parse_spec(spec)
     if output is not None:
-        _check_output(output)
+        check_output_option(output)
     job_id = ray_job.submit_spec(address, spec, working_dir, runtime_env)
     click.echo(job_id)
     if not follow and output is None:
         return
     last, failed = None, None
     try:
-        with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=_console()) as display:
+        with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=make_console()) as display:
             try:
                 for m in ray_job.follow(address, job_id):
                     last = m
@@ -385,16 +383,16 @@ def ray_submit(spec: Path, address: str, working_dir: Path, runtime_env_file: Pa
             else:
                 display.finish("succeeded", last.stop if last else None)
     except KeyboardInterrupt:
-        _console().print(Text(f"stopped following {job_id}; it runs on (`ray job stop {job_id}` ends it)"))
+        make_console().print(Text(f"stopped following {job_id}; it runs on (`ray job stop {job_id}` ends it)"))
         raise click.exceptions.Exit(130) from None
     if output is not None and (failed is None or last is not None):  # a failed job keeps its last weights
         where = write_output(output, ray_job.fetch_weights(address, job_id))
-        _console().print(Text(f"wrote the weights of ray job {job_id} to {_shown(where)}"), soft_wrap=True)
+        make_console().print(Text(f"wrote the weights of ray job {job_id} to {shown_path(where)}"), soft_wrap=True)
     if failed is not None:
         raise click.exceptions.Exit(1)
 
 
-def _check_output(target: str) -> None:
+def check_output_option(target: str) -> None:
     """client.files.check_output, before any request; what it rejects is the user's input: exit 2."""
     try:
         check_output(target)
@@ -402,7 +400,19 @@ def _check_output(target: str) -> None:
         raise BadInput(e.message) from None
 
 
-def _shown(where: str) -> str:
+def check_image_output(output: str) -> str:
+    """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
+    from client.plot import image_formats
+
+    image_type = PurePath(output).suffix.lstrip(".").lower()
+    if image_type not in image_formats():
+        extensions = ", ".join(f".{ext}" for ext in image_formats())
+        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
+    check_output_option(output)
+    return image_type
+
+
+def shown_path(where: str) -> str:
     """Where a file went: a local one by its absolute path, so it can be found whatever folder this ran in."""
     return where if is_uri(where) else str(Path(where).absolute())
 
@@ -412,13 +422,13 @@ def _title(name: str, spec) -> str:
     return f"{name} · {optimizer_summary(spec.optimizer)}"
 
 
-def _client(ctx: click.Context) -> Client:
+def client_of(ctx: click.Context) -> Client:
     obj = ctx.obj
     factory = obj.get("client_factory", Client)
     return ctx.with_resource(factory(url=obj["url"], token=obj["token"]))
 
 
-def _console() -> Console:
+def make_console() -> Console:
     # Made per command so it writes to whatever stdout is current (click's test runner swaps it).
     console = Console(highlight=False)
     if not console.is_terminal:

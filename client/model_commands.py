@@ -14,7 +14,7 @@ import click
 import numpy as np
 from rich.text import Text
 
-from client.commands import _check_output, _console, cli
+from client.commands import check_output_option, cli, make_console
 from client.errors import PolyakError
 from client.files import write_output
 from client.model import Model
@@ -28,7 +28,7 @@ from client.model import Model
 def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
     """Predict with a weights file on DATA's raw features (the model applies its own standardization)."""
     if output is not None:
-        _check_output(output)
+        check_output_option(output)
         if Path(output).suffix not in (".npy", ".csv"):
             raise PolyakError(f"-o {output}: predictions are written as .npy or .csv")
     model = Model.load(weights)
@@ -46,7 +46,7 @@ def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
         buffer = io.BytesIO()
         np.save(buffer, out)
         where = write_output(output, buffer.getvalue())
-    _console().print(Text(f"wrote {len(out):,} predictions {out.shape} to {where}"))
+    make_console().print(Text(f"wrote {len(out):,} predictions {out.shape} to {where}"))
 
 
 @cli.command()
@@ -63,7 +63,7 @@ def evaluate(weights: Path, data: Path, as_json: bool) -> None:
         click.echo(json.dumps(score))
         return
     accuracy = "" if score["accuracy"] is None else f", accuracy {score['accuracy']:.4f}"
-    _console().print(Text(f"{data}: loss {score['loss']:.6g}{accuracy} on {score['n']:,} rows ({model.loss})"))
+    make_console().print(Text(f"{data}: loss {score['loss']:.6g}{accuracy} on {score['n']:,} rows ({model.loss})"))
 
 
 @cli.command()
@@ -72,10 +72,10 @@ def evaluate(weights: Path, data: Path, as_json: bool) -> None:
 @click.option("--opset", type=click.IntRange(13), default=17, show_default=True, help="ONNX opset")
 def export(weights: Path, onnx_path: str, opset: int) -> None:
     """Export a weights file as one ONNX graph: standardization, layers, and a softmax for classifiers."""
-    _check_output(onnx_path)
+    check_output_option(onnx_path)
     model = Model.load(weights)
     where = model.to_onnx(onnx_path, opset=opset)
-    _console().print(Text(f"wrote {where}: input 'input' [N, {model.n_features}], opset {opset}"))
+    make_console().print(Text(f"wrote {where}: input 'input' [N, {model.n_features}], opset {opset}"))
 
 
 def read_data(path: Path, n_targets: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -211,10 +211,6 @@ class Sweep:
         """The jobs best first by ``metric`` of their last epoch (see ``rank``)."""
         return rank(self.infos(), self.params, metric, mode)
 
-    def cancel(self) -> list[JobInfo]:
-        """Cancel every job of the sweep that has not ended."""
-        return [job.cancel() for job, info in zip(self.jobs, self.infos(), strict=True) if not info.state.is_terminal()]
-
 
 # --- ranking -------------------------------------------------------------------------------------------------
 

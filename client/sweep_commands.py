@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from client.commands import BadInput, _check_output, _client, _console, _shown, cli, server_options
+from client.commands import BadInput, check_image_output, cli, client_of, make_console, server_options, shown_path
 from client.display import final_line, fmt, percent, state_text
 from client.errors import PolyakError
 from client.files import write_output
@@ -64,10 +64,10 @@ def sweep(ctx: click.Context, spec: Path, grids: tuple[str, ...], group: str | N
     """
     plan = plan_sweep(spec, parse_grid(grids), group)
     # With --json, stdout carries only the ranking; what a person reads goes to stderr.
-    out = Console(stderr=True, highlight=False) if as_json else _console()
+    out = Console(stderr=True, highlight=False) if as_json else make_console()
     out.print(Text(f"group {plan.group}: {len(plan.trials)} jobs"), soft_wrap=True)
     try:
-        submitted = _client(ctx).submit_sweep(plan)
+        submitted = client_of(ctx).submit_sweep(plan)
         for job, trial in zip(submitted.jobs, plan.trials, strict=True):
             out.print(Text(f"  {job.id}  {job_label(trial.params)}"), soft_wrap=True)
         if not (follow or wait or as_json):
@@ -105,9 +105,8 @@ def compare(ctx: click.Context, job_ids: tuple[str, ...], group: str | None, met
     wall time and samples/s; best first by the last epoch's --metric."""
     if bool(job_ids) == bool(group):
         raise BadInput("give either JOB... or --group NAME (exactly one of them)")
-    if output is not None:
-        _check_image(output)
-    client = _client(ctx)
+    image_type = check_image_output(output) if output is not None else None
+    client = client_of(ctx)
     if group:
         # The server lists newest first; a sweep reads best in the order its jobs were queued.
         infos = list(reversed(client.list(group=group, limit=10_000)))
@@ -122,10 +121,10 @@ def compare(ctx: click.Context, job_ids: tuple[str, ...], group: str | None, met
 
         curves = {_curve_label(row): client.metrics(row.id) for row in ranked}
         title = f"group {group}" if group else f"{len(infos)} jobs"
-        image = compare_bytes(curves, PurePath(output).suffix.lstrip(".").lower(), title=f"{title}: loss curves")
+        image = compare_bytes(curves, image_type, title=f"{title}: loss curves")
         where = write_output(output, image)
-        (Console(stderr=True, highlight=False) if as_json else _console()).print(
-            Text(f"wrote {_shown(where)}"), soft_wrap=True)
+        (Console(stderr=True, highlight=False) if as_json else make_console()).print(
+            Text(f"wrote {shown_path(where)}"), soft_wrap=True)
 
 
 # --- output --------------------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def _report(ranked: list[RankedJob], infos: list[JobInfo], metric: str | None, m
             click.echo(row.model_dump_json())
         return
     metric = metric or default_metric([i.spec for i in infos])
-    _console().print(ranking_table(ranked, {i.id: i for i in infos}, metric, mode or default_mode(metric)))
+    make_console().print(ranking_table(ranked, {i.id: i for i in infos}, metric, mode or default_mode(metric)))
 
 
 def ranking_table(ranked: list[RankedJob], infos: dict[str, JobInfo], metric: str, mode: str) -> Table:
@@ -181,15 +180,6 @@ def _wall_time(info: JobInfo) -> str:
 
 def _curve_label(row: RankedJob) -> str:
     return f"{row.id} {job_label(row.params)}".strip()
-
-
-def _check_image(output: str) -> None:
-    from client.plot import image_formats
-
-    if PurePath(output).suffix.lstrip(".").lower() not in image_formats():
-        extensions = ", ".join(f".{ext}" for ext in image_formats())
-        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
-    _check_output(output)
 
 
 # --- following a sweep -------------------------------------------------------------------------------------

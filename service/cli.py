@@ -209,7 +209,7 @@ def _print_json(m) -> None:
 @click.option("-o", "--output", default=None,
               help="plot the range test and the curvature bound to this image file; its extension picks the type")
 @click.option("--json", "as_json", is_flag=True, help="print both estimates as one JSON object")
-@click.option("--steps", type=click.IntRange(20, 1000), default=200, show_default=True,
+@click.option("--steps", type=click.IntRange(20, 500), default=200, show_default=True,
               help="range-test steps from eta = 1e-6 to 10 (fewer when the loss blows up first)")
 def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
     """Step sizes for SPEC from its loss, before training, two ways: a learning-rate range test (the smoothed
@@ -219,20 +219,21 @@ def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from client.commands import _console
+    from client.commands import check_image_output, make_console
     from client.errors import PolyakError
     from client.files import write_output
-    from client.plot import image_formats
     from client.tuning_plot import lr_find_bytes
     from service.engine.trainer import initial_weights
     from service.engine.tuning import curvature, load_problem, range_test
     from workers.backend import DeviceError, get_backend
 
-    if output is not None and Path(output).suffix.lstrip(".").lower() not in image_formats():
-        _fail(f"cannot write {output}: not an image type matplotlib writes; use one of "
-              + ", ".join(f".{ext}" for ext in image_formats()))
+    if output is not None:
+        try:
+            check_image_output(output)
+        except PolyakError as e:
+            _fail(e.message)
     job_spec, info = _prepare(spec, output)
-    console = _console()
+    console = make_console()
     progress_console = Console(stderr=True, highlight=False)
     try:
         W0 = initial_weights(job_spec).astype(np.float64)

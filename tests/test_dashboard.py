@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import LOCAL_IRIS, deep_merge
-from test_service import REPO, SLOW, Server
+from test_service import REPO, SLOW, Server, free_port, wait_for
 
 from client import JobState
 
@@ -377,3 +377,30 @@ def test_wheel_ships_the_dashboard_and_its_licences(tmp_path):
             "service/server/dashboard/vendor/uplot/uPlot.iife.min.js"} <= expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
     assert "service/server/static/swagger-ui/LICENSE" in names
+
+    # Installed from the wheel alone (its files unpacked as pip would, the checkout not on the path), the
+    # service serves the page and its assets.
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    env = {**{k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}, "PYTHONPATH": str(installed)}
+    where = subprocess.run([sys.executable, "-c", "import service.server.api as a; print(a.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(installed)), where
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
+                               str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        def page() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            except httpx.TransportError:
+                return None
+
+        assert wait_for(page, 60, every=0.1).status_code == 200
+        assert '<script type="module" src="dashboard/app.js">' in page().text
+        chart = httpx.get(f"http://127.0.0.1:{port}/dashboard/vendor/uplot/uPlot.iife.min.js", timeout=5)
+        assert chart.status_code == 200 and "uPlot" in chart.text
+    finally:
+        server.terminate()
+        server.wait(30)

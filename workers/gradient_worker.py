@@ -43,8 +43,9 @@ class GradientWorker:
         self.dtype = dtype
         self.seed = spec.model.seed
         self.shard = shard
-        # Per gradient() call, for benchmarks to split a step's time; bounded, as nobody may ever take them.
-        self.compute_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        # (start, end) wall-clock times of each gradient() call, for benchmarks to split a step's time from
+        # timestamps (comparable with the parameter server's on one machine); bounded, as nobody may take them.
+        self.compute_spans: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
 
     def info(self) -> dict:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
@@ -69,20 +70,20 @@ class GradientWorker:
     def gradient(self, W: np.ndarray, rows: np.ndarray):
         """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""
         xp = self.backend.xp
-        started = time.perf_counter()
+        started = time.time()
         if len(rows) == 0:  # this step's random batch drew nothing from this shard
             out = np.zeros(self.mlp.p, dtype=self.dtype), 0.0, 0
         else:
             idx = xp.asarray(rows)
             grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
             out = to_numpy(grad_sum), loss_sum, count
-        self.compute_seconds.append(time.perf_counter() - started)
+        self.compute_spans.append((started, time.time()))
         return out
 
-    def take_timings(self) -> list[float]:
-        """Seconds of each gradient() call since the last take."""
-        taken = list(self.compute_seconds)
-        self.compute_seconds.clear()
+    def take_timings(self) -> list[tuple[float, float]]:
+        """(start, end) of each gradient() call since the last take, in time.time() seconds."""
+        taken = list(self.compute_spans)
+        self.compute_spans.clear()
         return taken
 
     def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:

@@ -80,7 +80,9 @@ class ParameterServer:
         self._published: tuple[int, ray.ObjectRef] | None = None
         # A restarted actor runs __init__ again with the initial weights: the driver notices by this id.
         self.incarnation = uuid.uuid4().hex
-        self.update_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)  # per applied step, for benchmarks
+        # (shard or None in sync mode, start, end) of each update, or of each async push turned away (start ==
+        # end): benchmarks pair them with the workers' compute spans to time a step's parts from timestamps.
+        self.update_spans: deque[tuple[int | None, float, float]] = deque(maxlen=TIMINGS_KEPT)
         self.tracing = trace
         self.trace: list[Update | Join | Stop] = []  # this epoch's records; handed over by end_epoch
         self._begin_epoch(step_limit=None, epoch=-1)
@@ -104,9 +106,9 @@ class ParameterServer:
         return self.core.state.W
 
     def apply(self, *parts) -> int:
-        started = time.perf_counter()
+        started = time.time()
         self.core.apply_parts(parts)
-        self.update_seconds.append(time.perf_counter() - started)
+        self.update_spans.append((None, started, time.time()))
         return self.core.state.version
 
     def step_count(self) -> int:
@@ -147,17 +149,19 @@ class ParameterServer:
         """Apply a worker's gradient of ``rows`` computed at ``version``, unless stale; answers
         (status, version, [W ref])."""
         state = self.core.state
+        started = time.time()
         if (self.stopped or (self.step_limit is not None and state.step >= self.step_limit)
                 or pass_id != self.passes.get(shard)):  # a dead worker's late push: its restart redoes it
+            self.update_spans.append((shard, started, started))
             return (STOP, *self._current())
         staleness = state.version - version
         if staleness > self.max_staleness:
             self.dropped += 1
+            self.update_spans.append((shard, started, started))
             return (STALE, *self._current())
         step, lr = state.step, self.core.optimizer.lr(state.step)
-        started = time.perf_counter()
         self.core.apply(grad_sum, loss_sum, count)
-        self.update_seconds.append(time.perf_counter() - started)
+        self.update_spans.append((shard, started, time.time()))
         self.staleness.append(staleness)
         self.applied_by_shard[shard] = self.applied_by_shard.get(shard, 0) + 1
         self._record(Update(self.epoch, shard, np.asarray(rows), count, version, self.core.state.version, step, lr))
@@ -187,10 +191,10 @@ class ParameterServer:
     def ping(self) -> str:
         return self.incarnation
 
-    def take_timings(self) -> list[float]:
-        """Seconds of each update since the last take."""
-        taken = list(self.update_seconds)
-        self.update_seconds.clear()
+    def take_timings(self) -> list[tuple[int | None, float, float]]:
+        """(shard or None, start, end) of each update since the last take, in time.time() seconds."""
+        taken = list(self.update_spans)
+        self.update_spans.clear()
         return taken
 
     def pid(self) -> int:

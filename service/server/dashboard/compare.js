@@ -41,7 +41,7 @@ export function compareView(main, params) {
 
   async function load() {
     try {
-      const infos = group ? await json(`jobs?group=${encodeURIComponent(group)}&limit=50`)
+      const infos = group ? await json(`jobs?group=${encodeURIComponent(group)}&limit=1000`)
         : await Promise.all(ids.map((id) => json(`jobs/${id}`)));
       const metrics = await Promise.all(infos.map((info) => json(`jobs/${info.id}/metrics`)));
       if (left) return;
