@@ -8,8 +8,8 @@ polyak: LocalEngine.step over random minibatches (gather the rows, MLP.loss_and_
 mean, gradient statistics, the heavy-ball rule), exactly the in-process loop of the trainer.
 torch:  nn.Sequential(Linear, ReLU, ..., Linear), CrossEntropyLoss, torch.optim.SGD(momentum=1-alpha,
         lr=alpha*eta), the same gathered rows, loss.item() per step (the trainer reads every step's loss).
-float32, random data (784 features, 10 classes), 1 and 2 threads (threadpoolctl for NumPy's BLAS,
-torch.set_num_threads for torch).
+float32, the spec's synthetic classification data (784 features, 10 classes), 1 and 2 threads
+(threadpoolctl for NumPy's BLAS, torch.set_num_threads for torch).
 
 Each framework runs in its own process: NumPy's OpenBLAS and torch's OpenMP both keep idle threads
 spinning for a while after a call, and in one process, with 2 threads on 2 cores, they can steal each
@@ -22,18 +22,17 @@ other processes competing for the cores make the 2-thread rows noisy.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import time
 
 import numpy as np
-from _frameworks import framework_info
+from _frameworks import framework_info, side_by_side
 from threadpoolctl import threadpool_limits
 
 from client.spec import parse_spec
 from service.engine.local_engine import LocalEngine
 from service.engine.trainer import initial_weights
-from workers.data import Dataset
+from workers.data import load_dataset, prepare
 from workers.mlp import unflatten
 
 CASES = [([784, 256, 10], 128), ([784, 256, 10], 1024), ([784, 1024, 1024, 10], 1024)]
@@ -41,19 +40,12 @@ N_SAMPLES = 16384
 ETA, ALPHA = 0.05, 0.1
 
 
-def make_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((N_SAMPLES, 784))
-    y = rng.integers(0, 10, size=N_SAMPLES)
-    empty = np.empty((0, 784))
-    return Dataset(X, y, empty, np.empty(0, dtype=np.int64), True, "random bench data")
-
-
 def make_spec(layers, batch):
     return parse_spec(
         {
             "model": {"layers": layers, "seed": 0},
-            "data": {"source": "synthetic", "name": "classification", "n_features": 784, "n_classes": 10},
+            "data": {"source": "synthetic", "name": "classification", "n_samples": N_SAMPLES, "n_features": 784,
+                     "n_classes": 10},
             "optimizer": {"method": "heavy_ball", "lr": ETA, "alpha": ALPHA},
             "batch": {"size": batch},
             "cluster": {"num_workers": 0, "device": "cpu", "dtype": "float32"},
@@ -64,7 +56,8 @@ def make_spec(layers, batch):
 class PolyakLoop:
     def __init__(self, layers, batch, ds):
         spec = make_spec(layers, batch)
-        self.engine = LocalEngine(spec, ds, initial_weights(spec))
+        # The engine loads the spec's data itself: the same rows as ds, which the torch loop is given.
+        self.engine = LocalEngine(spec, prepare(spec.data, spec.model), initial_weights(spec))
         self.batch = batch
 
     def run(self, batches):
@@ -116,7 +109,8 @@ def timed(loop, batches) -> float:
 def worker(framework: str, conn) -> None:
     """One framework in its own process: ("setup", layers, batch, threads) -> step-time estimate;
     ("time", batches) -> seconds; ("info",) -> a description; None -> exit."""
-    ds = make_data()
+    spec = make_spec([784, 10], None)
+    ds = load_dataset(spec.data, spec.model)
     loop, limiter = None, None
     while (msg := conn.recv()) is not None:
         if msg[0] == "info":
@@ -177,20 +171,7 @@ def main():
     repeats = args.repeats or repeats
     cases = [CASES[i] for i in args.case] if args.case else CASES
 
-    ctx = mp.get_context("spawn")
-    workers, procs = {}, []
-    for name in ("polyak", "torch"):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(name, child), daemon=True)
-        proc.start()
-        workers[name] = parent
-        procs.append(proc)
-    try:
-        env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-        for conn in workers.values():
-            conn.send(("info",))
-        print(f"{workers['polyak'].recv()}; env {env or '(OPENBLAS_* unset)'}")
-        print(f"{workers['torch'].recv()}; {os.cpu_count()} CPUs")
+    with side_by_side(worker) as workers:
         header = (
             f"{'model':<18} {'batch':>6} {'thr':>4} {'steps':>6} {'polyak samples/s':>17} "
             f"{'torch samples/s':>16} {'ratio':>6}"
@@ -209,11 +190,6 @@ def main():
                     flush=True,
                 )
         print(f"CPU pressure after: {cpu_pressure()} (competing processes skew the figures)")
-    finally:
-        for conn in workers.values():
-            conn.send(None)
-        for proc in procs:
-            proc.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ first, with a pause between), and the best repeat counts. The two must agree on 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import time
 
 import numpy as np
-from _frameworks import framework_info
+from _frameworks import framework_info, side_by_side
 from threadpoolctl import threadpool_limits
 
 from client.model import Model
@@ -136,20 +135,7 @@ def main():
     repeats, pause = (3, 0.2) if args.quick else (7, 0.3)
     repeats = args.repeats or repeats
 
-    ctx = mp.get_context("spawn")
-    workers, procs = {}, []
-    for name in ("polyak", "torch"):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(name, child), daemon=True)
-        proc.start()
-        workers[name] = parent
-        procs.append(proc)
-    try:
-        env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-        for conn in workers.values():
-            conn.send(("info",))
-        print(f"{workers['polyak'].recv()}; env {env or '(OPENBLAS_* unset)'}")
-        print(f"{workers['torch'].recv()}; {os.cpu_count()} CPUs")
+    with side_by_side(worker) as workers:
         print(f"model {'-'.join(map(str, LAYERS))} relu, float32, {N_ROWS:,} rows, best of {repeats}")
         header = (
             f"{'inputs':<13} {'thr':>4} {'polyak rows/s':>14} {'torch 1 call':>13} {'torch batched':>14} {'ratio':>6}"
@@ -169,11 +155,6 @@ def main():
                 )
         print(f"CPU pressure after: {cpu_pressure()} (competing processes skew the figures)")
         print("ratio: polyak rows/s over the faster torch variant")
-    finally:
-        for conn in workers.values():
-            conn.send(None)
-        for proc in procs:
-            proc.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Both print the ranking of ``client.sweep.rank``; ``sweep`` goes through the SDK'
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +39,16 @@ from client.sweep import (
 _POLL_SECONDS = 1.0
 
 
+def ranking_options(command: Callable) -> Callable:
+    """--metric and --mode, the same for sweep and compare."""
+    command = click.option("--mode", type=click.Choice(["min", "max"]), default=None,
+                           help="best is the smallest or the largest  [default: max for val_accuracy and "
+                                "samples_per_second, else min]")(command)
+    return click.option("--metric", type=click.Choice(RANK_METRICS), default=None,
+                        help="rank by this figure of the last epoch  [default: val_loss with validation data, "
+                             "else train_loss]")(command)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("--grid", "grids", multiple=True, required=True, metavar="KEY=V1,V2,...",
@@ -45,11 +56,7 @@ _POLL_SECONDS = 1.0
 @click.option("--group", default=None, help="the jobs' group  [default: sweep-<date>-<time>-<4 hex>]")
 @click.option("--follow", is_flag=True, help="one live line per job until all end, then the ranking")
 @click.option("--wait", is_flag=True, help="wait until all jobs end, then print the ranking")
-@click.option("--metric", type=click.Choice(RANK_METRICS), default=None,
-              help="rank by this figure of the last epoch  [default: val_loss with validation data, else train_loss]")
-@click.option("--mode", type=click.Choice(["min", "max"]), default=None,
-              help="best is the smallest or the largest  [default: max for val_accuracy and samples_per_second, "
-                   "else min]")
+@ranking_options
 @click.option("--json", "as_json", is_flag=True,
               help="wait, then one JSON object per job, best first: id, state, stop_reason, epochs, params, final")
 @server_options
@@ -89,11 +96,7 @@ def sweep(ctx: click.Context, spec: Path, grids: tuple[str, ...], group: str | N
 @cli.command()
 @click.argument("job_ids", nargs=-1, metavar="[JOB]...")
 @click.option("--group", default=None, help="all the jobs of this group (a sweep) instead of JOB...")
-@click.option("--metric", type=click.Choice(RANK_METRICS), default=None,
-              help="rank by this figure of the last epoch  [default: val_loss with validation data, else train_loss]")
-@click.option("--mode", type=click.Choice(["min", "max"]), default=None,
-              help="best is the smallest or the largest  [default: max for val_accuracy and samples_per_second, "
-                   "else min]")
+@ranking_options
 @click.option("--json", "as_json", is_flag=True,
               help="one JSON object per job, best first: id, state, stop_reason, epochs, params, final")
 @click.option("-o", "--output", default=None, help="also draw the jobs' loss curves overlaid into this image file")

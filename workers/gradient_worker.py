@@ -91,12 +91,13 @@ class GradientWorker:
         xp = self.backend.xp
         return self.mlp.evaluate(xp.asarray(W), self.X_val, self.y_val)
 
-    def run_async_epoch(self, server, epoch: int, batch_size: int) -> int:
+    def run_async_epoch(self, server, epoch: int, batch_size: int, traced: bool = False) -> int:
         """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.
 
         A stale gradient is recomputed at fresh weights. After a restart the worker skips the batches
         the server already applied this epoch (its order is a function of the spec and epoch alone), and the
-        server turns away any late push of the pass it replaces. Returns the number of pushes that were applied.
+        server turns away any late push of the pass it replaces. A push carries its rows only when the server
+        ``traced`` (keeps a record of every update). Returns the number of pushes that were applied.
         """
         n = self.X.shape[0]
         order = np.random.default_rng([self.seed, 3, epoch, self.shard]).permutation(n)
@@ -106,7 +107,7 @@ class GradientWorker:
             rows = order[start : start + batch_size]
             while True:
                 g, loss_sum, count = self.gradient(ray.get(w_ref), rows)
-                push = server.push.remote(g, loss_sum, count, version, self.shard, pass_id, rows)
+                push = server.push.remote(g, loss_sum, count, version, self.shard, pass_id, rows if traced else None)
                 status, version, (w_ref,) = ray.get(push)
                 if status != STALE:
                     break

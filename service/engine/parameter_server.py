@@ -145,8 +145,8 @@ class ParameterServer:
         return (done, self.passes[shard], *self._current())
 
     def push(self, grad_sum: np.ndarray, loss_sum: float, count: int, version: int, shard: int, pass_id: str,
-             rows: np.ndarray):
-        """Apply a worker's gradient of ``rows`` computed at ``version``, unless stale; answers
+             rows: np.ndarray | None):
+        """Apply a worker's gradient of ``rows`` (sent only when tracing) computed at ``version``, unless stale; answers
         (status, version, [W ref])."""
         state = self.core.state
         started = time.time()

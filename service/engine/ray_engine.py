@@ -526,7 +526,8 @@ class AsyncRayEngine(RayEngine):
         """Let every worker pass over its shard once (at most ``step_budget`` steps); True when cancelled."""
         if ray.get(self.server.begin_epoch.remote(epoch, step_budget)) != self.incarnation:
             raise ParameterServerLost("the parameter server restarted after the last epoch")
-        runs = [w.run_async_epoch.remote(self.pushes_to(), epoch, batch_size) for w in self.workers]
+        runs = [w.run_async_epoch.remote(self.pushes_to(), epoch, batch_size, self.trace is not None)
+                for w in self.workers]
         pending, cancelled, checked = runs, False, time.monotonic()
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
