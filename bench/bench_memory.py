@@ -116,9 +116,9 @@ class Sampler:
 
 
 def run_case(path: str, workers: int) -> dict:
-    from client.spec import parse_spec
-    from service.engine.trainer import Hooks, initial_weights, make_engine, run
-    from workers.data import prepare
+    from polyak.client.spec import parse_spec
+    from polyak.service.engine.trainer import Hooks, initial_weights, make_engine, run
+    from polyak.workers.data import prepare
 
     sampler = Sampler()
     started = time.perf_counter()
@@ -132,8 +132,7 @@ def run_case(path: str, workers: int) -> dict:
     })
     if workers:
         import ray
-
-        from service.engine.ray_engine import connect
+        from polyak.service.engine.ray_engine import connect
 
         connect(None, num_cpus=max(2, workers))
     info = prepare(spec.data, spec.model)

@@ -42,9 +42,9 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.spec import parse_spec  # noqa: E402
-from service.engine.trainer import Hooks, initial_weights, make_engine, run  # noqa: E402
-from workers.data import prepare  # noqa: E402
+from polyak.client.spec import parse_spec  # noqa: E402
+from polyak.service.engine.trainer import Hooks, initial_weights, make_engine, run  # noqa: E402
+from polyak.workers.data import prepare  # noqa: E402
 
 CASES = [([784, 256, 10], 128, 300), ([784, 256, 10], 1024, 60), ([784, 1024, 1024, 10], 1024, 30)]
 # (label, workers, mode, sync path, in-process BLAS threads)
@@ -74,8 +74,7 @@ def spec_for(layers, batch: int, steps: int, workers: int, mode: str):
 def measure(spec, sync_path: str | None = None) -> dict:
     """The second epoch's samples/s and the per-step split from the actors' own timestamps."""
     import ray
-
-    from service.engine.ray_engine import SyncRayEngine
+    from polyak.service.engine.ray_engine import SyncRayEngine
 
     info = prepare(spec.data, spec.model)
     W0 = initial_weights(spec)
@@ -194,7 +193,7 @@ def main() -> None:
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
     parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from service.engine.ray_engine import connect
+    from polyak.service.engine.ray_engine import connect
 
     if args.driver:  # one two-node row, in a driver joined to that cluster
         connect(args.driver[0])

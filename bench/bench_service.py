@@ -31,10 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.models import EpochMetrics  # noqa: E402
-from client.spec import parse_spec  # noqa: E402
-from service.server.job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, new_job_id, utcnow  # noqa: E402
-from service.server.store import Store  # noqa: E402
+from polyak.client.models import EpochMetrics  # noqa: E402
+from polyak.client.spec import parse_spec  # noqa: E402
+from polyak.service.server.job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, new_job_id, utcnow  # noqa: E402
+from polyak.service.server.store import Store  # noqa: E402
 
 QUICK = {"model": {"layers": [4, 8, 3]}, "data": {"source": "sklearn", "name": "iris"},
          "stopping": {"max_epochs": 2}, "cluster": {"num_workers": 0}}
@@ -96,7 +96,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log = (folder / "serve.log").open("w")
     env = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
+    server = subprocess.Popen([sys.executable, "-m", "polyak", "serve", "--port", str(port), "--data-dir",
                                str(data_dir), "--max-concurrent-jobs", "2"], cwd=ROOT, env=env, stdout=log,
                               stderr=log)
     stop = threading.Event()

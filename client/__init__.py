@@ -1,33 +1,5 @@
-"""polyak's client: the job spec and wire models, the SDK (Client, Job) and its typed errors.
+"""polyak's client side: the SDK (Client, Job), trained models, sweeps, plots and the Ray-job submitter.
 
-Imports no Ray, service or worker code, and no matplotlib: submitting a job stays light.
+Empty on purpose: ``import polyak.client.spec`` must not pull in the SDK's HTTP client (the actors import the
+spec); the public names are ``polyak.Client``, ``polyak.Model`` and the rest.
 """
-
-from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
-from client.model import Model, ModelError
-from client.models import Criterion, EpochMetrics, JobInfo, JobState, StopReason
-from client.sdk import Client, Job
-from client.spec import JobSpec, parse_spec
-from client.sweep import RankedJob, Sweep
-
-__all__ = [
-    "Client",
-    "Criterion",
-    "EpochMetrics",
-    "Job",
-    "JobConflict",
-    "JobInfo",
-    "JobNotFound",
-    "JobSpec",
-    "JobState",
-    "Model",
-    "ModelError",
-    "PolyakError",
-    "RankedJob",
-    "ServerError",
-    "SpecError",
-    "StopReason",
-    "Sweep",
-    "Unauthorized",
-    "parse_spec",
-]

@@ -15,16 +15,15 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import click
+from polyak.client.display import TrainingDisplay, criteria_table, metrics_table, state_text
+from polyak.client.errors import PolyakError, SpecError
+from polyak.client.files import check_output, is_uri, npz_bytes, write_output
+from polyak.client.models import JobInfo, JobState
+from polyak.client.sdk import DEFAULT_URL, Client, Job
+from polyak.client.spec import optimizer_summary, parse_spec
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-
-from client.display import TrainingDisplay, criteria_table, metrics_table, state_text
-from client.errors import PolyakError, SpecError
-from client.files import check_output, is_uri, npz_bytes, write_output
-from client.models import JobInfo, JobState
-from client.sdk import DEFAULT_URL, Client, Job
-from client.spec import optimizer_summary, parse_spec
 
 EXIT_CODES = """\b
 Exit status, the same for every command:
@@ -319,7 +318,7 @@ def weights(ctx: click.Context, job_id: str, output: str, which: str) -> None:
 def plot(ctx: click.Context, job_id: str, output: str | None) -> None:
     """Plot a job's training curves: loss, accuracy, weight change / gradient noise, lr / batch size
     (and staleness / dropped gradients of an async job)."""
-    from client.plot import plot_bytes
+    from polyak.client.plot import plot_bytes
 
     output = output or f"{job_id}.png"
     image_type = check_image_output(output)
@@ -346,12 +345,12 @@ def plot(ctx: click.Context, job_id: str, output: str | None) -> None:
               help="wait for the job and write its final weights here (.npz, on this machine; or a URI)")
 def ray_submit(spec: Path, address: str, working_dir: Path, runtime_env_file: Path | None, follow: bool,
                output: str | None) -> None:
-    """Run SPEC as a Ray job (`python -m service train`) on a cluster, without the service.
+    """Run SPEC as a Ray job (`python -m polyak train`) on a cluster, without the service.
 
     With token authentication on the cluster, set RAY_AUTH_MODE=token here too: Ray then sends the
     token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
     """
-    from client import ray_job
+    from polyak.client import ray_job
 
     runtime_env = None
     if runtime_env_file is not None:
@@ -402,7 +401,7 @@ def check_output_option(target: str) -> None:
 
 def check_image_output(output: str) -> str:
     """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
-    from client.plot import image_formats
+    from polyak.client.plot import image_formats
 
     image_type = PurePath(output).suffix.lstrip(".").lower()
     if image_type not in image_formats():

@@ -23,8 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-
-from client.errors import PolyakError
+from polyak.client.errors import PolyakError
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 LOSSES = ("cross_entropy", "mse")

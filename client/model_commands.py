@@ -12,12 +12,11 @@ from pathlib import Path
 
 import click
 import numpy as np
+from polyak.client.commands import check_output_option, cli, make_console
+from polyak.client.errors import PolyakError
+from polyak.client.files import write_output
+from polyak.client.model import Model
 from rich.text import Text
-
-from client.commands import check_output_option, cli, make_console
-from client.errors import PolyakError
-from client.files import write_output
-from client.model import Model
 
 
 @cli.command()

@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from enum import Enum
 
+from polyak.client.spec import JobSpec
 from pydantic import BaseModel, ConfigDict
-
-from client.spec import JobSpec
 
 
 class JobState(str, Enum):

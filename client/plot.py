@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from client.models import EpochMetrics
+from polyak.client.models import EpochMetrics
 
 
 def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | None = None) -> Path:
@@ -38,7 +38,7 @@ def _figure(metrics: list[EpochMetrics], title: str | None):
         raise ValueError("no metrics to plot")
     stop = next((m for m in reversed(metrics) if m.stop is not None), None)
     stop_reason = stop.stop.value if stop is not None else None
-    from client.display import is_async
+    from polyak.client.display import is_async
 
     has_async = any(is_async(m) for m in metrics)
     layout = [["loss", "acc"], ["diag", "sched"]] + ([["async", "async"]] if has_async else [])

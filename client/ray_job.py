@@ -1,10 +1,11 @@
 """One spec as a Ray job, without the service: submit it to a cluster's dashboard and follow its metrics.
 
-``submit_spec`` validates the spec here, uploads ``working_dir`` (this checkout: the ``client``,
-``service`` and ``workers`` packages travel with it) and runs ``python -m service train SPEC --json``
-on the cluster; ``follow`` reads the job's log and yields every ``EpochMetrics`` line as it appears.
+``submit_spec`` validates the spec here, uploads ``working_dir`` (a checkout of polyak runs from there as
+it is; any other folder gets the polyak package this process runs as ``py_modules``) and runs
+``python -m polyak train SPEC --json`` on the cluster; ``follow`` reads the job's log and yields every
+``EpochMetrics`` line as it appears.
 
-    from client.ray_job import follow, submit_spec
+    from polyak.client.ray_job import follow, submit_spec
     job_id = submit_spec("http://127.0.0.1:8265", "examples/digits.yaml")
     for m in follow("http://127.0.0.1:8265", job_id):
         print(m.epoch, m.train_loss)
@@ -25,11 +26,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from polyak.client.errors import PolyakError
+from polyak.client.models import EpochMetrics
+from polyak.client.spec import parse_spec
 from pydantic import ValidationError
-
-from client.errors import PolyakError
-from client.models import EpochMetrics
-from client.spec import parse_spec
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
@@ -61,7 +61,7 @@ class RayJobFailed(PolyakError):
 
 def entrypoint(spec_relpath: str, extra_args: Sequence[str] = ()) -> str:
     """The job's command line: ``polyak train`` with one JSON metrics object per epoch on stdout."""
-    args = ["python", "-m", "service", "train", spec_relpath, "--json", "--emit-weights", *extra_args]
+    args = ["python", "-m", "polyak", "train", spec_relpath, "--json", "--emit-weights", *extra_args]
     return shlex.join(args)
 
 
@@ -80,8 +80,9 @@ def submit_spec(
     The spec is parsed first, so a bad one fails here with a SpecError and nothing is submitted. It
     must lie inside ``working_dir``, which is uploaded as the job's working directory. ``runtime_env``
     replaces the default ``{"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}``; without a
-    ``working_dir`` of its own it gets this one. ``extra_args`` are appended to ``polyak train``'s;
-    a spec with workers also gets ``--ray-address auto`` unless they name an address.
+    ``working_dir`` of its own it gets this one, and when that folder is no checkout of polyak (and no
+    ``py_modules`` are given), the package this process runs. ``extra_args`` are appended to
+    ``polyak train``'s; a spec with workers also gets ``--ray-address auto`` unless they name an address.
     """
     spec_path, working_dir = Path(spec_path), Path(working_dir)
     spec = parse_spec(spec_path)
@@ -95,6 +96,10 @@ def submit_spec(
         ) from None
     env = dict(runtime_env) if runtime_env is not None else {"excludes": list(DEFAULT_EXCLUDES)}
     env.setdefault("working_dir", str(working_dir))
+    if "py_modules" not in env and not (Path(env["working_dir"]) / "polyak" / "__init__.py").is_file():
+        from polyak.shipping import shippable_package
+
+        env["py_modules"] = [shippable_package()]
     extra_args = list(extra_args)
     if spec.cluster.num_workers > 0 and "--ray-address" not in extra_args:
         # Join the cluster the job runs on (Ray sets RAY_ADDRESS for the entrypoint). Without it a

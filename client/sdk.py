@@ -18,13 +18,12 @@ from typing import Any
 
 import httpx
 import numpy as np
+from polyak.client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
+from polyak.client.model import Model
+from polyak.client.models import EpochMetrics, JobInfo, JobState
+from polyak.client.spec import JobSpec, parse_spec
+from polyak.client.sweep import Sweep, SweepPlan, plan_sweep
 from pydantic import BaseModel, TypeAdapter, ValidationError
-
-from client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
-from client.model import Model
-from client.models import EpochMetrics, JobInfo, JobState
-from client.spec import JobSpec, parse_spec
-from client.sweep import Sweep, SweepPlan, plan_sweep
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 

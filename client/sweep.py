@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from polyak.client.errors import SpecError
+from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
+from polyak.client.spec import JobSpec, parse_spec
 from pydantic import BaseModel
 
-from client.errors import SpecError
-from client.models import EpochMetrics, JobInfo, JobState, StopReason
-from client.spec import JobSpec, parse_spec
-
 if TYPE_CHECKING:
-    from client.sdk import Client, Job
+    from polyak.client.sdk import Client, Job
 
 # Metrics a job can be ranked by: figures of its last epoch. Larger is better for these two.
 RANK_METRICS = ("val_loss", "train_loss", "val_accuracy", "samples_per_second", "weight_change",

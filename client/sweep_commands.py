@@ -11,18 +11,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
-from client.commands import BadInput, check_image_output, cli, client_of, make_console, server_options, shown_path
-from client.display import final_line, fmt, percent, state_text
-from client.errors import PolyakError
-from client.files import write_output
-from client.models import JobInfo, JobState
-from client.sweep import (
+from polyak.client.commands import (
+    BadInput,
+    check_image_output,
+    cli,
+    client_of,
+    make_console,
+    server_options,
+    shown_path,
+)
+from polyak.client.display import final_line, fmt, percent, state_text
+from polyak.client.errors import PolyakError
+from polyak.client.files import write_output
+from polyak.client.models import JobInfo, JobState
+from polyak.client.sweep import (
     RANK_METRICS,
     RankedJob,
     Sweep,
@@ -35,6 +37,11 @@ from client.sweep import (
     rank,
     value_text,
 )
+from rich.console import Console
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 _POLL_SECONDS = 1.0
 
@@ -120,7 +127,7 @@ def compare(ctx: click.Context, job_ids: tuple[str, ...], group: str | None, met
     ranked = rank(infos, differing_params([i.spec for i in infos]), metric, mode)
     _report(ranked, infos, metric, mode, as_json)
     if output is not None:
-        from client.plot import compare_bytes
+        from polyak.client.plot import compare_bytes
 
         curves = {_curve_label(row): client.metrics(row.id) for row in ranked}
         title = f"group {group}" if group else f"{len(infos)} jobs"

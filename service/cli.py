@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
-
-import client.model_commands  # noqa: F401  (registers predict, evaluate, export)
-import client.sweep_commands  # noqa: F401  (registers sweep, compare)
-from client.commands import cli
-from client.display import TrainingDisplay
-from client.errors import SpecError
-from client.models import JobState, StopReason
-from client.ray_job import WEIGHTS_LINE_KEY
-from client.spec import optimizer_summary, parse_spec
+import polyak.client.model_commands  # noqa: F401  (registers predict, evaluate, export)
+import polyak.client.sweep_commands  # noqa: F401  (registers sweep, compare)
+from polyak.client.commands import cli
+from polyak.client.display import TrainingDisplay
+from polyak.client.errors import SpecError
+from polyak.client.models import JobState, StopReason
+from polyak.client.ray_job import WEIGHTS_LINE_KEY
+from polyak.client.spec import optimizer_summary, parse_spec
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -52,9 +51,9 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_address: str | None,
           job_dir: Path | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
-    from client.errors import PolyakError
-    from client.files import npz_bytes, write_output
-    from service.engine.trainer import weights_file
+    from polyak.client.errors import PolyakError
+    from polyak.client.files import npz_bytes, write_output
+    from polyak.service.engine.trainer import weights_file
 
     job_spec, info = _prepare(spec, output)
     display = None
@@ -82,9 +81,9 @@ def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_addres
 
 def _prepare(spec: Path, output: str | None):
     """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong."""
-    from client.errors import PolyakError
-    from client.files import check_output
-    from workers.data import prepare
+    from polyak.client.errors import PolyakError
+    from polyak.client.files import check_output
+    from polyak.workers.data import prepare
 
     try:
         if output is not None:
@@ -102,9 +101,8 @@ def _prepare(spec: Path, output: str | None):
 def _train(job_spec, info, display: TrainingDisplay | None, ray_address: str | None, job_dir: Path | None):
     """The TrainResult, shown live on ``display``, or as JSON lines on stdout and notes on stderr without one."""
     import numpy as np
-
-    from service.engine.trainer import Hooks, train_job
-    from workers.backend import DeviceError
+    from polyak.service.engine.trainer import Hooks, train_job
+    from polyak.workers.backend import DeviceError
 
     say = display.note if display is not None else _note
     cancel = threading.Event()
@@ -152,7 +150,7 @@ def _cancel_on_sigint(cancel: threading.Event, say):
 
 def _connect_ray(address: str | None, workers: int, say, stack: contextlib.ExitStack) -> None:
     """Start or join Ray, saying which first: starting one takes seconds, and the screen would be blank."""
-    from service.engine.ray_engine import cluster_summary, connect
+    from polyak.service.engine.ray_engine import cluster_summary, connect
 
     _quiet_ray()
     if address in (None, "", "local") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # connect()'s rule
@@ -216,16 +214,15 @@ def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
     loss's steepest descent), and the curvature at the initial weights (lambda_max gives the stable lr; for a
     quadratic loss also lambda_min, kappa and Polyak's heavy-ball lr and alpha, ready to paste)."""
     import numpy as np
+    from polyak.client.commands import check_image_output, make_console
+    from polyak.client.errors import PolyakError
+    from polyak.client.files import write_output
+    from polyak.client.tuning_plot import lr_find_bytes
+    from polyak.service.engine.trainer import initial_weights
+    from polyak.service.engine.tuning import curvature, load_problem, range_test
+    from polyak.workers.backend import DeviceError, get_backend
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from client.commands import check_image_output, make_console
-    from client.errors import PolyakError
-    from client.files import write_output
-    from client.tuning_plot import lr_find_bytes
-    from service.engine.trainer import initial_weights
-    from service.engine.tuning import curvature, load_problem, range_test
-    from workers.backend import DeviceError, get_backend
 
     if output is not None:
         try:
@@ -334,11 +331,10 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     import sqlite3
 
     import uvicorn
-
-    from service.server.api import create_app
-    from service.server.cluster import Cluster, ClusterUnavailable
-    from service.server.scheduler import Scheduler
-    from service.server.store import Store
+    from polyak.service.server.api import create_app
+    from polyak.service.server.cluster import Cluster, ClusterUnavailable
+    from polyak.service.server.scheduler import Scheduler
+    from polyak.service.server.store import Store
 
     server_token = server_token or None
     try:
@@ -397,7 +393,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _cluster_summary() -> str:
-    from service.engine.ray_engine import cluster_summary
+    from polyak.service.engine.ray_engine import cluster_summary
 
     return cluster_summary()
 

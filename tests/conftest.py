@@ -41,7 +41,7 @@ LOCAL_IRIS = {
 @pytest.fixture
 def make_spec():
     """make_spec(overrides, base=LOCAL_IRIS) -> a parsed JobSpec."""
-    from client.spec import parse_spec
+    from polyak.client.spec import parse_spec
 
     def make(overrides: dict | None = None, base: dict = LOCAL_IRIS):
         return parse_spec(deep_merge(base, overrides or {}))
@@ -52,9 +52,9 @@ def make_spec():
 @pytest.fixture
 def train_local():
     """train_local(spec, hooks=None, engine_wrapper=None) -> (TrainResult, dataset, engine), in-process."""
-    from service.engine.local_engine import LocalEngine
-    from service.engine.trainer import Hooks, initial_weights, run
-    from workers.data import load_dataset, prepare
+    from polyak.service.engine.local_engine import LocalEngine
+    from polyak.service.engine.trainer import Hooks, initial_weights, run
+    from polyak.workers.data import load_dataset, prepare
 
     def train(spec, hooks: Hooks | None = None, engine_wrapper=None):
         ds = load_dataset(spec.data, spec.model)
@@ -84,7 +84,7 @@ class TorchReference:
         self.torch = torch
 
     def model(self, layers, activation, W, dtype=None):
-        from workers.mlp import unflatten
+        from polyak.workers.mlp import unflatten
 
         torch = self.torch
         dtype = dtype or torch.float64
@@ -141,7 +141,7 @@ class Replay:
         self.ref = torch_ref
 
     def __call__(self, spec, dataset, steps: int) -> dict:
-        from service.engine.trainer import epoch_order, initial_weights
+        from polyak.service.engine.trainer import epoch_order, initial_weights
 
         layers, m = spec.model.layers, spec.model
         opt, b = spec.optimizer, spec.batch
@@ -210,8 +210,7 @@ def replay(torch_ref):
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-
-    from service.engine.ray_engine import connect
+    from polyak.service.engine.ray_engine import connect
 
     started = connect(None, num_cpus=2)
     yield ray

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch  # the dev extra installs it: a missing torch fails here, it does not skip
-
-from client.errors import SpecError
-from client.spec import parse_spec
-from service.engine.optim import BUFFERS
-from service.engine.trainer import epoch_order, initial_weights, train_job
-from workers.data import load_dataset
+from polyak.client.errors import SpecError
+from polyak.client.spec import parse_spec
+from polyak.service.engine.optim import BUFFERS
+from polyak.service.engine.trainer import epoch_order, initial_weights, train_job
+from polyak.workers.data import load_dataset
 
 STEPS = 50
 
@@ -97,9 +96,8 @@ def test_ray_sync_two_workers_equal_torch(method):
 def test_a_lost_parameter_server_restores_adams_moments_and_step(tmp_path):
     """Killed mid-epoch 3: the checkpoint of epoch 2 must carry m, v and t, or the resumed run differs."""
     import ray
-
-    from service.engine.trainer import CHECKPOINT, Hooks, make_engine, run
-    from workers.data import prepare
+    from polyak.service.engine.trainer import CHECKPOINT, Hooks, make_engine, run
+    from polyak.workers.data import prepare
 
     spec = parse_spec({**spec_for("adam", 16, workers=2).model_dump(),
                        "stopping": {"max_epochs": 4, "max_steps": None}})
@@ -128,7 +126,7 @@ def test_a_lost_parameter_server_restores_adams_moments_and_step(tmp_path):
 
 
 def test_each_method_holds_only_its_own_buffers():
-    from service.engine.ps_core import ServerCore
+    from polyak.service.engine.ps_core import ServerCore
 
     for method, names in BUFFERS.items():
         core = ServerCore(spec_for(method, 32) if method in ("adagrad", "rmsprop", "adam")

@@ -15,14 +15,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import ray
-
-from client.models import JobState, StopReason
-from client.spec import parse_spec
-from service.engine.parameter_server import Join, Restore, Stop, Update
-from service.engine.ray_engine import AsyncRayEngine
-from service.engine.trainer import CHECKPOINT, Hooks, initial_weights, run
-from workers.data import load_dataset, prepare
-from workers.gradient_worker import APPLIED
+from polyak.client.models import JobState, StopReason
+from polyak.client.spec import parse_spec
+from polyak.service.engine.parameter_server import Join, Restore, Stop, Update
+from polyak.service.engine.ray_engine import AsyncRayEngine
+from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, run
+from polyak.workers.data import load_dataset, prepare
+from polyak.workers.gradient_worker import APPLIED
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from workers.backend import Backend, DeviceError, get_backend, gpu_available, to_numpy
-from workers.mlp import MLP, init_params, param_count
+from polyak.workers.backend import Backend, DeviceError, get_backend, gpu_available, to_numpy
+from polyak.workers.mlp import MLP, init_params, param_count
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU visible (CuPy missing or no CUDA device)")
 
@@ -73,7 +72,7 @@ def test_cupy_gradient_equals_numpy(activation, loss):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["sgd", "heavy_ball", "nesterov"])
 def test_cupy_rules_equal_numpy(method):
-    from service.engine.optim import RULES
+    from polyak.service.engine.optim import RULES
 
     cp = get_backend("gpu").xp
     rng = np.random.default_rng(1)
@@ -91,8 +90,8 @@ def test_cupy_rules_equal_numpy(method):
 @pytest.mark.parametrize("method", ["sgd", "heavy_ball", "nesterov", "adagrad", "rmsprop", "adam"])
 def test_cupy_optimizer_equals_numpy_with_schedule_and_weight_decay(method):
     """The parameter server's whole update (rule, buffers, scratch, schedule, decay) on CuPy arrays."""
-    from client.spec import OptimizerSpec
-    from service.engine.optim import BUFFERS, Optimizer, new_state
+    from polyak.client.spec import OptimizerSpec
+    from polyak.service.engine.optim import BUFFERS, Optimizer, new_state
 
     cp = get_backend("gpu").xp
     layers = [6, 5, 3]

@@ -17,11 +17,10 @@ import time
 import numpy as np
 import pytest
 import yaml
-
-from client.models import EpochMetrics
-from client.spec import JobSpec, parse_spec
-from service.engine.trainer import initial_weights
-from workers.mlp import from_dict, to_dict
+from polyak.client.models import EpochMetrics
+from polyak.client.spec import JobSpec, parse_spec
+from polyak.service.engine.trainer import initial_weights
+from polyak.workers.mlp import from_dict, to_dict
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},
@@ -41,7 +40,7 @@ def write_spec(tmp_path, spec, name="spec.yaml"):
 
 def polyak(*args, timeout=120, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "service", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "polyak", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout,
         env=env,
     )
 
@@ -132,7 +131,7 @@ def test_ctrl_c_cancels_and_still_writes_the_last_weights(tmp_path):
             "optimizer": {**IRIS["optimizer"], "lr": 0.01}, "batch": {"size": 1}, "stopping": {"max_epochs": 100000}}
     out = tmp_path / "w.npz"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "train", str(write_spec(tmp_path, spec)), "-o", str(out), "--json"],
+        [sys.executable, "-m", "polyak", "train", str(write_spec(tmp_path, spec)), "-o", str(out), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines = [proc.stdout.readline(), proc.stdout.readline()]  # training is under way
@@ -225,7 +224,7 @@ def test_ctrl_c_on_a_terminal_leaves_one_epoch_bar(tmp_path):
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "200", "LINES": "80", "TERM": "xterm-256color"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "train", str(write_spec(tmp_path, with_("stopping", max_epochs=100000))),
+        [sys.executable, "-m", "polyak", "train", str(write_spec(tmp_path, with_("stopping", max_epochs=100000))),
          "-o", str(tmp_path / "w.npz")], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env,
     )
     os.close(follower)
@@ -252,7 +251,7 @@ def test_serve_on_a_busy_port_exits_3_before_starting(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            [sys.executable, "-m", "polyak", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
             capture_output=True, text=True, timeout=60,
         )
     assert proc.returncode == 3
@@ -262,7 +261,7 @@ def test_serve_on_a_busy_port_exits_3_before_starting(tmp_path):
 
 
 def test_only_rays_no_news_is_dropped():
-    from service.cli import _quiet_ray
+    from polyak.service.cli import _quiet_ray
 
     _quiet_ray()
     banner = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."

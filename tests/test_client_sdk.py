@@ -11,8 +11,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from polyak import (
     Client,
     Criterion,
     EpochMetrics,
@@ -28,7 +27,7 @@ from client import (
     StopReason,
     Unauthorized,
 )
-from client.sdk import parse_sse
+from polyak.client.sdk import parse_sse
 
 URL = "http://polyak.test:8765"
 JOB = "7f3a9c2e41b8"

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from client.errors import PolyakError, SpecError
-from client.models import EpochMetrics
-from client.ray_job import RayJobFailed, follow, job_status, parse_metrics_line, submit_spec
+from polyak.client.errors import PolyakError, SpecError
+from polyak.client.models import EpochMetrics
+from polyak.client.ray_job import RayJobFailed, follow, job_status, parse_metrics_line, submit_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -257,9 +256,7 @@ def assert_whole_run(history: list[EpochMetrics], max_epochs: int | None = None)
 
 @pytest.fixture
 def workdir(tmp_path):
-    """A working_dir with the three packages a job needs and nothing else: the spec files go in it."""
-    for package in ("client", "service", "workers"):
-        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    """A working_dir without polyak's code (it travels as py_modules): the spec files go in it."""
     return tmp_path
 
 
@@ -319,7 +316,7 @@ def test_a_failing_job_raises_its_error_line(cluster, workdir):
 def test_ray_submit_command_follows_a_failing_job(cluster, workdir):
     """`polyak ray-submit --follow` as a user runs it: Ray's client finds the token the way Ray does."""
     spec = {**IRIS, "data": {"source": "file", "path": "no/such/data.npz"}, "cluster": {"num_workers": 0}}
-    args = [sys.executable, "-m", "service", "ray-submit", "spec.yaml", "--address", cluster.dashboard,
+    args = [sys.executable, "-m", "polyak", "ray-submit", "spec.yaml", "--address", cluster.dashboard,
             "--working-dir", ".", "--follow"]
     write_spec(workdir, spec)
     proc = run(args, cluster, timeout=120, cwd=workdir)
@@ -335,8 +332,8 @@ def test_ray_submit_command_follows_a_failing_job(cluster, workdir):
 
 NO_TOKEN_SUBMIT = """
 import sys
-from client.errors import PolyakError
-from client.ray_job import submit_spec
+from polyak.client.errors import PolyakError
+from polyak.client.ray_job import submit_spec
 try:
     submit_spec(sys.argv[1], sys.argv[2], sys.argv[3])
 except PolyakError as e:
@@ -364,7 +361,7 @@ def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
 
     Written against DESIGN.md's contract (HTTP API, client.Client); it needs `polyak serve`.
     """
-    from client import Client, JobState
+    from polyak import Client, JobState
 
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
@@ -373,7 +370,7 @@ def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
     # Run from a folder with no polyak source in it: the service itself ships the packages to the cluster.
     with log.open("wb") as out:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--ray-address", cluster.gcs_address,
+            [sys.executable, "-m", "polyak", "serve", "--ray-address", cluster.gcs_address,
              "--port", str(port), "--data-dir", str(tmp_path / "data")],
             cwd=tmp_path, env=cluster.env, stdout=out, stderr=subprocess.STDOUT,
         )
@@ -410,7 +407,7 @@ def test_ray_job_submit_runs_the_documented_entrypoint(cluster):
     ray = str(BIN / "ray")
     before = cluster.actors()
     submitted = run([ray, "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,
-                     "--working-dir", ".", "--", "python", "-m", "service", "train", "examples/digits.yaml",
+                     "--working-dir", ".", "--", "python", "-m", "polyak", "train", "examples/digits.yaml",
                      "--json"], cluster, timeout=240)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     streamed = metrics_of(submitted.stdout)
@@ -433,7 +430,7 @@ def test_without_the_token_polyak_says_in_one_line_what_to_set(cluster, tmp_path
     for args in (["train", str(spec), "--ray-address", cluster.gcs_address],
                  ["serve", "--ray-address", cluster.gcs_address, "--port", str(free_ports(1)[0]),
                   "--data-dir", str(tmp_path / "data")]):
-        proc = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "polyak", *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode != 0, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -444,11 +441,11 @@ def test_without_the_token_polyak_says_in_one_line_what_to_set(cluster, tmp_path
 
 
 def test_ray_submit_brings_the_weights_back_to_this_machine(cluster, workdir, tmp_path):
-    from service.engine.checkpoint import load_npz
+    from polyak.service.engine.checkpoint import load_npz
 
     write_spec(workdir, IRIS)
     out = tmp_path / "from-cluster.npz"
-    args = [sys.executable, "-m", "service", "ray-submit", "spec.yaml", "--address", cluster.dashboard,
+    args = [sys.executable, "-m", "polyak", "ray-submit", "spec.yaml", "--address", cluster.dashboard,
             "--working-dir", ".", "-o", str(out)]
     proc = run(args, cluster, timeout=240, cwd=workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -462,7 +459,7 @@ def test_health_says_ray_starts_with_the_first_job_that_needs_it(monkeypatch):
     """/health's Ray entry, through each state of the connection (no Ray is started: capacity is held)."""
     import threading
 
-    from service.server.cluster import Cluster, ClusterUnavailable
+    from polyak.service.server.cluster import Cluster, ClusterUnavailable
 
     cluster = Cluster(None)
     assert cluster.status() == {"connected": False, "address": "local",

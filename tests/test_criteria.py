@@ -7,11 +7,10 @@ import math
 
 import numpy as np
 import pytest
-
-from client.models import JobState, StopReason
-from client.spec import StoppingSpec
-from service.engine.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change
-from service.engine.trainer import Hooks, initial_weights
+from polyak.client.models import JobState, StopReason
+from polyak.client.spec import StoppingSpec
+from polyak.service.engine.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change
+from polyak.service.engine.trainer import Hooks, initial_weights
 
 ALL_CRITERIA = ["target_loss", "weight_change", "gradient", "early_stopping", "max_steps", "max_epochs"]
 
@@ -313,7 +312,7 @@ def test_divergence_names_the_epoch_and_step(make_spec, train_local, replay):
 
 
 def make_spec_dataset(spec):
-    from workers.data import load_dataset
+    from polyak.workers.data import load_dataset
 
     return load_dataset(spec.data, spec.model)
 

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import LOCAL_IRIS, deep_merge
+from polyak import JobState
 from test_service import REPO, SLOW, Server, free_port, wait_for
-
-from client import JobState
 
 ARTIFACTS = Path(os.environ.get("POLYAK_ARTIFACTS", REPO / "test-artifacts")) / "dashboard"
 DOCS = REPO / "docs"
@@ -362,7 +361,7 @@ def test_wheel_ships_the_dashboard_and_its_licences(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for package in ("client", "service", "workers"):
+    for package in ("polyak", "client", "service", "workers"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = ("from setuptools import build_meta; import sys; "
              "print(build_meta.build_wheel(sys.argv[1]))")
@@ -371,23 +370,23 @@ def test_wheel_ships_the_dashboard_and_its_licences(tmp_path):
     assert out.returncode == 0, out.stderr
     wheel = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"service/server/dashboard/{p.relative_to(DASHBOARD).as_posix()}"
+    expected = {f"polyak/service/server/dashboard/{p.relative_to(DASHBOARD).as_posix()}"
                 for p in DASHBOARD.rglob("*") if p.is_file()}
-    assert {"service/server/dashboard/index.html", "service/server/dashboard/vendor/uplot/LICENSE",
-            "service/server/dashboard/vendor/uplot/uPlot.iife.min.js"} <= expected
+    assert {"polyak/service/server/dashboard/index.html", "polyak/service/server/dashboard/vendor/uplot/LICENSE",
+            "polyak/service/server/dashboard/vendor/uplot/uPlot.iife.min.js"} <= expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
-    assert "service/server/static/swagger-ui/LICENSE" in names
+    assert "polyak/service/server/static/swagger-ui/LICENSE" in names
 
     # Installed from the wheel alone (its files unpacked as pip would, the checkout not on the path), the
     # service serves the page and its assets.
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     env = {**{k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}, "PYTHONPATH": str(installed)}
-    where = subprocess.run([sys.executable, "-c", "import service.server.api as a; print(a.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import polyak.service.server.api as a; print(a.__file__)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(installed)), where
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir",
+    server = subprocess.Popen([sys.executable, "-m", "polyak", "serve", "--port", str(port), "--data-dir",
                                str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:

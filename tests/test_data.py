@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client.spec import DataSpec, ModelSpec
-from workers.data import (
+from polyak.client.spec import DataSpec, ModelSpec
+from polyak.workers.data import (
     SKLEARN_SHAPES,
     DataError,
     ShardLayout,

@@ -25,7 +25,7 @@ DEPLOY = REPO / "deploy"
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-# What must reach the cluster in working_dir for `python -m service ...` to run there.
+# What must reach the cluster in working_dir for `python -m polyak ...` to run there.
 SHIPPED = ["service/__init__.py", "workers/mlp.py", "client/models.py", "examples/digits.yaml"]
 LEFT_BEHIND = [".venv/bin/python", ".git/HEAD", ".polyak/polyak.db", "service/__pycache__/x.pyc", "w.npz"]
 
@@ -319,7 +319,7 @@ def test_every_image_is_this_ray_and_gpu_nodes_get_gpu_images(cluster, rayjob, s
 
 def test_rayjob_runs_polyak_train_with_code_and_gpu_extra(rayjob):
     spec = rayjob["spec"]
-    assert shlex.split(spec["entrypoint"])[:4] == ["python", "-m", "service", "train"]
+    assert shlex.split(spec["entrypoint"])[:4] == ["python", "-m", "polyak", "train"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int)
     env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -341,7 +341,7 @@ def test_service_exposes_the_port_the_head_serves_on(service_docs):
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     container = head["containers"][0]
     script = " ".join(container.get("command", []) + container.get("args", []))
-    serve = shlex.split(script[script.index("python -m service serve") :])
+    serve = shlex.split(script[script.index("python -m polyak serve") :])
     flag = {k: v for k, v in zip(serve, serve[1:], strict=False) if k.startswith("--")}
     assert flag["--host"] == "0.0.0.0" and flag["--ray-address"] == "auto"
 

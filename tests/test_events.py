@@ -6,10 +6,10 @@ import asyncio
 import threading
 from datetime import datetime, timezone
 
-from client.models import EpochMetrics, JobInfo, JobState
-from client.sdk import parse_sse
-from client.spec import JobSpec
-from service.server.events import Bus, job_events
+from polyak.client.models import EpochMetrics, JobInfo, JobState
+from polyak.client.sdk import parse_sse
+from polyak.client.spec import JobSpec
+from polyak.service.server.events import Bus, job_events
 
 CREATED = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

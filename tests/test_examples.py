@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-
-from client.models import JobState, StopReason
-from client.spec import parse_spec
-from service.engine.trainer import train_job
+from polyak.client.models import JobState, StopReason
+from polyak.client.spec import parse_spec
+from polyak.service.engine.trainer import train_job
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

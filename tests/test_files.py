@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
-from client.errors import PolyakError
-from client.files import check_output, npz_bytes, write_output
+from polyak.client.errors import PolyakError
+from polyak.client.files import check_output, npz_bytes, write_output
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},
@@ -53,7 +52,7 @@ def test_train_writes_to_a_uri_and_refuses_a_missing_folder(tmp_path):
     spec.write_text(yaml.safe_dump(IRIS))
 
     def train(*args):
-        return subprocess.run([sys.executable, "-m", "service", "train", str(spec), *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "polyak", "train", str(spec), *map(str, args)],
                               capture_output=True, text=True, timeout=120)
 
     target = tmp_path / "shared" / "w.npz"

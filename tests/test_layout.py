@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Each folder and the packages it must never import (anything above it).
 LAYERS = {
-    "service/server": ("service.cli",),
-    "service/engine": ("service.cli", "service.server"),
-    "workers": ("service",),
-    "client": ("service", "workers"),
+    "service/server": ("polyak.service.cli",),
+    "service/engine": ("polyak.service.cli", "polyak.service.server"),
+    "workers": ("polyak.service",),
+    "client": ("polyak.service", "polyak.workers"),
 }
 
 
@@ -57,8 +57,8 @@ def test_client_imports_ray_only_inside_the_ray_submit_command():
 
 def test_the_checker_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "m.py"
-    bad.write_text("def f():\n    from service.server.store import Store\n")
-    assert any(_is_under(m, "service.server") for m in imported_modules(bad))
+    bad.write_text("def f():\n    from polyak.service.server.store import Store\n")
+    assert any(_is_under(m, "polyak.service.server") for m in imported_modules(bad))
 
 
 def test_engine_and_server_hold_the_modules_design_names():
@@ -67,4 +67,4 @@ def test_engine_and_server_hold_the_modules_design_names():
     assert {"trainer", "local_engine", "ray_engine", "parameter_server", "ps_core", "optim", "schedules",
             "criteria", "checkpoint"} <= engine
     assert {"api", "store", "scheduler", "events", "job", "cluster", "paths"} <= server
-    assert sorted(p.name for p in (ROOT / "service").glob("*.py")) == ["__init__.py", "__main__.py", "cli.py"]
+    assert sorted(p.name for p in (ROOT / "service").glob("*.py")) == ["__init__.py", "cli.py"]

@@ -11,13 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
-
-from client.spec import parse_spec
-from service.cli import cli
-from service.engine.optim import RULES
-from service.engine.trainer import initial_weights
-from service.engine.tuning import curvature, load_problem, range_test, stable_lr, steepest
-from workers.data import load_dataset
+from polyak.client.spec import parse_spec
+from polyak.service.cli import cli
+from polyak.service.engine.optim import RULES
+from polyak.service.engine.trainer import initial_weights
+from polyak.service.engine.tuning import curvature, load_problem, range_test, stable_lr, steepest
+from polyak.workers.data import load_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QUADRATIC = EXAMPLES / "quadratic_heavy_ball.yaml"

@@ -6,8 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-
-from workers.mlp import (
+from polyak.workers.mlp import (
     MLP,
     from_dict,
     init_params,

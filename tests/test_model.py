@@ -12,9 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from client.errors import PolyakError
-from client.model import _CHUNK_BYTES, Model, ModelError
+from polyak.client.errors import PolyakError
+from polyak.client.model import _CHUNK_BYTES, Model, ModelError
 
 LAYERS = (7, 16, 12, 5)
 
@@ -395,8 +394,9 @@ def test_input_errors(standardized_model):
 
 def test_the_model_module_imports_no_service_worker_or_ray_code():
     code = (
-        "import sys, client.model; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'service', 'workers', 'torch', 'onnx')); "
+        "import sys, polyak.client.model; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'onnx') "
+        "or m.startswith(('polyak.service', 'polyak.workers'))); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -405,9 +405,9 @@ def test_the_model_module_imports_no_service_worker_or_ray_code():
 
 # -- a job trained in this process -------------------------------------------------------------------------
 def test_a_trained_digits_job_scores_the_same_on_raw_rows(tmp_path):
-    from client.spec import parse_spec
-    from service.engine.trainer import train_job, weights_file
-    from workers.data import load_dataset, prepare
+    from polyak.client.spec import parse_spec
+    from polyak.service.engine.trainer import train_job, weights_file
+    from polyak.workers.data import load_dataset, prepare
 
     spec = parse_spec(
         {

@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
-from client.model import Model
-from client.spec import parse_spec
-from workers.data import load_dataset
+from polyak.client.model import Model
+from polyak.client.spec import parse_spec
+from polyak.workers.data import load_dataset
 
 IRIS = {
     "model": {"layers": [4, 16, 3], "activation": "tanh", "seed": 2},
@@ -25,7 +24,7 @@ IRIS = {
 
 
 def polyak(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "service", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "polyak", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 

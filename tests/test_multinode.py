@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from polyak.client.spec import parse_spec
+from polyak.service.engine.trainer import train_job
 from test_cluster import BIN, REPO, _processes_with, _ray_env, free_port_range, free_ports, metrics_of, port_open
-
-from client.spec import parse_spec
-from service.engine.trainer import train_job
 
 pytestmark = pytest.mark.slow
 
@@ -156,14 +155,14 @@ def train_on(cluster: TwoNodes, spec: dict, tmp_path: Path, timeout: float = 300
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    args = [sys.executable, "-m", "service", "train", str(path), "--ray-address", cluster.address, "--json",
+    args = [sys.executable, "-m", "polyak", "train", str(path), "--ray-address", cluster.address, "--json",
             "-o", str(tmp_path / "w.npz"), "--job-dir", str(tmp_path / "job")]
     return subprocess.run(args, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=timeout)
 
 
 def weights_of(path: Path, spec) -> np.ndarray:
-    from service.engine.checkpoint import load_npz
-    from workers.mlp import from_dict
+    from polyak.service.engine.checkpoint import load_npz
+    from polyak.workers.mlp import from_dict
 
     return from_dict(load_npz(path), spec.model.layers, np.float64)
 
@@ -205,7 +204,7 @@ def test_a_lost_node_fails_the_job_in_bounded_time_and_the_head_goes_on(two_node
     spec = {**DIGITS, "batch": {"size": 20}, "stopping": {"max_epochs": 10_000}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    args = [sys.executable, "-m", "service", "train", str(path), "--ray-address", two_nodes.address, "--json",
+    args = [sys.executable, "-m", "polyak", "train", str(path), "--ray-address", two_nodes.address, "--json",
             "-o", str(tmp_path / "w.npz"), "--job-dir", str(tmp_path / "job")]
     with (tmp_path / "err.txt").open("w") as err:
         proc = subprocess.Popen(args, cwd=REPO, env=two_nodes.env, stdout=subprocess.PIPE, stderr=err, text=True)

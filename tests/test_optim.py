@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client.spec import OptimizerSpec
-from service.engine.optim import RULES, Optimizer, OptState, heavy_ball, nesterov, new_state, sgd
-from workers.mlp import MLP, init_params
+from polyak.client.spec import OptimizerSpec
+from polyak.service.engine.optim import RULES, Optimizer, OptState, heavy_ball, nesterov, new_state, sgd
+from polyak.workers.mlp import MLP, init_params
 
 LAYERS = [6, 8, 3]
 
@@ -203,9 +202,9 @@ QUADRATIC = {
 def _quadratic_run(make_spec, opt: dict, epochs: int):
     """Full-batch training of a linear model [d, 1] with mse on kappa-conditioned synthetic regression,
     through the real code path (trainer + LocalEngine); returns the weights after every step and W*."""
-    from service.engine.local_engine import LocalEngine
-    from service.engine.trainer import Hooks, initial_weights, run
-    from workers.data import load_dataset, prepare
+    from polyak.service.engine.local_engine import LocalEngine
+    from polyak.service.engine.trainer import Hooks, initial_weights, run
+    from polyak.workers.data import load_dataset, prepare
 
     spec = make_spec(
         {**QUADRATIC, "optimizer": opt, "batch": {"size": None}, "stopping": {"max_epochs": epochs}}
@@ -223,7 +222,7 @@ def _quadratic_run(make_spec, opt: dict, epochs: int):
 
 def _hessian_extremes(make_spec):
     """L and mu of the mse Hessian (2/n) A^T A / m_L, A = [X, 1], of the data the job actually trains on."""
-    from workers.data import load_dataset
+    from polyak.workers.data import load_dataset
 
     spec = make_spec(QUADRATIC)
     ds = load_dataset(spec.data, spec.model)

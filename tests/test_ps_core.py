@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from client.spec import parse_spec
-from service.engine.ps_core import ServerCore
+from polyak.client.spec import parse_spec
+from polyak.service.engine.ps_core import ServerCore
 
 
 def core(method="sgd", lr=0.5, **opt):
@@ -57,7 +56,7 @@ def test_a_round_in_which_no_worker_had_rows_is_not_a_step():
 
 # -- the parameter server's async bookkeeping (the class itself, in this process; W refs need Ray) ------------
 def async_server(**opt):
-    from service.engine.parameter_server import ParameterServer
+    from polyak.service.engine.parameter_server import ParameterServer
 
     spec = parse_spec({"model": {"layers": [3, 2]},
                        "optimizer": {"method": "sgd", "lr": 0.5, "schedule": "inverse_time", "decay_steps": 2, **opt},
@@ -68,8 +67,8 @@ def async_server(**opt):
 
 
 def test_async_pushes_are_recorded_with_their_read_version_rows_and_step_size(ray_session):
-    from service.engine.parameter_server import Join, Update
-    from workers.gradient_worker import APPLIED, STALE
+    from polyak.service.engine.parameter_server import Join, Update
+    from polyak.workers.gradient_worker import APPLIED, STALE
 
     server = async_server()
     server.begin_epoch(4, None)
@@ -91,8 +90,8 @@ def test_async_pushes_are_recorded_with_their_read_version_rows_and_step_size(ra
 
 
 def test_a_restarted_worker_resumes_after_its_applied_batches_and_its_old_pass_is_turned_away(ray_session):
-    from service.engine.parameter_server import Update
-    from workers.gradient_worker import APPLIED, STOP
+    from polyak.service.engine.parameter_server import Update
+    from polyak.workers.gradient_worker import APPLIED, STOP
 
     server = async_server()
     server.begin_epoch(0, None)
@@ -111,8 +110,8 @@ def test_a_restarted_worker_resumes_after_its_applied_batches_and_its_old_pass_i
 
 
 def test_stop_and_the_step_budget_turn_every_later_push_away(ray_session):
-    from service.engine.parameter_server import Stop
-    from workers.gradient_worker import APPLIED, STOP
+    from polyak.service.engine.parameter_server import Stop
+    from polyak.workers.gradient_worker import APPLIED, STOP
 
     server = async_server()
     server.begin_epoch(0, 1)  # one step of budget

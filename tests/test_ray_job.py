@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
-from client import ray_job
-from client.commands import cli
-from client.errors import PolyakError, SpecError
-from client.models import Criterion, EpochMetrics
-from client.ray_job import (
+from polyak.client import ray_job
+from polyak.client.commands import cli
+from polyak.client.errors import PolyakError, SpecError
+from polyak.client.models import Criterion, EpochMetrics
+from polyak.client.ray_job import (
     DEFAULT_EXCLUDES,
     RayJobFailed,
     entrypoint,
@@ -27,6 +26,8 @@ from client.ray_job import (
     parse_metrics_line,
     submit_spec,
 )
+
+from polyak.shipping import shippable_package
 
 REPO = Path(__file__).resolve().parents[1]
 ADDRESS = "http://ray.test:8265"
@@ -88,7 +89,7 @@ def spec_in(folder: Path, spec: dict = IRIS, name: str = "spec.yaml") -> Path:
 
 
 def test_importing_the_helper_and_the_cli_imports_no_ray():
-    code = ("import sys, client.ray_job, client.commands; "
+    code = ("import sys, polyak.client.ray_job, polyak.client.commands; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
@@ -102,7 +103,7 @@ def test_default_excludes_match_deploy_runtime_env():
 def test_entrypoint_quotes_every_argument():
     line = entrypoint("my specs/a b.yaml", ["--job-dir", "x y"])
     assert shlex.split(line) == [
-        "python", "-m", "service", "train", "my specs/a b.yaml", "--json", "--emit-weights", "--job-dir", "x y",
+        "python", "-m", "polyak", "train", "my specs/a b.yaml", "--json", "--emit-weights", "--job-dir", "x y",
     ]
 
 
@@ -111,10 +112,11 @@ def test_submit_spec_sends_the_entrypoint_and_working_dir(fake, tmp_path):
     assert submit_spec(ADDRESS, spec, tmp_path) == "raysubmit_test"
     (job,) = fake.submitted
     assert shlex.split(job["entrypoint"]) == [
-        "python", "-m", "service", "train", "specs/spec.yaml", "--json", "--emit-weights",
+        "python", "-m", "polyak", "train", "specs/spec.yaml", "--json", "--emit-weights",
         "--ray-address", "auto",
     ]
-    assert job["runtime_env"] == {"working_dir": str(tmp_path), "excludes": list(DEFAULT_EXCLUDES)}
+    assert job["runtime_env"] == {"working_dir": str(tmp_path), "excludes": list(DEFAULT_EXCLUDES),
+                                  "py_modules": [shippable_package()]}
     assert job["metadata"] == {"polyak_spec": "specs/spec.yaml", "polyak_name": "iris"}
 
 
@@ -124,8 +126,8 @@ def test_submit_spec_keeps_a_given_runtime_env_and_address(fake, tmp_path):
     submit_spec(ADDRESS, spec_in(tmp_path), tmp_path, {"working_dir": "/elsewhere"}, ["--ray-address", "h:1"])
     first, second = fake.submitted
     assert "--ray-address" not in first["entrypoint"]  # no workers: polyak train never starts Ray
-    assert first["runtime_env"] == {"pip": ["x"], "working_dir": str(tmp_path)}
-    assert second["runtime_env"] == {"working_dir": "/elsewhere"}
+    assert first["runtime_env"] == {"pip": ["x"], "working_dir": str(tmp_path), "py_modules": [shippable_package()]}
+    assert second["runtime_env"] == {"working_dir": "/elsewhere", "py_modules": [shippable_package()]}
     assert shlex.split(second["entrypoint"])[-2:] == ["--ray-address", "h:1"]
 
 
@@ -143,7 +145,7 @@ def test_submit_spec_rejects_before_submitting(fake, tmp_path):
 
 def test_follow_yields_each_epoch_once_as_lines_complete(fake):
     lines = [
-        "Running entrypoint for job raysubmit_test: python -m service train spec.yaml --json",
+        "Running entrypoint for job raysubmit_test: python -m polyak train spec.yaml --json",
         metrics(1).model_dump_json(),
         "(GradientWorker pid=12) some log line {not json}",
         metrics(2).model_dump_json(),

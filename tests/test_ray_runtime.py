@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
-
-from client.models import EpochMetrics, JobState, StopReason
-from client.spec import parse_spec
-from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes
-from service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
-from workers.data import load_dataset, prepare
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.client.spec import parse_spec
+from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes
+from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
+from polyak.workers.data import load_dataset, prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -298,7 +297,7 @@ def test_the_sync_path_follows_the_placement():
 
 def test_validation_on_the_workers_equals_a_whole_set_evaluation():
     """Each worker evaluates its slice of the validation rows; the sums equal one evaluation of all of them."""
-    from workers.mlp import MLP
+    from polyak.workers.mlp import MLP
 
     spec = digits_spec(**{"cluster.num_workers": 2, "stopping.max_epochs": 2})
     whole = load_dataset(spec.data, spec.model)

@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from client.spec import DataSpec, ModelSpec
-from workers.readers import CHUNK_ROWS, DataError, feature_stats, open_source
+from polyak.client.spec import DataSpec, ModelSpec
+from polyak.workers.readers import CHUNK_ROWS, DataError, feature_stats, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["npy", "npz", "csv", "csv_header", "parquet", "parquet_dir", "parquet_uri"]
@@ -332,8 +331,8 @@ def test_parquet_errors(tmp_path, monkeypatch):
 CHILD = """
 import json, sys
 import numpy as np
-from client.spec import DataSpec, ModelSpec
-from workers.readers import open_source
+from polyak.client.spec import DataSpec, ModelSpec
+from polyak.workers.readers import open_source
 
 source = open_source(DataSpec(source="file", path=sys.argv[1]), ModelSpec(layers=[49, 1], loss="mse"))
 X, y = source.read(np.arange(0, source.n, 2), np.float32)
@@ -367,8 +366,8 @@ def test_npy_read_keeps_only_the_output_resident(tmp_path):
 
 
 def test_a_wide_parquet_source_is_read_a_group_of_columns_at_a_time(tmp_path, monkeypatch):
-    import workers.readers as readers
-    from workers.data import load_part
+    import polyak.workers.readers as readers
+    from polyak.workers.data import load_part
 
     monkeypatch.setattr(readers, "COLUMNS_PER_READ", 2)  # 5 features: groups of 2, 2 and 1
     rng = np.random.default_rng(5)
@@ -387,7 +386,7 @@ def test_a_wide_parquet_source_is_read_a_group_of_columns_at_a_time(tmp_path, mo
 
 def test_npy_chunks_never_span_more_of_the_file_than_a_chunk(tmp_path, monkeypatch):
     """A sparse set of rows (a validation slice) in a big file would otherwise map the whole file at once."""
-    import workers.readers as readers
+    import polyak.workers.readers as readers
 
     table = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3) % 7
     source = open_file(write("npy", tmp_path, table, 1), [2, 1])

@@ -21,14 +21,13 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.service.engine.checkpoint import load_checkpoint, load_npz
+from polyak.service.engine.local_engine import LocalEngine
+from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, initial_weights, run
+from polyak.workers.data import prepare
+from polyak.workers.mlp import from_dict
 from test_service import Server, descendants, wait_for
-
-from client.models import EpochMetrics, JobState, StopReason
-from service.engine.checkpoint import load_checkpoint, load_npz
-from service.engine.local_engine import LocalEngine
-from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, initial_weights, run
-from workers.data import prepare
-from workers.mlp import from_dict
 
 TIMING = {"job_id", "samples_per_second", "elapsed_seconds"}
 
@@ -165,7 +164,7 @@ def test_polyak_train_killed_and_rerun_on_its_job_dir_ends_as_an_uninterrupted_r
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     job_dir, out = tmp_path / "job", tmp_path / "w.npz"
-    command = [sys.executable, "-m", "service", "train", str(spec_file), "-o", str(out), "--json",
+    command = [sys.executable, "-m", "polyak", "train", str(spec_file), "-o", str(out), "--json",
                "--job-dir", str(job_dir)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

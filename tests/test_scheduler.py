@@ -11,14 +11,13 @@ import time
 
 import numpy as np
 import pytest
-
-from client.errors import SpecError
-from client.models import EpochMetrics, JobState, StopReason
-from client.spec import JobSpec, parse_spec
-from service.engine.trainer import TrainResult
-from service.server.cluster import ClusterUnavailable, Resources
-from service.server.scheduler import Scheduler
-from service.server.store import Store
+from polyak.client.errors import SpecError
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.client.spec import JobSpec, parse_spec
+from polyak.service.engine.trainer import TrainResult
+from polyak.service.server.cluster import ClusterUnavailable, Resources
+from polyak.service.server.scheduler import Scheduler
+from polyak.service.server.store import Store
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 

@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from client.spec import BatchSpec, OptimizerSpec
-from service.engine.schedules import batch_size, constant, inverse_power, inverse_time, make_schedule
+from polyak.client.spec import BatchSpec, OptimizerSpec
+from polyak.service.engine.schedules import batch_size, constant, inverse_power, inverse_time, make_schedule
 
 STEPS = [0, 1, 2, 9, 10, 99, 1000, 123456]
 
@@ -88,8 +87,8 @@ def test_batch_size_growth_follows_the_formula_and_is_capped():
 
 
 def test_a_grown_batch_stays_capped_long_after_growth_would_overflow_a_float():
-    from client.spec import BatchSpec
-    from service.engine.schedules import batch_size
+    from polyak.client.spec import BatchSpec
+    from polyak.service.engine.schedules import batch_size
 
     spec = BatchSpec(size=16, growth=2.0)
     assert [batch_size(spec, 1000, e) for e in (0, 1, 5, 6, 7)] == [16, 32, 512, 1000, 1000]

@@ -1,4 +1,4 @@
-"""End to end: ``python -m service serve`` as a user starts it, real SQLite and Ray, driven by client.Client.
+"""End to end: ``python -m polyak serve`` as a user starts it, real SQLite and Ray, driven by client.Client.
 
 One server (``--max-concurrent-jobs 2 --data-root``) is shared by most tests; each test leaves it
 idle (see ``client``). The token, SIGKILL and refusal tests start servers of their own.
@@ -22,9 +22,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
-from client import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
-from workers.mlp import from_dict
+from polyak import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
+from polyak.workers.mlp import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +85,7 @@ class Server:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "service", "serve", "--port", str(self.port),
+        self.command = [sys.executable, "-m", "polyak", "serve", "--port", str(self.port),
                         "--data-dir", str(data_dir), *args]
         inherited = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
         self.env = {**inherited, **(env or {})}
@@ -483,7 +482,7 @@ def test_paths_must_exist_within_the_data_root(client, server, make_spec, field,
 
 
 def weights_for(spec, seed: int) -> dict[str, np.ndarray]:
-    from workers.mlp import init_params, to_dict
+    from polyak.workers.mlp import init_params, to_dict
 
     W = init_params(spec.model.layers, 0.5, np.random.default_rng(seed), np, np.float64)
     return to_dict(W, spec.model.layers)
@@ -686,7 +685,7 @@ def test_cli_against_the_real_server(client, server, make_spec, tmp_path):
     spec_file.write_text(yaml.safe_dump(make_spec({"name": "cli-iris"}).model_dump(mode="json")))
 
     def polyak(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service", "--url", server.url, *args],
+        return subprocess.run([sys.executable, "-m", "polyak", "--url", server.url, *args],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
     submitted = polyak("submit", str(spec_file), "--follow")
@@ -749,7 +748,7 @@ def test_token_protects_every_route_but_health(tmp_path, make_spec):
 
 def test_a_second_server_on_the_same_data_dir_is_refused(server):
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],
+        [sys.executable, "-m", "polyak", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
@@ -760,7 +759,7 @@ def test_a_second_server_on_the_same_data_dir_is_refused(server):
 def test_a_public_address_without_a_token_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
+        [sys.executable, "-m", "polyak", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
          "--data-dir", str(tmp_path / "data")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )

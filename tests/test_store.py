@@ -6,11 +6,10 @@ import sqlite3
 import threading
 
 import pytest
-
-from client.models import EpochMetrics, JobState, StopReason
-from client.spec import JobSpec
-from service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
-from service.server.store import DB_NAME, Store
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.client.spec import JobSpec
+from polyak.service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
+from polyak.service.server.store import DB_NAME, Store
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 TERMINAL = [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
-from test_service import Server, wait_for
-
-from client import EpochMetrics, JobInfo, JobSpec, JobState, SpecError
-from client.plot import compare_figure
-from client.sweep import (
+from polyak import EpochMetrics, JobInfo, JobSpec, JobState, SpecError
+from polyak.client.plot import compare_figure
+from polyak.client.sweep import (
     default_metric,
     differing_params,
     expand,
@@ -26,7 +24,8 @@ from client.sweep import (
     plan_sweep,
     rank,
 )
-from service.cli import cli
+from polyak.service.cli import cli
+from test_service import Server, wait_for
 
 # --- the grid ------------------------------------------------------------------------------------------------
 
@@ -249,7 +248,7 @@ def test_cancel_group_cancels_only_that_groups_unfinished_jobs(server, tmp_path)
 
 
 def test_ctrl_c_while_waiting_says_how_to_cancel_the_group(server, spec_file, monkeypatch):
-    from client.sweep import Sweep
+    from polyak.client.sweep import Sweep
 
     def interrupted(self, timeout=None):
         raise KeyboardInterrupt

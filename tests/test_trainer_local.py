@@ -8,12 +8,11 @@ import warnings
 
 import numpy as np
 import pytest
-
-from client.models import JobState, StopReason
-from service.engine.local_engine import LocalEngine
-from service.engine.trainer import Hooks, initial_weights, run
-from workers.data import prepare
-from workers.mlp import from_dict, to_dict
+from polyak.client.models import JobState, StopReason
+from polyak.service.engine.local_engine import LocalEngine
+from polyak.service.engine.trainer import Hooks, initial_weights, run
+from polyak.workers.data import prepare
+from polyak.workers.mlp import from_dict, to_dict
 
 TIMING_FIELDS = {"samples_per_second", "elapsed_seconds"}
 
@@ -84,7 +83,7 @@ def test_digits_reaches_95_percent_and_matches_sklearn(make_spec, train_local, r
     assert acc >= sk_acc - 0.01
     assert loss == pytest.approx(sk_loss, rel=0.3)
     # the reported accuracy is the returned weights' accuracy on the held-out rows
-    from workers.mlp import MLP
+    from polyak.workers.mlp import MLP
 
     out = MLP(spec.model.layers, xp=np, dtype=np.float32).predict(result.weights, ds.X_val.astype(np.float32))
     assert acc == pytest.approx(float((out.argmax(axis=1) == ds.y_val).mean()))
@@ -232,7 +231,7 @@ def test_metrics_fields(make_spec, train_local):
 
 
 def test_job_dir_holds_the_final_and_best_weights(make_spec, train_local, tmp_path):
-    from service.engine.checkpoint import load_npz
+    from polyak.service.engine.checkpoint import load_npz
 
     spec = make_spec({"data": {"validation_fraction": 0.2}, "stopping": {"max_epochs": 3}})
     result, _, _ = train_local(spec, hooks=Hooks(job_dir=tmp_path))
@@ -252,7 +251,7 @@ def test_job_dir_holds_the_final_and_best_weights(make_spec, train_local, tmp_pa
 
 
 def test_init_weights_file(make_spec, train_local, tmp_path):
-    from service.engine.checkpoint import save_npz
+    from polyak.service.engine.checkpoint import save_npz
 
     layers = [4, 16, 3]
     W = np.random.default_rng(0).standard_normal(4 * 16 + 16 + 16 * 3 + 3)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-
-from client.files import is_uri
-from client.spec import DataSpec, ModelSpec
-from workers.readers import ArraySource, DataError, Source, feature_stats, open_source
+from polyak.client.files import is_uri
+from polyak.client.spec import DataSpec, ModelSpec
+from polyak.workers.readers import ArraySource, DataError, Source, feature_stats, open_source
 
 
 @dataclass(frozen=True)

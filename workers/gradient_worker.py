@@ -13,11 +13,10 @@ from collections import deque
 
 import numpy as np
 import ray
-
-from client.spec import JobSpec
-from workers.backend import get_backend, to_numpy
-from workers.data import load_shard
-from workers.mlp import MLP
+from polyak.client.spec import JobSpec
+from polyak.workers.backend import get_backend, to_numpy
+from polyak.workers.data import load_shard
+from polyak.workers.mlp import MLP
 
 # The answers of ParameterServer.push; defined here because workers never import service code.
 APPLIED, STALE, STOP = "applied", "stale", "stop"

@@ -24,9 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-
-from client.files import is_uri
-from client.spec import DataSpec, ModelSpec
+from polyak.client.files import is_uri
+from polyak.client.spec import DataSpec, ModelSpec
 
 CHUNK_ROWS = 65536
 COLUMNS_PER_READ = 64
@@ -194,7 +193,7 @@ def _open_csv(path: Path, origin: str, target, n_targets: int, classification: b
 
 def _in_memory(data: DataSpec, model: ModelSpec) -> ArraySource:
     # Imported here: workers.data imports this module.
-    from workers.data import _sklearn, _synthetic
+    from polyak.workers.data import _sklearn, _synthetic
 
     if data.source == "sklearn":
         X, y, classification = _sklearn(data.name)

@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.models import Criterion, StopReason
-from client.spec import StoppingSpec
+from polyak.client.models import Criterion, StopReason
+from polyak.client.spec import StoppingSpec
 
 # When several criteria are met in one epoch the job reports the first: convergence before budgets.
 PRECEDENCE = ("target_loss", "weight_change", "gradient", "early_stopping", "max_steps", "max_epochs")

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from client.spec import JobSpec
-from service.engine.checkpoint import load_checkpoint, save_checkpoint
-from service.engine.ps_core import ServerCore
-from workers.backend import get_backend
-from workers.data import DataInfo, ShardLayout, load_part, split_of
-from workers.mlp import MLP
-from workers.readers import open_source
+from polyak.client.spec import JobSpec
+from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
+from polyak.service.engine.ps_core import ServerCore
+from polyak.workers.backend import get_backend
+from polyak.workers.data import DataInfo, ShardLayout, load_part, split_of
+from polyak.workers.mlp import MLP
+from polyak.workers.readers import open_source
 
 
 class LocalEngine:

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.spec import OptimizerSpec
-from service.engine.schedules import make_schedule
-from workers.mlp import layer_slices
+from polyak.client.spec import OptimizerSpec
+from polyak.service.engine.schedules import make_schedule
+from polyak.workers.mlp import layer_slices
 
 Rule = Callable[..., tuple]
 

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+from polyak.client.spec import JobSpec
+from polyak.service.engine.ps_core import ServerCore
+from polyak.workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 from threadpoolctl import threadpool_limits
-
-from client.spec import JobSpec
-from service.engine.ps_core import ServerCore
-from workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 
 
 @dataclass(frozen=True)

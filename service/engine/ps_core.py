@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from client.spec import JobSpec
-from service.engine.criteria import GradientStats
-from service.engine.optim import Optimizer, OptState, new_state
-from workers.backend import to_numpy
+from polyak.client.spec import JobSpec
+from polyak.service.engine.criteria import GradientStats
+from polyak.service.engine.optim import Optimizer, OptState, new_state
+from polyak.workers.backend import to_numpy
 
 
 class ServerCore:

@@ -37,6 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from polyak.client.ray_job import AUTH_HINT
+from polyak.client.spec import JobSpec
+from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
+from polyak.service.engine.parameter_server import ParameterServer, Restore, Update
+from polyak.workers.backend import worker_device
+from polyak.workers.data import DataInfo, ShardLayout
+from polyak.workers.gradient_worker import GradientWorker
 from ray.dag import InputNode
 from ray.exceptions import (
     AuthenticationError,
@@ -48,14 +55,6 @@ from ray.exceptions import (
     RaySystemError,
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from client.ray_job import AUTH_HINT
-from client.spec import JobSpec
-from service.engine.checkpoint import load_checkpoint, save_checkpoint
-from service.engine.parameter_server import ParameterServer, Restore, Update
-from workers.backend import worker_device
-from workers.data import DataInfo, ShardLayout
-from workers.gradient_worker import GradientWorker
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +80,26 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     No address (or "local") starts a single-node Ray on this machine, never joining a cluster that
     happens to run here — except inside a Ray job's entrypoint, which joins the cluster running the job.
-    Any other address joins that cluster and ships the three packages with the job.
+    Any other address joins that cluster and ships the polyak package with the job.
     """
     if ray.is_initialized():
         return False
-    if address is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    in_ray_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if address is None and in_ray_job:
         address = "auto"  # the entrypoint of a Ray job (`ray job submit`): join the job's own cluster
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
         return True
-    import client
-    import service
-    import workers
+    from polyak.shipping import shippable_package
 
-    packages = [str(Path(m.__file__).parent) for m in (client, service, workers)]
+    # A Ray job's actors inherit the job's runtime_env, which already carries the code (its working_dir or
+    # py_modules); Ray refuses a second py_modules beside the job's own.
+    runtime_env = None if in_ray_job else {"py_modules": [shippable_package()]}
     # Workers' own output is not forwarded: an actor's error reaches the driver as an exception, and a worker
     # on a dead node would otherwise print Ray's C++ stack trace into the job's output.
     try:
-        ray.init(address=address, runtime_env={"py_modules": packages}, logging_level=logging.WARNING,
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
                  log_to_driver=False)
     except AuthenticationError as e:  # reached, but it wants a token (Ray 2.60's `ray start` turns auth on)
         reason = " ".join(str(e).split())

@@ -25,14 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from client.models import EpochMetrics, JobState, StopReason
-from client.spec import JobSpec
-from service.engine.checkpoint import load_npz, save_npz
-from service.engine.criteria import EpochOutcome, Stopper, relative_change
-from service.engine.schedules import batch_size
-from workers.data import DataInfo, prepare
-from workers.mlp import from_dict, init_params, to_dict
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.client.spec import JobSpec
+from polyak.service.engine.checkpoint import load_npz, save_npz
+from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
+from polyak.service.engine.schedules import batch_size
+from polyak.workers.data import DataInfo, prepare
+from polyak.workers.mlp import from_dict, init_params, to_dict
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
@@ -86,10 +85,10 @@ def weights_file(W: np.ndarray, spec: JobSpec, info: DataInfo) -> dict[str, np.n
 def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray):
     """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
     if spec.cluster.num_workers == 0:
-        from service.engine.local_engine import LocalEngine
+        from polyak.service.engine.local_engine import LocalEngine
 
         return LocalEngine(spec, info, W0)
-    from service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
+    from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
 
     return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, info, W0)
 

@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
-from client.spec import JobSpec
-from service.engine.optim import Optimizer, new_state
-from service.engine.schedules import batch_size
-from service.engine.trainer import epoch_order
-from workers.data import DataInfo, load_part, prepare, split_of
-from workers.mlp import MLP
-from workers.readers import open_source
+from polyak.client.spec import JobSpec
+from polyak.service.engine.optim import Optimizer, new_state
+from polyak.service.engine.schedules import batch_size
+from polyak.service.engine.trainer import epoch_order
+from polyak.workers.data import DataInfo, load_part, prepare, split_of
+from polyak.workers.mlp import MLP
+from polyak.workers.readers import open_source
 
 LR_MIN, LR_MAX = 1e-6, 10.0
 SMOOTHING = 0.98  # the EMA's beta, as fastai

@@ -22,19 +22,18 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from polyak.client.errors import SpecError
+from polyak.client.models import EpochMetrics, JobInfo, JobState
+from polyak.client.spec import parse_spec
+from polyak.service.engine.trainer import BEST_WEIGHTS, LAST_WEIGHTS
+from polyak.service.server.cluster import ClusterUnavailable
+from polyak.service.server.events import job_events
+from polyak.service.server.job import Job
+from polyak.service.server.paths import resolve_paths
+from polyak.service.server.scheduler import JobNotResumable, Scheduler
+from polyak.workers.data import DataError, check_cheaply
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
-
-from client.errors import SpecError
-from client.models import EpochMetrics, JobInfo, JobState
-from client.spec import parse_spec
-from service.engine.trainer import BEST_WEIGHTS, LAST_WEIGHTS
-from service.server.cluster import ClusterUnavailable
-from service.server.events import job_events
-from service.server.job import Job
-from service.server.paths import resolve_paths
-from service.server.scheduler import JobNotResumable, Scheduler
-from workers.data import DataError, check_cheaply
 
 log = logging.getLogger("polyak")
 

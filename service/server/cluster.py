@@ -13,8 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from client.spec import JobSpec
-from workers.backend import worker_device
+from polyak.client.spec import JobSpec
+from polyak.workers.backend import worker_device
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Cluster:
         with self._lock:
             if self._connected:
                 return
-            from service.engine.ray_engine import connect
+            from polyak.service.engine.ray_engine import connect
 
             try:
                 self._started_here = connect(self.address)

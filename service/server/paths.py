@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.errors import SpecError
-from client.files import is_uri
-from client.spec import JobSpec
+from polyak.client.errors import SpecError
+from polyak.client.files import is_uri
+from polyak.client.spec import JobSpec
 
 
 def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:

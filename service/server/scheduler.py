@@ -21,17 +21,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from client.errors import SpecError
-from client.models import EpochMetrics, JobInfo, JobState, StopReason
-from client.spec import JobSpec
-from service.engine.checkpoint import load_checkpoint
-from service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
-from service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
-from service.server.events import Bus
-from service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
-from service.server.paths import recheck
-from service.server.store import Store
-from workers.backend import gpu_available
+from polyak.client.errors import SpecError
+from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
+from polyak.client.spec import JobSpec
+from polyak.service.engine.checkpoint import load_checkpoint
+from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
+from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
+from polyak.service.server.events import Bus
+from polyak.service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
+from polyak.service.server.paths import recheck
+from polyak.service.server.store import Store
+from polyak.workers.backend import gpu_available
 
 log = logging.getLogger("polyak")
 

@@ -17,9 +17,9 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from client.models import EpochMetrics, JobState, StopReason
-from client.spec import JobSpec
-from service.server.job import Job, check_transition, utcnow
+from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.client.spec import JobSpec
+from polyak.service.server.job import Job, check_transition, utcnow
 
 DB_NAME = "polyak.db"
 

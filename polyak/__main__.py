@@ -1,0 +1,3 @@
+from polyak.service.cli import main
+
+main()
