@@ -132,6 +132,7 @@ def run_case(path: str, workers: int) -> dict:
     })
     if workers:
         import ray
+
         from polyak.service.engine.ray_engine import connect
 
         connect(None, num_cpus=max(2, workers))

@@ -24,8 +24,9 @@ import time
 
 import numpy as np
 from _frameworks import framework_info, side_by_side
-from polyak.client.model import Model
 from threadpoolctl import threadpool_limits
+
+from polyak.client.model import Model
 
 LAYERS = (784, 256, 10)
 N_ROWS = 200_000

@@ -74,6 +74,7 @@ def spec_for(layers, batch: int, steps: int, workers: int, mode: str):
 def measure(spec, sync_path: str | None = None) -> dict:
     """The second epoch's samples/s and the per-step split from the actors' own timestamps."""
     import ray
+
     from polyak.service.engine.ray_engine import SyncRayEngine
 
     info = prepare(spec.data, spec.model)

@@ -20,6 +20,7 @@ import time
 import cupy as cp
 import numpy as np
 import torch
+
 from polyak.workers.backend import get_backend, to_numpy
 from polyak.workers.mlp import MLP, init_params, unflatten
 

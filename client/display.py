@@ -10,12 +10,13 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from polyak.client.models import Criterion, EpochMetrics
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+from polyak.client.models import Criterion, EpochMetrics
 
 METRIC_COLUMNS = (
     "epoch", "step", "n'", "lr", "train loss", "val loss", "val acc", "weight change", "grad noise",

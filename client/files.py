@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from polyak.client.errors import PolyakError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
 from polyak.client.errors import PolyakError
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from enum import Enum
 
-from polyak.client.spec import JobSpec
 from pydantic import BaseModel, ConfigDict
+
+from polyak.client.spec import JobSpec
 
 
 class JobState(str, Enum):

@@ -26,10 +26,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from polyak.client.errors import PolyakError
 from polyak.client.models import EpochMetrics
 from polyak.client.spec import parse_spec
-from pydantic import ValidationError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 

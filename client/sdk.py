@@ -18,12 +18,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
 from polyak.client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
 from polyak.client.model import Model
 from polyak.client.models import EpochMetrics, JobInfo, JobState
 from polyak.client.spec import JobSpec, parse_spec
-from polyak.client.sweep import Sweep, SweepPlan, plan_sweep
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from polyak.client.sweep import RankedJob, SweepPlan, plan_sweep, rank
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -380,3 +381,33 @@ def _drop_none(params: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _value(x: Any) -> Any:
     return getattr(x, "value", x)
+
+
+class Sweep:
+    """Jobs queued as one group by ``Client.sweep``; ``params[i]`` are the grid values of ``jobs[i]``."""
+
+    def __init__(self, group: str, jobs: list[Job], params: list[dict[str, Any]], client: Client):
+        self.group = group
+        self.jobs = jobs
+        self.params = params
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"Sweep({self.group!r}, {len(self.jobs)} jobs)"
+
+    def infos(self) -> list[JobInfo]:
+        """The jobs as the server has them now, in submission order (one request for the whole group)."""
+        by_id = {info.id: info for info in self.client.list(group=self.group, limit=10_000)}
+        return [by_id.get(job.id) or job.info() for job in self.jobs]
+
+    def wait(self, timeout: float | None = None) -> list[JobInfo]:
+        """Every job's final JobInfo once all have ended; TimeoutError after ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job.wait(timeout=left)
+        return self.infos()
+
+    def ranking(self, metric: str | None = None, mode: str | None = None) -> list[RankedJob]:
+        """The jobs best first by ``metric`` of their last epoch (see ``rank``)."""
+        return rank(self.infos(), self.params, metric, mode)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from polyak.client.errors import SpecError
 from polyak.client.files import is_uri
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 SYNTHETIC_DATASETS = ("classification", "regression")

@@ -12,20 +12,17 @@ import itertools
 import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
 from polyak.client.errors import SpecError
 from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.client.spec import JobSpec, parse_spec
-from pydantic import BaseModel
-
-if TYPE_CHECKING:
-    from polyak.client.sdk import Client, Job
 
 # Metrics a job can be ranked by: figures of its last epoch. Larger is better for these two.
 RANK_METRICS = ("val_loss", "train_loss", "val_accuracy", "samples_per_second", "weight_change",
@@ -179,36 +176,6 @@ def _get(spec: dict[str, Any], key: str) -> Any:
 
 
 # --- the sweep as submitted ---------------------------------------------------------------------------------
-
-
-class Sweep:
-    """Jobs queued as one group by ``Client.sweep``; ``params[i]`` are the grid values of ``jobs[i]``."""
-
-    def __init__(self, group: str, jobs: list[Job], params: list[dict[str, Any]], client: Client):
-        self.group = group
-        self.jobs = jobs
-        self.params = params
-        self.client = client
-
-    def __repr__(self) -> str:
-        return f"Sweep({self.group!r}, {len(self.jobs)} jobs)"
-
-    def infos(self) -> list[JobInfo]:
-        """The jobs as the server has them now, in submission order (one request for the whole group)."""
-        by_id = {info.id: info for info in self.client.list(group=self.group, limit=10_000)}
-        return [by_id.get(job.id) or job.info() for job in self.jobs]
-
-    def wait(self, timeout: float | None = None) -> list[JobInfo]:
-        """Every job's final JobInfo once all have ended; TimeoutError after ``timeout`` seconds in all."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for job in self.jobs:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            job.wait(timeout=left)
-        return self.infos()
-
-    def ranking(self, metric: str | None = None, mode: str | None = None) -> list[RankedJob]:
-        """The jobs best first by ``metric`` of their last epoch (see ``rank``)."""
-        return rank(self.infos(), self.params, metric, mode)
 
 
 # --- ranking -------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ _PUBLIC = {
     "Job": "polyak.client.sdk",
     "Model": "polyak.client.model",
     "ModelError": "polyak.client.model",
-    "Sweep": "polyak.client.sweep",
+    "Sweep": "polyak.client.sdk",
     "RankedJob": "polyak.client.sweep",
     "JobSpec": "polyak.client.spec",
     "parse_spec": "polyak.client.spec",

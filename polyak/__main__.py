@@ -1,3 +1,3 @@
-from polyak.service.cli import main
+from polyak.cli import main
 
 main()

@@ -210,6 +210,7 @@ def replay(torch_ref):
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
+
     from polyak.service.engine.ray_engine import connect
 
     started = connect(None, num_cpus=2)

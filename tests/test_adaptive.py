@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch  # the dev extra installs it: a missing torch fails here, it does not skip
+
 from polyak.client.errors import SpecError
 from polyak.client.spec import parse_spec
 from polyak.service.engine.optim import BUFFERS
@@ -96,6 +97,7 @@ def test_ray_sync_two_workers_equal_torch(method):
 def test_a_lost_parameter_server_restores_adams_moments_and_step(tmp_path):
     """Killed mid-epoch 3: the checkpoint of epoch 2 must carry m, v and t, or the resumed run differs."""
     import ray
+
     from polyak.service.engine.trainer import CHECKPOINT, Hooks, make_engine, run
     from polyak.workers.data import prepare
 

@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import ray
+
 from polyak.client.models import JobState, StopReason
 from polyak.client.spec import parse_spec
 from polyak.service.engine.parameter_server import Join, Restore, Stop, Update

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from polyak.workers.backend import Backend, DeviceError, get_backend, gpu_available, to_numpy
 from polyak.workers.mlp import MLP, init_params, param_count
 

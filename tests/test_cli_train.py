@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+
 from polyak.client.models import EpochMetrics
 from polyak.client.spec import JobSpec, parse_spec
 from polyak.service.engine.trainer import initial_weights
@@ -261,7 +262,7 @@ def test_serve_on_a_busy_port_exits_3_before_starting(tmp_path):
 
 
 def test_only_rays_no_news_is_dropped():
-    from polyak.service.cli import _quiet_ray
+    from polyak.cli.train import _quiet_ray
 
     _quiet_ray()
     banner = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."

@@ -14,11 +14,12 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
+
 from polyak import Client, Criterion, EpochMetrics, JobInfo, JobSpec, JobState, StopReason
-from polyak.client.commands import cli
+from polyak.cli import cli
 from polyak.client.display import TrainingDisplay, compact_line, final_line, metrics_table
 from polyak.client.plot import _figure, plot_metrics
-from rich.console import Console
 
 URL = "http://polyak.test:8765"
 DONE, QUEUED = "9b1e0c7d3a52", "4c8f2a6e1d07"

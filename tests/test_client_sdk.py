@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import numpy as np
 import pytest
+
 from polyak import (
     Client,
     Criterion,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from polyak.client.errors import PolyakError, SpecError
 from polyak.client.models import EpochMetrics
 from polyak.client.ray_job import RayJobFailed, follow, job_status, parse_metrics_line, submit_spec

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from polyak.client.models import JobState, StopReason
 from polyak.client.spec import StoppingSpec
 from polyak.service.engine.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 import yaml
 from conftest import LOCAL_IRIS, deep_merge
-from polyak import JobState
 from test_service import REPO, SLOW, Server, free_port, wait_for
+
+from polyak import JobState
 
 ARTIFACTS = Path(os.environ.get("POLYAK_ARTIFACTS", REPO / "test-artifacts")) / "dashboard"
 DOCS = REPO / "docs"

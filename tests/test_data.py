@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from polyak.client.spec import DataSpec, ModelSpec
 from polyak.workers.data import (
     SKLEARN_SHAPES,
@@ -13,9 +14,9 @@ from polyak.workers.data import (
     load_dataset,
     load_shard,
     prepare,
-    regression_with_condition,
     shard_bounds,
 )
+from polyak.workers.generated import regression_with_condition
 
 
 def load(data: dict, model: dict):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from polyak.client.models import JobState, StopReason
 from polyak.client.spec import parse_spec
 from polyak.service.engine.trainer import train_job

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+
 from polyak.client.errors import PolyakError
 from polyak.client.files import check_output, npz_bytes, write_output
 

@@ -1,4 +1,8 @@
-"""The package layout of DESIGN.md: imports point down only (cli -> server -> engine -> workers -> client)."""
+"""The package layout: one import name, imports that point down only, and no import circles.
+
+The checkout's folders are mounted into the ``polyak`` namespace (pyproject's package-dir); this file reads
+every module's imports from its syntax tree, so a forbidden import inside a function is seen too.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# folder in the checkout -> the package it is in the namespace
+MOUNTS = {"polyak": "polyak", "client": "polyak.client", "service": "polyak.service", "workers": "polyak.workers"}
 
-# Each folder and the packages it must never import (anything above it).
+# Each layer and the packages it must never import (anything above it).
 LAYERS = {
-    "service/server": ("polyak.service.cli",),
-    "service/engine": ("polyak.service.cli", "polyak.service.server"),
-    "workers": ("polyak.service",),
-    "client": ("polyak.service", "polyak.workers"),
+    "polyak.service.server": ("polyak.cli",),
+    "polyak.service.engine": ("polyak.cli", "polyak.service.server"),
+    "polyak.workers": ("polyak.cli", "polyak.service"),
+    "polyak.client": ("polyak.cli", "polyak.service", "polyak.workers"),
 }
 
 
+def module_files() -> dict[str, Path]:
+    """Every module of the package by its dotted name (packages by their ``__init__``)."""
+    modules = {}
+    for folder, package in MOUNTS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+MODULES = module_files()
+
+
 def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
-    """Every module an import statement in ``path`` names (inside functions too, unless top_level_only)."""
+    """Every module an import statement in ``path`` names (inside functions too, unless top_level_only);
+    ``from package import module`` names the module."""
     tree = ast.parse(path.read_text(), str(path))
     names = set()
     for node in tree.body if top_level_only else ast.walk(tree):
@@ -27,6 +49,7 @@ def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES)
     return names
 
 
@@ -34,25 +57,64 @@ def _is_under(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-@pytest.mark.parametrize("folder", sorted(LAYERS))
-def test_imports_point_down_only(folder):
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the polyak modules it imports (a package's ``__init__`` that only gathers names is no edge)."""
+    return {name: {m for m in imported_modules(path) if m in MODULES and m != name}
+            for name, path in MODULES.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_imports_point_down_only(layer):
     offences = [
         f"{path.relative_to(ROOT)} imports {module}"
-        for path in sorted((ROOT / folder).rglob("*.py"))
+        for name, path in MODULES.items() if _is_under(name, layer)
         for module in imported_modules(path)
-        if any(_is_under(module, banned) for banned in LAYERS[folder])
+        if any(_is_under(module, banned) for banned in LAYERS[layer])
     ]
     assert not offences, "\n".join(offences)
 
 
-def test_client_imports_ray_only_inside_the_ray_submit_command():
-    """`pip install polyak` users who submit jobs or use a model never import Ray."""
-    offences = [
-        str(path.relative_to(ROOT))
-        for path in sorted((ROOT / "client").glob("*.py"))
-        if any(_is_under(m, "ray") for m in imported_modules(path, top_level_only=True))
-    ]
-    assert not offences
+def test_no_import_circles():
+    # Package __init__ modules that gather their children's names are left out: importing a child never
+    # needs its parent's names.
+    graph = {m: deps for m, deps in import_graph().items() if MODULES[m].name != "__init__.py"}
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_sees_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path):
@@ -61,10 +123,37 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     assert any(_is_under(m, "polyak.service.server") for m in imported_modules(bad))
 
 
+def test_every_module_imports_through_the_polyak_namespace():
+    """No module or test imports the checkout's folders by their own names (`import client` would collide)."""
+    bare = ("client", "service", "workers")
+    files = [*MODULES.values(), *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
+    offences = [f"{path.relative_to(ROOT)} imports {m}" for path in files for m in imported_modules(path)
+                if m.split(".")[0] in bare]
+    assert not offences, "\n".join(offences)
+
+
+def test_client_imports_ray_only_inside_the_ray_submit_command():
+    """`pip install polyak` users who submit jobs or use a model never import Ray."""
+    offences = [
+        str(path.relative_to(ROOT))
+        for name, path in MODULES.items() if _is_under(name, "polyak.client") or _is_under(name, "polyak.cli")
+        if any(_is_under(m, "ray") for m in imported_modules(path, top_level_only=True))
+    ]
+    assert not offences
+
+
+def test_one_cli_package_and_the_server_holds_no_commands():
+    cli = {p.stem for p in (ROOT / "polyak" / "cli").glob("*.py")}
+    assert {"__init__", "app", "jobs", "train", "tuning", "models", "cluster"} <= cli
+    click_users = sorted(str(p.relative_to(ROOT)) for name, p in MODULES.items()
+                         if "click" in imported_modules(p) and not _is_under(name, "polyak.cli"))
+    assert click_users == []
+    assert sorted(p.name for p in (ROOT / "service").glob("*.py")) == ["__init__.py"]
+
+
 def test_engine_and_server_hold_the_modules_design_names():
     engine = {p.stem for p in (ROOT / "service/engine").glob("*.py")}
     server = {p.stem for p in (ROOT / "service/server").glob("*.py")}
     assert {"trainer", "local_engine", "ray_engine", "parameter_server", "ps_core", "optim", "schedules",
             "criteria", "checkpoint"} <= engine
     assert {"api", "store", "scheduler", "events", "job", "cluster", "paths"} <= server
-    assert sorted(p.name for p in (ROOT / "service").glob("*.py")) == ["__init__.py", "cli.py"]

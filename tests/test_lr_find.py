@@ -11,8 +11,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
+
+from polyak.cli import cli
 from polyak.client.spec import parse_spec
-from polyak.service.cli import cli
 from polyak.service.engine.optim import RULES
 from polyak.service.engine.trainer import initial_weights
 from polyak.service.engine.tuning import curvature, load_problem, range_test, stable_lr, steepest

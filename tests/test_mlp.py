@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from polyak.workers.mlp import (
     MLP,
     from_dict,

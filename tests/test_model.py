@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from polyak.client.errors import PolyakError
 from polyak.client.model import _CHUNK_BYTES, Model, ModelError
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
+
 from polyak.client.model import Model
 from polyak.client.spec import parse_spec
 from polyak.workers.data import load_dataset

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_cluster import BIN, REPO, _processes_with, _ray_env, free_port_range, free_ports, metrics_of, port_open
+
 from polyak.client.spec import parse_spec
 from polyak.service.engine.trainer import train_job
-from test_cluster import BIN, REPO, _processes_with, _ray_env, free_port_range, free_ports, metrics_of, port_open
 
 pytestmark = pytest.mark.slow
 

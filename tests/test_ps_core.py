@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from polyak.client.spec import parse_spec
 from polyak.service.engine.ps_core import ServerCore
 

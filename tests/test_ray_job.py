@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+
+from polyak.cli import cli
 from polyak.client import ray_job
-from polyak.client.commands import cli
 from polyak.client.errors import PolyakError, SpecError
 from polyak.client.models import Criterion, EpochMetrics
 from polyak.client.ray_job import (
@@ -26,7 +27,6 @@ from polyak.client.ray_job import (
     parse_metrics_line,
     submit_spec,
 )
-
 from polyak.shipping import shippable_package
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def spec_in(folder: Path, spec: dict = IRIS, name: str = "spec.yaml") -> Path:
 
 
 def test_importing_the_helper_and_the_cli_imports_no_ray():
-    code = ("import sys, polyak.client.ray_job, polyak.client.commands; "
+    code = ("import sys, polyak.client.ray_job, polyak.cli; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+
 from polyak.client.models import EpochMetrics, JobState, StopReason
 from polyak.client.spec import parse_spec
 from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from polyak.client.spec import DataSpec, ModelSpec
 from polyak.workers.readers import CHUNK_ROWS, DataError, feature_stats, open_source
 

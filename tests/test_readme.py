@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from polyak.client.spec import parse_spec, spec_reference
 
 ROOT = Path(__file__).resolve().parents[1]

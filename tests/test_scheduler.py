@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+
 from polyak.client.errors import SpecError
 from polyak.client.models import EpochMetrics, JobState, StopReason
 from polyak.client.spec import JobSpec, parse_spec

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from polyak.client.spec import BatchSpec, OptimizerSpec
 from polyak.service.engine.schedules import batch_size, constant, inverse_power, inverse_time, make_schedule
 

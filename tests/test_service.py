@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+
 from polyak import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
 from polyak.workers.mlp import from_dict
 

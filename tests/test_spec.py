@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+
 from polyak.client.errors import SpecError
 from polyak.client.spec import JobSpec, parse_spec
 

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 
 import pytest
+
 from polyak.client.models import EpochMetrics, JobState, StopReason
 from polyak.client.spec import JobSpec
 from polyak.service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow

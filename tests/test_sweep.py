@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
+from test_service import Server, wait_for
+
 from polyak import EpochMetrics, JobInfo, JobSpec, JobState, SpecError
+from polyak.cli import cli
 from polyak.client.plot import compare_figure
 from polyak.client.sweep import (
     default_metric,
@@ -24,8 +27,6 @@ from polyak.client.sweep import (
     plan_sweep,
     rank,
 )
-from polyak.service.cli import cli
-from test_service import Server, wait_for
 
 # --- the grid ------------------------------------------------------------------------------------------------
 
@@ -248,7 +249,7 @@ def test_cancel_group_cancels_only_that_groups_unfinished_jobs(server, tmp_path)
 
 
 def test_ctrl_c_while_waiting_says_how_to_cancel_the_group(server, spec_file, monkeypatch):
-    from polyak.client.sweep import Sweep
+    from polyak.client.sdk import Sweep
 
     def interrupted(self, timeout=None):
         raise KeyboardInterrupt

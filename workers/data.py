@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
 from polyak.client.files import is_uri
 from polyak.client.spec import DataSpec, ModelSpec
 from polyak.workers.readers import ArraySource, DataError, Source, feature_stats, open_source
@@ -60,53 +61,6 @@ class Dataset:
     @property
     def n_features(self) -> int:
         return self.X_train.shape[1]
-
-
-# -- raw sources ---------------------------------------------------------------------------------
-def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    from sklearn import datasets
-
-    loader = {
-        "digits": datasets.load_digits,
-        "iris": datasets.load_iris,
-        "wine": datasets.load_wine,
-        "breast_cancer": datasets.load_breast_cancer,
-        "diabetes": datasets.load_diabetes,
-    }[name]
-    X, y = loader(return_X_y=True)
-    return X, y, name != "diabetes"
-
-
-def regression_with_condition(n: int, d: int, kappa: float, noise: float, rng: np.random.Generator):
-    """Linear data whose feature covariance has condition number kappa: MSE is a kappa-conditioned
-    quadratic."""
-    scales = kappa ** (-0.5 * np.linspace(0.0, 1.0, d))  # std per principal direction, from 1 to 1/sqrt(kappa)
-    rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    X = (rng.standard_normal((n, d)) * scales) @ rotation.T  # (n, d), covariance Q diag(scales^2) Q^T
-    w_true = rng.standard_normal(d)
-    y = X @ w_true + noise * rng.standard_normal(n)
-    return X, y
-
-
-def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    rng = np.random.default_rng([seed, 7919])
-    if spec.name == "regression":
-        X, y = regression_with_condition(spec.n_samples, spec.n_features, spec.condition_number, spec.noise, rng)
-        return X, y, False
-    from sklearn.datasets import make_classification
-
-    informative = max(2, min(spec.n_features, int(np.ceil(np.log2(spec.n_classes))) + 3))
-    X, y = make_classification(
-        n_samples=spec.n_samples,
-        n_features=spec.n_features,
-        n_informative=min(informative, spec.n_features),
-        n_redundant=0,
-        n_classes=spec.n_classes,
-        n_clusters_per_class=1 if spec.n_features < 4 else 2,
-        flip_y=spec.noise,
-        random_state=seed,
-    )
-    return X, y, True
 
 
 # -- the split ---------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+
 from polyak.client.files import is_uri
 from polyak.client.spec import DataSpec, ModelSpec
+from polyak.workers.generated import sklearn_dataset, synthetic_dataset
 
 CHUNK_ROWS = 65536
 COLUMNS_PER_READ = 64
@@ -192,14 +194,11 @@ def _open_csv(path: Path, origin: str, target, n_targets: int, classification: b
 
 
 def _in_memory(data: DataSpec, model: ModelSpec) -> ArraySource:
-    # Imported here: workers.data imports this module.
-    from polyak.workers.data import _sklearn, _synthetic
-
     if data.source == "sklearn":
-        X, y, classification = _sklearn(data.name)
+        X, y, classification = sklearn_dataset(data.name)
         origin = f"sklearn dataset {data.name!r}"
     else:
-        X, y, classification = _synthetic(data, model.seed)
+        X, y, classification = synthetic_dataset(data, model.seed)
         origin = f"synthetic {data.name} data"
     if classification != (model.loss == "cross_entropy"):
         kind = "class labels" if classification else "real-valued targets"

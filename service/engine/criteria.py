@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from polyak.client.models import Criterion, StopReason
 from polyak.client.spec import StoppingSpec
 

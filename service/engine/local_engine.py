@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from polyak.client.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
 from polyak.service.engine.ps_core import ServerCore

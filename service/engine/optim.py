@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from polyak.client.spec import OptimizerSpec
 from polyak.service.engine.schedules import make_schedule
 from polyak.workers.mlp import layer_slices

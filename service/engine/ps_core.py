@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from polyak.client.spec import JobSpec
 from polyak.service.engine.criteria import GradientStats
 from polyak.service.engine.optim import Optimizer, OptState, new_state

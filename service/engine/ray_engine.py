@@ -37,13 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from polyak.client.ray_job import AUTH_HINT
-from polyak.client.spec import JobSpec
-from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
-from polyak.service.engine.parameter_server import ParameterServer, Restore, Update
-from polyak.workers.backend import worker_device
-from polyak.workers.data import DataInfo, ShardLayout
-from polyak.workers.gradient_worker import GradientWorker
 from ray.dag import InputNode
 from ray.exceptions import (
     AuthenticationError,
@@ -55,6 +48,14 @@ from ray.exceptions import (
     RaySystemError,
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from polyak.client.ray_job import AUTH_HINT
+from polyak.client.spec import JobSpec
+from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
+from polyak.service.engine.parameter_server import ParameterServer, Restore, Update
+from polyak.workers.backend import worker_device
+from polyak.workers.data import DataInfo, ShardLayout
+from polyak.workers.gradient_worker import GradientWorker
 
 log = logging.getLogger(__name__)
 

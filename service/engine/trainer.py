@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from polyak.client.models import EpochMetrics, JobState, StopReason
 from polyak.client.spec import JobSpec
 from polyak.service.engine.checkpoint import load_npz, save_npz

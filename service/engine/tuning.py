@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
 from polyak.client.spec import JobSpec
 from polyak.service.engine.optim import Optimizer, new_state
 from polyak.service.engine.schedules import batch_size

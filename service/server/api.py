@@ -22,6 +22,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter
+from starlette.concurrency import run_in_threadpool
+
 from polyak.client.errors import SpecError
 from polyak.client.models import EpochMetrics, JobInfo, JobState
 from polyak.client.spec import parse_spec
@@ -32,8 +35,6 @@ from polyak.service.server.job import Job
 from polyak.service.server.paths import resolve_paths
 from polyak.service.server.scheduler import JobNotResumable, Scheduler
 from polyak.workers.data import DataError, check_cheaply
-from pydantic import TypeAdapter
-from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger("polyak")
 

@@ -13,9 +13,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from polyak.client.models import EpochMetrics, JobInfo
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+
+from polyak.client.models import EpochMetrics, JobInfo
 
 KEEPALIVE_SECONDS = 10.0
 

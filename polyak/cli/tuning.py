@@ -1,22 +1,34 @@
-"""`polyak sweep` (a grid of jobs as one group) and `polyak compare` (jobs ranked side by side, curves overlaid).
+"""Choosing hyperparameters: `polyak sweep` (a grid of jobs as one group), `polyak compare` (jobs ranked
+side by side, curves overlaid) and `polyak lr-find` (step sizes from the loss, before training).
 
-Both print the ranking of ``client.sweep.rank``; ``sweep`` goes through the SDK's ``Client.submit_sweep``.
+sweep and compare print the ranking of ``polyak.client.sweep.rank``; ``sweep`` goes through
+``Client.submit_sweep``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-from polyak.client.commands import (
+import numpy as np
+from rich.console import Console
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from polyak.cli.app import (
     BadInput,
     check_image_output,
     cli,
     client_of,
+    fail,
     make_console,
+    prepare_run,
     server_options,
     shown_path,
 )
@@ -24,10 +36,11 @@ from polyak.client.display import final_line, fmt, percent, state_text
 from polyak.client.errors import PolyakError
 from polyak.client.files import write_output
 from polyak.client.models import JobInfo, JobState
+from polyak.client.sdk import Sweep
+from polyak.client.spec import optimizer_summary
 from polyak.client.sweep import (
     RANK_METRICS,
     RankedJob,
-    Sweep,
     default_metric,
     default_mode,
     differing_params,
@@ -37,11 +50,6 @@ from polyak.client.sweep import (
     rank,
     value_text,
 )
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 _POLL_SECONDS = 1.0
 
@@ -137,9 +145,6 @@ def compare(ctx: click.Context, job_ids: tuple[str, ...], group: str | None, met
             Text(f"wrote {shown_path(where)}"), soft_wrap=True)
 
 
-# --- output --------------------------------------------------------------------------------------------------
-
-
 def _report(ranked: list[RankedJob], infos: list[JobInfo], metric: str | None, mode: str | None,
             as_json: bool) -> None:
     if as_json:
@@ -190,9 +195,6 @@ def _wall_time(info: JobInfo) -> str:
 
 def _curve_label(row: RankedJob) -> str:
     return f"{row.id} {job_label(row.params)}".strip()
-
-
-# --- following a sweep -------------------------------------------------------------------------------------
 
 
 def _watch(submitted: Sweep, console: Console) -> list[JobInfo]:
@@ -259,3 +261,112 @@ def _figures(info: JobInfo) -> Text:
     if m.val_accuracy is not None:
         parts.append(f"val_acc={percent(m.val_accuracy)}")
     return Text("  ".join(parts))
+
+
+@cli.command(name="lr-find")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("-o", "--output", default=None,
+              help="plot the range test and the curvature bound to this image file; its extension picks the type")
+@click.option("--json", "as_json", is_flag=True, help="print both estimates as one JSON object")
+@click.option("--steps", type=click.IntRange(20, 500), default=200, show_default=True,
+              help="range-test steps from eta = 1e-6 to 10 (fewer when the loss blows up first)")
+def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
+    """Step sizes for SPEC from its loss, before training, two ways: a learning-rate range test (the smoothed
+    loss's steepest descent), and the curvature at the initial weights (lambda_max gives the stable lr; for a
+    quadratic loss also lambda_min, kappa and Polyak's heavy-ball lr and alpha, ready to paste)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from polyak.cli.app import check_image_output, make_console
+    from polyak.client.errors import PolyakError
+    from polyak.client.files import write_output
+    from polyak.client.tuning_plot import lr_find_bytes
+    from polyak.service.engine.trainer import initial_weights
+    from polyak.service.engine.tuning import curvature, load_problem, range_test
+    from polyak.workers.backend import DeviceError, get_backend
+
+    if output is not None:
+        try:
+            check_image_output(output)
+        except PolyakError as e:
+            fail(e.message)
+    job_spec, info = prepare_run(spec, output)
+    console = make_console()
+    progress_console = Console(stderr=True, highlight=False)
+    try:
+        W0 = initial_weights(job_spec).astype(np.float64)
+        problem = load_problem(job_spec, get_backend(job_spec.cluster.device).xp, info)
+    except (ValueError, DeviceError) as e:  # data, weights, device
+        fail(str(e))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[now]}"),
+                  console=progress_console, transient=True) as bar:
+        task = bar.add_task("range test", total=steps, now="")
+        test = range_test(job_spec, problem, W0, steps,
+                          lambda t, lr, loss: bar.update(task, completed=t + 1, now=f"lr {lr:.2e}  loss {loss:.4g}"))
+    with progress_console.status("curvature: Lanczos on Hessian-vector products ..."):
+        curv = curvature(job_spec, problem, W0)
+    found = {"range_test": test.as_dict(), "curvature": curv.as_dict()}
+    if as_json:
+        click.echo(json.dumps(found))
+    else:
+        _show_lr_find(console, job_spec, spec, found, problem.mlp.xp is np)
+    if output is not None:
+        title = f"lr-find: {job_spec.name or spec} · {optimizer_summary(job_spec.optimizer)}"
+        try:
+            where = write_output(output, lr_find_bytes(found, Path(output).suffix.lstrip(".").lower(), title))
+        except PolyakError as e:
+            fail(e.message)
+        click.echo(f"wrote {Path(where).absolute()}", err=True)
+
+
+def _show_lr_find(console, job_spec, spec: Path, found: dict, on_cpu: bool) -> None:
+    """The two estimates side by side, then Polyak's parameters as YAML to paste."""
+    from rich.table import Table
+    from rich.text import Text
+
+    test, curv, o = found["range_test"], found["curvature"], job_spec.optimizer
+    momentum = f" (alpha {o.alpha:g})" if o.method in ("heavy_ball", "nesterov") else ""
+
+    def grid(rows):
+        g = Table.grid(padding=(0, 2))
+        g.add_column(style="bold", no_wrap=True)
+        g.add_column()
+        for key, value in rows:
+            g.add_row(key, Text(value))
+        return g
+
+    def num(x, fmt=".4g"):
+        return "-" if x is None else format(x, fmt)
+
+    left = grid([
+        ("suggested lr", num(test["suggested_lr"])),
+        ("rule", test["rule"]),
+        ("run", f"{test['steps']} steps of {test['method']}{momentum}, batch {test['batch_size']}, "
+                f"lr {test['lr_min']:g} -> {test['lr_max']:g} geometrically"),
+        ("stopped", test["stopped"]),
+    ])
+    bound = (f"lr < {num(curv['lr_bound'])} for {o.method}{momentum}" if curv["lr_bound"] is not None
+             else f"none for {o.method} (per-coordinate steps)")
+    rows = [("lambda_max", num(curv["lambda_max"])), ("stable", bound),
+            ("GD bound", f"2 / lambda_max = {num(curv['gd_lr_bound'])}")]
+    if curv["lambda_min"] is not None:
+        rows += [("lambda_min", num(curv["lambda_min"])), ("kappa", num(curv["kappa"]))]
+    if curv["heavy_ball"] is not None:
+        hb = curv["heavy_ball"]
+        rows.append(("Polyak", f"heavy_ball lr {num(hb['lr'])}, alpha {num(hb['alpha'])}"))
+    rows.append(("from", f"{curv['batch']}; {curv['hvps']} Hessian-vector products (central differences of "
+                         f"gradients, h = {curv['fd_step']:.1e}), Lanczos"))
+    if curv["note"]:
+        rows.append(("note", curv["note"]))
+    table = Table(title=f"lr-find: {job_spec.name or spec} · {optimizer_summary(o)}")
+    table.add_column("1. range test (from the initial weights)", max_width=70)
+    table.add_column("2. curvature at the initial weights", max_width=70)
+    table.add_row(left, grid(rows))
+    console.print(table)
+    standardized = "standardized (data.standardize)" if job_spec.data.standardize else "as given (not standardized)"
+    console.print(Text(f"both in float64 on {'CPU' if on_cpu else 'GPU'}, features {standardized}", style="dim"))
+    if curv["heavy_ball"] is not None:
+        hb = curv["heavy_ball"]
+        console.print(Text(f"Polyak's heavy ball for this data (kappa = {curv['kappa']:.4g}), ready to paste:"))
+        console.print(Text(f"optimizer:\n  method: heavy_ball\n  lr: {hb['lr']:.4g}\n  alpha: {hb['alpha']:.4g}"),
+                      soft_wrap=True)

@@ -1,99 +1,30 @@
-"""The client half of the ``polyak`` CLI: submit, resubmit, follow, list, status, metrics, cancel, weights, plot,
-ray-submit.
-
-``service.cli`` adds ``serve`` and ``train`` to ``cli``. The group keeps ``url`` and ``token`` in
-``ctx.obj`` (a command's own ``--url``/``--token`` overwrite them there); an optional
-``ctx.obj["client_factory"]`` (called as ``factory(url=..., token=...)``) lets tests hand the commands a
-Client built on a mock transport.
-"""
+"""Jobs on a polyak server: submit, resubmit, follow, list, status, metrics, cancel, weights, plot."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import click
-from polyak.client.display import TrainingDisplay, criteria_table, metrics_table, state_text
-from polyak.client.errors import PolyakError, SpecError
-from polyak.client.files import check_output, is_uri, npz_bytes, write_output
-from polyak.client.models import JobInfo, JobState
-from polyak.client.sdk import DEFAULT_URL, Client, Job
-from polyak.client.spec import optimizer_summary, parse_spec
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-EXIT_CODES = """\b
-Exit status, the same for every command:
-  0    done
-  1    the job failed or was cancelled, or the server refused the request (no such job, a conflict, a wrong token)
-  2    bad input or usage: a bad spec, a file that cannot be read or written, a bad option
-  3    a server, Ray cluster or port that cannot be reached or used
-  130  interrupted (Ctrl-C)
-"""
-
-# How the SDK words a transport failure (client.sdk.Client._transport_error) and client.ray_job an unreachable
-# Ray dashboard: the request never got an answer, so nothing was refused and nothing was wrong with the input.
-_UNREACHABLE = re.compile(r"cannot reach |connection to the polyak server failed")
-
-
-class BadInput(PolyakError):
-    """Something the user gave a command cannot be used (an output file's folder, an image type): exit 2."""
-
-
-class _Group(click.Group):
-    """Turns every PolyakError into one red ``error:`` line and the exit status of EXIT_CODES, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PolyakError as e:
-            _print_error(e)
-            ctx.exit(exit_code(e))
-        except KeyboardInterrupt:  # click's own handling would say "Aborted!" and exit 1
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-
-
-def exit_code(e: PolyakError) -> int:
-    """The exit status EXIT_CODES gives this error."""
-    if isinstance(e, (SpecError, BadInput)):
-        return 2
-    if e.status_code is None and _UNREACHABLE.search(e.message):  # also a lost event stream's closing error
-        return 3
-    return 1
-
-
-@click.group(name="polyak", cls=_Group, epilog=EXIT_CODES)
-@click.version_option(package_name="polyak", prog_name="polyak")
-@click.option("--url", envvar="POLYAK_URL", default=DEFAULT_URL, show_default=True, show_envvar=True,
-              help="polyak server URL")
-@click.option("--token", envvar="POLYAK_TOKEN", default=None, show_envvar=True,
-              help="bearer token, if the server wants one")
-@click.pass_context
-def cli(ctx: click.Context, url: str, token: str | None) -> None:
-    """polyak: distributed minibatch SGD with heavy-ball momentum, as a job service.
-
-    --url and --token may also follow the command (polyak list --url ...).
-    """
-    ctx.ensure_object(dict)
-    ctx.obj["url"] = url
-    ctx.obj["token"] = token
-
-
-def server_options(command: Callable) -> Callable:
-    """``--url``/``--token`` after the command as well (``polyak list --url ...``); given there, they win."""
-
-    def keep(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-        if value is not None:
-            ctx.ensure_object(dict)[param.name] = value
-
-    command = click.option("--token", default=None, expose_value=False, callback=keep,
-                           help="bearer token  [default: polyak --token, or env POLYAK_TOKEN]")(command)
-    return click.option("--url", default=None, expose_value=False, callback=keep,
-                        help="polyak server URL  [default: polyak --url, or env POLYAK_URL]")(command)
+from polyak.cli.app import (
+    BadInput,
+    check_image_output,
+    check_output_option,
+    cli,
+    client_of,
+    make_console,
+    server_options,
+    shown_path,
+)
+from polyak.client.display import TrainingDisplay, criteria_table, metrics_table, state_text
+from polyak.client.errors import PolyakError
+from polyak.client.files import npz_bytes, write_output
+from polyak.client.models import JobInfo, JobState
+from polyak.client.sdk import Client, Job
+from polyak.client.spec import optimizer_summary, parse_spec
 
 
 @cli.command()
@@ -332,119 +263,9 @@ def plot(ctx: click.Context, job_id: str, output: str | None) -> None:
     make_console().print(Text(f"wrote {shown_path(where)}"), soft_wrap=True)
 
 
-@cli.command(name="ray-submit")
-@click.argument("spec", type=click.Path(path_type=Path))
-@click.option("--address", envvar="RAY_API_SERVER_ADDRESS", default="http://127.0.0.1:8265", show_default=True,
-              help="the Ray cluster's dashboard  [env: RAY_API_SERVER_ADDRESS]")
-@click.option("--working-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".",
-              show_default=True, help="uploaded as the job's working directory; must contain SPEC")
-@click.option("--runtime-env", "runtime_env_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="runtime_env YAML/JSON, e.g. deploy/runtime_env.yaml, instead of the default")
-@click.option("--follow", is_flag=True, help="show each epoch's metrics until the job ends")
-@click.option("-o", "--output", default=None,
-              help="wait for the job and write its final weights here (.npz, on this machine; or a URI)")
-def ray_submit(spec: Path, address: str, working_dir: Path, runtime_env_file: Path | None, follow: bool,
-               output: str | None) -> None:
-    """Run SPEC as a Ray job (`python -m polyak train`) on a cluster, without the service.
-
-    With token authentication on the cluster, set RAY_AUTH_MODE=token here too: Ray then sends the
-    token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
-    """
-    from polyak.client import ray_job
-
-    runtime_env = None
-    if runtime_env_file is not None:
-        import yaml
-
-        try:
-            runtime_env = yaml.safe_load(runtime_env_file.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise PolyakError(f"{runtime_env_file}: cannot read runtime_env: {e}") from None
-        if not isinstance(runtime_env, dict):
-            raise PolyakError(f"{runtime_env_file}: a runtime_env must be a mapping")
-    job_spec = parse_spec(spec)
-    if output is not None:
-        check_output_option(output)
-    job_id = ray_job.submit_spec(address, spec, working_dir, runtime_env)
-    click.echo(job_id)
-    if not follow and output is None:
-        return
-    last, failed = None, None
-    try:
-        with TrainingDisplay(max_epochs=job_spec.stopping.max_epochs, console=make_console()) as display:
-            try:
-                for m in ray_job.follow(address, job_id):
-                    last = m
-                    display.update(m)
-            except ray_job.RayJobFailed as e:
-                display.finish(e.status.lower(), last.stop if last else None, e.message)
-                failed = e
-            else:
-                display.finish("succeeded", last.stop if last else None)
-    except KeyboardInterrupt:
-        make_console().print(Text(f"stopped following {job_id}; it runs on (`ray job stop {job_id}` ends it)"))
-        raise click.exceptions.Exit(130) from None
-    if output is not None and (failed is None or last is not None):  # a failed job keeps its last weights
-        where = write_output(output, ray_job.fetch_weights(address, job_id))
-        make_console().print(Text(f"wrote the weights of ray job {job_id} to {shown_path(where)}"), soft_wrap=True)
-    if failed is not None:
-        raise click.exceptions.Exit(1)
-
-
-def check_output_option(target: str) -> None:
-    """client.files.check_output, before any request; what it rejects is the user's input: exit 2."""
-    try:
-        check_output(target)
-    except PolyakError as e:
-        raise BadInput(e.message) from None
-
-
-def check_image_output(output: str) -> str:
-    """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
-    from polyak.client.plot import image_formats
-
-    image_type = PurePath(output).suffix.lstrip(".").lower()
-    if image_type not in image_formats():
-        extensions = ", ".join(f".{ext}" for ext in image_formats())
-        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
-    check_output_option(output)
-    return image_type
-
-
-def shown_path(where: str) -> str:
-    """Where a file went: a local one by its absolute path, so it can be found whatever folder this ran in."""
-    return where if is_uri(where) else str(Path(where).absolute())
-
-
 def _title(name: str, spec) -> str:
     """The live view's header: the job and how it is optimized."""
     return f"{name} · {optimizer_summary(spec.optimizer)}"
-
-
-def client_of(ctx: click.Context) -> Client:
-    obj = ctx.obj
-    factory = obj.get("client_factory", Client)
-    return ctx.with_resource(factory(url=obj["url"], token=obj["token"]))
-
-
-def make_console() -> Console:
-    # Made per command so it writes to whatever stdout is current (click's test runner swaps it).
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        # Piped to a file or a log there is no screen to fit: rich's 80 columns would truncate table cells.
-        console.width = max(console.width, 200)
-    return console
-
-
-def _print_error(e: PolyakError) -> None:
-    console = Console(stderr=True, highlight=False)
-    console.print(f"error: {e.message}", style="red", markup=False, soft_wrap=True)
-    if isinstance(e, SpecError):
-        for err in e.errors:
-            # A locally parsed spec already lists its field errors in the message, and a spec file that cannot
-            # be read carries the message itself as its one error.
-            if err["message"] not in e.message:
-                console.print(f"  {err['field']}: {err['message']}", style="red", markup=False, soft_wrap=True)
 
 
 def _epoch(info: JobInfo) -> str:
@@ -462,4 +283,3 @@ def _or_dash(x: Any) -> str:
 
 def _or_none(x: Any) -> str | None:
     return None if x is None else str(getattr(x, "value", x))
-

@@ -12,11 +12,16 @@ from pathlib import Path
 
 import click
 import numpy as np
-from polyak.client.commands import check_output_option, cli, make_console
+from rich.text import Text
+
+from polyak.cli.app import (
+    check_output_option,
+    cli,
+    make_console,
+)
 from polyak.client.errors import PolyakError
 from polyak.client.files import write_output
 from polyak.client.model import Model
-from rich.text import Text
 
 
 @cli.command()

@@ -1,0 +1,167 @@
+"""The ``polyak`` command group, the exit status of every command, and what the commands share.
+
+The group keeps ``url`` and ``token`` in ``ctx.obj`` (a command's own ``--url``/``--token`` overwrite them
+there); an optional ``ctx.obj["client_factory"]`` (called as ``factory(url=..., token=...)``) lets tests hand
+the commands a Client built on a mock transport.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path, PurePath
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from polyak.client.errors import PolyakError, SpecError
+from polyak.client.files import check_output, is_uri
+from polyak.client.sdk import DEFAULT_URL, Client
+from polyak.client.spec import parse_spec
+
+EXIT_CODES = """\b
+Exit status, the same for every command:
+  0    done
+  1    the job failed or was cancelled, or the server refused the request (no such job, a conflict, a wrong token)
+  2    bad input or usage: a bad spec, a file that cannot be read or written, a bad option
+  3    a server, Ray cluster or port that cannot be reached or used
+  130  interrupted (Ctrl-C)
+"""
+
+
+# How the SDK words a transport failure (client.sdk.Client._transport_error) and client.ray_job an unreachable
+# Ray dashboard: the request never got an answer, so nothing was refused and nothing was wrong with the input.
+_UNREACHABLE = re.compile(r"cannot reach |connection to the polyak server failed")
+
+
+class BadInput(PolyakError):
+    """Something the user gave a command cannot be used (an output file's folder, an image type): exit 2."""
+
+
+class _Group(click.Group):
+    """Turns every PolyakError into one red ``error:`` line and the exit status of EXIT_CODES, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PolyakError as e:
+            _print_error(e)
+            ctx.exit(exit_code(e))
+        except KeyboardInterrupt:  # click's own handling would say "Aborted!" and exit 1
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def exit_code(e: PolyakError) -> int:
+    """The exit status EXIT_CODES gives this error."""
+    if isinstance(e, (SpecError, BadInput)):
+        return 2
+    if e.status_code is None and _UNREACHABLE.search(e.message):  # also a lost event stream's closing error
+        return 3
+    return 1
+
+
+@click.group(name="polyak", cls=_Group, epilog=EXIT_CODES)
+@click.version_option(package_name="polyak", prog_name="polyak")
+@click.option("--url", envvar="POLYAK_URL", default=DEFAULT_URL, show_default=True, show_envvar=True,
+              help="polyak server URL")
+@click.option("--token", envvar="POLYAK_TOKEN", default=None, show_envvar=True,
+              help="bearer token, if the server wants one")
+@click.pass_context
+def cli(ctx: click.Context, url: str, token: str | None) -> None:
+    """polyak: distributed minibatch SGD with heavy-ball momentum, as a job service.
+
+    --url and --token may also follow the command (polyak list --url ...).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["url"] = url
+    ctx.obj["token"] = token
+
+
+def server_options(command: Callable) -> Callable:
+    """``--url``/``--token`` after the command as well (``polyak list --url ...``); given there, they win."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(dict)[param.name] = value
+
+    command = click.option("--token", default=None, expose_value=False, callback=keep,
+                           help="bearer token  [default: polyak --token, or env POLYAK_TOKEN]")(command)
+    return click.option("--url", default=None, expose_value=False, callback=keep,
+                        help="polyak server URL  [default: polyak --url, or env POLYAK_URL]")(command)
+
+
+def check_output_option(target: str) -> None:
+    """client.files.check_output, before any request; what it rejects is the user's input: exit 2."""
+    try:
+        check_output(target)
+    except PolyakError as e:
+        raise BadInput(e.message) from None
+
+
+def check_image_output(output: str) -> str:
+    """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
+    from polyak.client.plot import image_formats
+
+    image_type = PurePath(output).suffix.lstrip(".").lower()
+    if image_type not in image_formats():
+        extensions = ", ".join(f".{ext}" for ext in image_formats())
+        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
+    check_output_option(output)
+    return image_type
+
+
+def shown_path(where: str) -> str:
+    """Where a file went: a local one by its absolute path, so it can be found whatever folder this ran in."""
+    return where if is_uri(where) else str(Path(where).absolute())
+
+
+def client_of(ctx: click.Context) -> Client:
+    obj = ctx.obj
+    factory = obj.get("client_factory", Client)
+    return ctx.with_resource(factory(url=obj["url"], token=obj["token"]))
+
+
+def make_console() -> Console:
+    # Made per command so it writes to whatever stdout is current (click's test runner swaps it).
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped to a file or a log there is no screen to fit: rich's 80 columns would truncate table cells.
+        console.width = max(console.width, 200)
+    return console
+
+
+def _print_error(e: PolyakError) -> None:
+    console = Console(stderr=True, highlight=False)
+    console.print(f"error: {e.message}", style="red", markup=False, soft_wrap=True)
+    if isinstance(e, SpecError):
+        for err in e.errors:
+            # A locally parsed spec already lists its field errors in the message, and a spec file that cannot
+            # be read carries the message itself as its one error.
+            if err["message"] not in e.message:
+                console.print(f"  {err['field']}: {err['message']}", style="red", markup=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One red ``error:`` line and the exit status of polyak's convention (see ``polyak --help``)."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def prepare_run(spec: Path, output: str | None):
+    """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong."""
+    from polyak.workers.data import prepare
+
+    try:
+        if output is not None:
+            check_output(output)
+        job_spec = parse_spec(spec)
+        return job_spec, prepare(job_spec.data, job_spec.model)
+    except SpecError as e:
+        fail(e.message if str(spec) in e.message else f"{spec}: {e.message}")
+    except PolyakError as e:
+        fail(e.message)
+    except ValueError as e:  # DataError, and generators' own complaints (sklearn's make_classification)
+        fail(str(e))
