@@ -29,7 +29,7 @@ import numpy as np
 from _frameworks import framework_info, side_by_side
 from threadpoolctl import threadpool_limits
 
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import initial_weights
 from polyak.workers.data import load_dataset, prepare

@@ -116,7 +116,7 @@ class Sampler:
 
 
 def run_case(path: str, workers: int) -> dict:
-    from polyak.client.spec import parse_spec
+    from polyak.contract.spec import parse_spec
     from polyak.service.engine.trainer import Hooks, initial_weights, make_engine, run
     from polyak.workers.data import prepare
 

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polyak.client.spec import parse_spec  # noqa: E402
+from polyak.contract.spec import parse_spec  # noqa: E402
 from polyak.service.engine.optim import BUFFERS, Optimizer, new_state  # noqa: E402
 from polyak.workers.mlp import param_count  # noqa: E402
 

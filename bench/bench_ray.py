@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polyak.client.spec import parse_spec  # noqa: E402
+from polyak.contract.spec import parse_spec  # noqa: E402
 from polyak.service.engine.trainer import Hooks, initial_weights, make_engine, run  # noqa: E402
 from polyak.workers.data import prepare  # noqa: E402
 

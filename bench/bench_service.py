@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polyak.client.models import EpochMetrics  # noqa: E402
-from polyak.client.spec import parse_spec  # noqa: E402
+from polyak.contract.spec import parse_spec  # noqa: E402
+from polyak.contract.wire import EpochMetrics  # noqa: E402
 from polyak.service.server.job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, new_job_id, utcnow  # noqa: E402
 from polyak.service.server.store import Store  # noqa: E402
 

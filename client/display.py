@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from polyak.client.models import Criterion, EpochMetrics
+from polyak.contract.wire import Criterion, EpochMetrics
 
 METRIC_COLUMNS = (
     "epoch", "step", "n'", "lr", "train loss", "val loss", "val acc", "weight change", "grad noise",

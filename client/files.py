@@ -9,20 +9,13 @@ filesystems, so a job on a cluster can leave its weights on shared storage.
 from __future__ import annotations
 
 import io
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from polyak.client.errors import PolyakError
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_uri(target: str | Path) -> bool:
-    return bool(_URI.match(str(target)))
+from polyak.contract.atomic import atomic_write
+from polyak.contract.errors import OutputError
+from polyak.contract.spec import is_uri
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -37,9 +30,9 @@ def check_output(target: str | Path) -> None:
         return
     folder = Path(target).absolute().parent
     if not folder.is_dir():
-        raise PolyakError(f"cannot write {target}: the folder {folder} does not exist")
+        raise OutputError(f"cannot write {target}: the folder {folder} does not exist")
     if Path(target).is_dir():
-        raise PolyakError(f"cannot write {target}: it is a folder")
+        raise OutputError(f"cannot write {target}: it is a folder")
 
 
 def write_output(target: str | Path, data: bytes) -> str:
@@ -48,15 +41,10 @@ def write_output(target: str | Path, data: bytes) -> str:
     if is_uri(target):
         return _write_uri(str(target), data)
     path = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary file only
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise PolyakError(f"cannot write {target}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {target}: {e.strerror or e}") from None
     return str(path)
 
 
@@ -64,17 +52,12 @@ def _write_uri(uri: str, data: bytes) -> str:
     try:
         import pyarrow.fs as pafs
     except ImportError:
-        raise PolyakError(f"writing to {uri} needs pyarrow (pip install 'polyak[parquet]')") from None
+        raise OutputError(f"writing to {uri} needs pyarrow (pip install 'polyak[parquet]')") from None
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
         with filesystem.open_output_stream(path) as out:
             out.write(data)
     except Exception as e:  # pyarrow's errors for a bad bucket, no credentials, a missing folder, ...
-        raise PolyakError(f"cannot write {uri}: {e}") from None
+        raise OutputError(f"cannot write {uri}: {e}") from None
     return uri
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -24,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from polyak.client.errors import PolyakError
+from polyak.contract.choices import ACTIVATIONS, LOSSES
+from polyak.contract.errors import PolyakError
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
-LOSSES = ("cross_entropy", "mse")
 DEFAULT_ACTIVATION, DEFAULT_LOSS = "relu", "cross_entropy"
 _LAYER_KEY = re.compile(r"([Wb])([0-9]+)")
 _CHUNK_BYTES = 8 << 20  # widest layer x chunk rows x itemsize stays under this: a chunk stays in cache

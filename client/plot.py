@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from polyak.client.models import EpochMetrics
+from polyak.contract.wire import EpochMetrics
 
 
 def plot_metrics(metrics: list[EpochMetrics], path: str | Path, title: str | None = None) -> Path:

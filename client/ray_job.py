@@ -28,9 +28,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from polyak.client.errors import PolyakError
-from polyak.client.models import EpochMetrics
-from polyak.client.spec import parse_spec
+from polyak.contract.errors import RAY_AUTH_HINT, BadInput, PolyakError, Unauthorized, Unreachable
+from polyak.contract.spec import parse_spec
+from polyak.contract.wire import EpochMetrics
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
@@ -42,10 +42,6 @@ DEFAULT_EXCLUDES = (
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # `polyak train --emit-weights` prints the weights file as {WEIGHTS_LINE_KEY: base64} on one line of its log.
 WEIGHTS_LINE_KEY = "polyak_weights_npz_base64"
-AUTH_HINT = (
-    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's token file> (or RAY_AUTH_TOKEN=<token>) "
-    "here, as on the cluster (`ray get-auth-token` on the head prints it)"
-)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -88,11 +84,11 @@ def submit_spec(
     spec_path, working_dir = Path(spec_path), Path(working_dir)
     spec = parse_spec(spec_path)
     if not working_dir.is_dir():
-        raise PolyakError(f"working dir {working_dir} is not a directory")
+        raise BadInput(f"working dir {working_dir} is not a directory")
     try:
         relpath = spec_path.resolve().relative_to(working_dir.resolve())
     except ValueError:
-        raise PolyakError(
+        raise BadInput(
             f"{spec_path} is not inside the working dir {working_dir.resolve()}: the job could not read it"
         ) from None
     env = dict(runtime_env) if runtime_env is not None else {"excludes": list(DEFAULT_EXCLUDES)}
@@ -230,8 +226,8 @@ def _client(address: str, token: str | None):
     except Exception as e:
         reason = _reason(e)
         if _is_auth_failure(e):  # reached, but it wants a token (or another one)
-            raise PolyakError(f"the Ray dashboard at {address} refused us ({reason}): {AUTH_HINT}") from None
-        raise PolyakError(f"cannot reach the Ray dashboard at {address}: {reason}") from e
+            raise Unauthorized(f"the Ray dashboard at {address} refused us ({reason}): {RAY_AUTH_HINT}") from None
+        raise Unreachable(f"cannot reach the Ray dashboard at {address}: {reason}") from e
 
 
 def _is_auth_failure(e: Exception) -> bool:

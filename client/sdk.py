@@ -20,11 +20,19 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from polyak.client.errors import JobConflict, JobNotFound, PolyakError, ServerError, SpecError, Unauthorized
 from polyak.client.model import Model
-from polyak.client.models import EpochMetrics, JobInfo, JobState
-from polyak.client.spec import JobSpec, parse_spec
 from polyak.client.sweep import RankedJob, SweepPlan, plan_sweep, rank
+from polyak.contract.errors import (
+    JobConflict,
+    JobNotFound,
+    PolyakError,
+    ServerError,
+    ServerUnreachable,
+    SpecError,
+    Unauthorized,
+)
+from polyak.contract.spec import JobSpec, parse_spec
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -174,13 +182,13 @@ class Client:
         except ValidationError as e:
             raise ServerError(f"GET {self.url}{path}: unreadable {kind} event: {_first_error(e)}") from None
 
-    def _transport_error(self, error: httpx.TransportError, method: str, path: str) -> ServerError:
+    def _transport_error(self, error: httpx.TransportError, method: str, path: str) -> ServerUnreachable:
         if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return ServerError(
+            return ServerUnreachable(
                 f"cannot reach polyak server at {self.url}: is `polyak serve` running? ({error})"
             )
         detail = str(error) or type(error).__name__
-        return ServerError(f"{method} {self.url}{path}: connection to the polyak server failed: {detail}")
+        return ServerUnreachable(f"{method} {self.url}{path}: connection to the polyak server failed: {detail}")
 
 
 class Job:
@@ -263,14 +271,13 @@ class Job:
                     yield kind, model
                     if kind == "end":
                         return
-                cause = "the stream ended before the job did"
+                cause, lost = "the stream ended before the job did", ServerError
             except ServerError as e:
-                cause = e.message
+                cause, lost = e.message, type(e)
             failures += 1
             if failures > self.client.retries:
-                raise ServerError(
-                    f"lost the event stream of job {self.id} after {self.client.retries} reconnects: {cause}"
-                )
+                # As the last failure was: a server that could not be reached is ServerUnreachable.
+                raise lost(f"lost the event stream of job {self.id} after {self.client.retries} reconnects: {cause}")
             _sleep(self.client.backoff * 2 ** (failures - 1), deadline)
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from polyak.client.errors import SpecError
-from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
-from polyak.client.spec import JobSpec, parse_spec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import JobSpec, parse_spec
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 
 # Metrics a job can be ranked by: figures of its last epoch. Larger is better for these two.
 RANK_METRICS = ("val_loss", "train_loss", "val_accuracy", "samples_per_second", "weight_change",

@@ -22,25 +22,14 @@ except PackageNotFoundError:  # a checkout shipped to a cluster as py_modules, n
     __version__ = "0+unknown"
 
 _PUBLIC = {
-    "Client": "polyak.client.sdk",
-    "Job": "polyak.client.sdk",
-    "Model": "polyak.client.model",
-    "ModelError": "polyak.client.model",
-    "Sweep": "polyak.client.sdk",
+    **dict.fromkeys(["Client", "Job", "Sweep"], "polyak.client.sdk"),
+    **dict.fromkeys(["Model", "ModelError"], "polyak.client.model"),
     "RankedJob": "polyak.client.sweep",
-    "JobSpec": "polyak.client.spec",
-    "parse_spec": "polyak.client.spec",
-    "EpochMetrics": "polyak.client.models",
-    "JobInfo": "polyak.client.models",
-    "JobState": "polyak.client.models",
-    "StopReason": "polyak.client.models",
-    "Criterion": "polyak.client.models",
-    "PolyakError": "polyak.client.errors",
-    "SpecError": "polyak.client.errors",
-    "JobNotFound": "polyak.client.errors",
-    "JobConflict": "polyak.client.errors",
-    "ServerError": "polyak.client.errors",
-    "Unauthorized": "polyak.client.errors",
+    **dict.fromkeys(["JobSpec", "parse_spec"], "polyak.contract.spec"),
+    **dict.fromkeys(["EpochMetrics", "JobInfo", "JobState", "StopReason", "Criterion"], "polyak.contract.wire"),
+    **dict.fromkeys(["PolyakError", "BadInput", "SpecError", "DataError", "OutputError", "Unreachable",
+                     "ClusterTooSmall", "JobNotFound", "JobConflict", "Unauthorized", "ServerError",
+                     "ServerUnreachable"], "polyak.contract.errors"),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -41,7 +41,7 @@ LOCAL_IRIS = {
 @pytest.fixture
 def make_spec():
     """make_spec(overrides, base=LOCAL_IRIS) -> a parsed JobSpec."""
-    from polyak.client.spec import parse_spec
+    from polyak.contract.spec import parse_spec
 
     def make(overrides: dict | None = None, base: dict = LOCAL_IRIS):
         return parse_spec(deep_merge(base, overrides or {}))

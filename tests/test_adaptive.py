@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch  # the dev extra installs it: a missing torch fails here, it does not skip
 
-from polyak.client.errors import SpecError
-from polyak.client.spec import parse_spec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import parse_spec
 from polyak.service.engine.optim import BUFFERS
 from polyak.service.engine.trainer import epoch_order, initial_weights, train_job
 from polyak.workers.data import load_dataset

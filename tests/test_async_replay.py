@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import ray
 
-from polyak.client.models import JobState, StopReason
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
+from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.parameter_server import Join, Restore, Stop, Update
 from polyak.service.engine.ray_engine import AsyncRayEngine
 from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, run

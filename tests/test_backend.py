@@ -91,7 +91,7 @@ def test_cupy_rules_equal_numpy(method):
 @pytest.mark.parametrize("method", ["sgd", "heavy_ball", "nesterov", "adagrad", "rmsprop", "adam"])
 def test_cupy_optimizer_equals_numpy_with_schedule_and_weight_decay(method):
     """The parameter server's whole update (rule, buffers, scratch, schedule, decay) on CuPy arrays."""
-    from polyak.client.spec import OptimizerSpec
+    from polyak.contract.spec import OptimizerSpec
     from polyak.service.engine.optim import BUFFERS, Optimizer, new_state
 
     cp = get_backend("gpu").xp

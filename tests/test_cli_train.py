@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from polyak.client.models import EpochMetrics
-from polyak.client.spec import JobSpec, parse_spec
+from polyak.contract.spec import JobSpec, parse_spec
+from polyak.contract.wire import EpochMetrics
 from polyak.service.engine.trainer import initial_weights
 from polyak.workers.mlp import from_dict, to_dict
 

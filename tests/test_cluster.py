@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polyak.client.errors import PolyakError, SpecError
-from polyak.client.models import EpochMetrics
 from polyak.client.ray_job import RayJobFailed, follow, job_status, parse_metrics_line, submit_spec
+from polyak.contract.errors import PolyakError, SpecError
+from polyak.contract.wire import EpochMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -333,7 +333,7 @@ def test_ray_submit_command_follows_a_failing_job(cluster, workdir):
 
 NO_TOKEN_SUBMIT = """
 import sys
-from polyak.client.errors import PolyakError
+from polyak.contract.errors import PolyakError
 from polyak.client.ray_job import submit_spec
 try:
     submit_spec(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from polyak.client.models import JobState, StopReason
-from polyak.client.spec import StoppingSpec
+from polyak.contract.spec import StoppingSpec
+from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.criteria import PRECEDENCE, EpochOutcome, GradientStats, Stopper, relative_change
 from polyak.service.engine.trainer import Hooks, initial_weights
 

@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polyak.client.spec import DataSpec, ModelSpec
-from polyak.workers.data import (
-    SKLEARN_SHAPES,
-    DataError,
-    ShardLayout,
-    Split,
-    load_dataset,
-    load_shard,
-    prepare,
-    shard_bounds,
-)
+from polyak.contract.choices import SKLEARN_DATASETS
+from polyak.contract.errors import DataError
+from polyak.contract.spec import DataSpec, ModelSpec
+from polyak.workers.data import ShardLayout, Split, load_dataset, load_shard, prepare, shard_bounds
 from polyak.workers.generated import regression_with_condition
 
 
@@ -401,9 +394,9 @@ def test_corrupt_file(tmp_path):
         load({"source": "file", "path": str(path)}, {"layers": [2, 2]})
 
 
-@pytest.mark.parametrize("name", sorted(SKLEARN_SHAPES))
+@pytest.mark.parametrize("name", sorted(SKLEARN_DATASETS))
 def test_the_known_sklearn_shapes_are_the_datasets_own(name):
-    d, classes = SKLEARN_SHAPES[name]
+    d, classes = SKLEARN_DATASETS[name]
     loss = "cross_entropy" if classes else "mse"
     ds = load({"source": "sklearn", "name": name}, {"layers": [d, classes or 1], "loss": loss})
     assert ds.n_features == d

@@ -6,9 +6,9 @@ import asyncio
 import threading
 from datetime import datetime, timezone
 
-from polyak.client.models import EpochMetrics, JobInfo, JobState
 from polyak.client.sdk import parse_sse
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState
 from polyak.service.server.events import Bus, job_events
 
 CREATED = datetime(2025, 1, 1, tzinfo=timezone.utc)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from polyak.client.models import JobState, StopReason
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
+from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.trainer import train_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from polyak.client.errors import PolyakError
 from polyak.client.files import check_output, npz_bytes, write_output
+from polyak.contract.errors import PolyakError
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},

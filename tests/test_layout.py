@@ -7,6 +7,8 @@ every module's imports from its syntax tree, so a forbidden import inside a func
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # folder in the checkout -> the package it is in the namespace
 MOUNTS = {"polyak": "polyak", "client": "polyak.client", "service": "polyak.service", "workers": "polyak.workers"}
 
-# Each layer and the packages it must never import (anything above it).
+# Each layer and the packages it must never import: cli -> client (SDK) -> contract on one side,
+# service.server -> service.engine -> workers -> contract on the other.
 LAYERS = {
-    "polyak.service.server": ("polyak.cli",),
-    "polyak.service.engine": ("polyak.cli", "polyak.service.server"),
-    "polyak.workers": ("polyak.cli", "polyak.service"),
+    "polyak.service.server": ("polyak.cli", "polyak.client"),
+    "polyak.service.engine": ("polyak.cli", "polyak.client", "polyak.service.server"),
+    "polyak.workers": ("polyak.cli", "polyak.client", "polyak.service"),
     "polyak.client": ("polyak.cli", "polyak.service", "polyak.workers"),
+    "polyak.contract": ("polyak.cli", "polyak.client", "polyak.service", "polyak.workers", "polyak.shipping"),
 }
 
 
@@ -130,6 +134,31 @@ def test_every_module_imports_through_the_polyak_namespace():
     offences = [f"{path.relative_to(ROOT)} imports {m}" for path in files for m in imported_modules(path)
                 if m.split(".")[0] in bare]
     assert not offences, "\n".join(offences)
+
+
+def test_the_contract_imports_pydantic_numpy_and_the_standard_library_only():
+    allowed = {"pydantic", "numpy", "polyak"}
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for name, path in MODULES.items() if _is_under(name, "polyak.contract")
+        for module in imported_modules(path, top_level_only=True)
+        if module.split(".")[0] not in allowed | sys.stdlib_module_names
+    ]
+    assert not offences, "\n".join(offences)
+
+
+@pytest.mark.parametrize("modules", [
+    "polyak",
+    "polyak.contract.spec, polyak.contract.wire, polyak.contract.errors",
+    "polyak.workers.gradient_worker, polyak.service.engine.parameter_server",
+])
+def test_the_package_root_the_contract_and_the_actors_load_no_http_client(modules):
+    code = (f"import sys, {modules}; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'fastapi', 'uvicorn', 'matplotlib') "
+            "or m.startswith(('polyak.client', 'polyak.cli', 'polyak.service.server'))); print(bad)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_client_imports_ray_only_inside_the_ray_submit_command():

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
 
 from polyak.cli import cli
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
 from polyak.service.engine.optim import RULES
 from polyak.service.engine.trainer import initial_weights
 from polyak.service.engine.tuning import curvature, load_problem, range_test, stable_lr, steepest

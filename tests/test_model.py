@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from polyak.client.errors import PolyakError
 from polyak.client.model import _CHUNK_BYTES, Model, ModelError
+from polyak.contract.errors import PolyakError
 
 LAYERS = (7, 16, 12, 5)
 
@@ -406,7 +406,7 @@ def test_the_model_module_imports_no_service_worker_or_ray_code():
 
 # -- a job trained in this process -------------------------------------------------------------------------
 def test_a_trained_digits_job_scores_the_same_on_raw_rows(tmp_path):
-    from polyak.client.spec import parse_spec
+    from polyak.contract.spec import parse_spec
     from polyak.service.engine.trainer import train_job, weights_file
     from polyak.workers.data import load_dataset, prepare
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from polyak.client.model import Model
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
 from polyak.workers.data import load_dataset
 
 IRIS = {

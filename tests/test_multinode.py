@@ -26,7 +26,7 @@ import pytest
 import yaml
 from test_cluster import BIN, REPO, _processes_with, _ray_env, free_port_range, free_ports, metrics_of, port_open
 
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
 from polyak.service.engine.trainer import train_job
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polyak.client.spec import OptimizerSpec
+from polyak.contract.spec import OptimizerSpec
 from polyak.service.engine.optim import RULES, Optimizer, OptState, heavy_ball, nesterov, new_state, sgd
 from polyak.workers.mlp import MLP, init_params
 

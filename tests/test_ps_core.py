@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
 from polyak.service.engine.ps_core import ServerCore
 
 

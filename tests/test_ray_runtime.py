@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import ray
 
-from polyak.client.models import EpochMetrics, JobState, StopReason
-from polyak.client.spec import parse_spec
+from polyak.contract.spec import parse_spec
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes
 from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
 from polyak.workers.data import load_dataset, prepare

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from polyak.client.spec import DataSpec, ModelSpec
-from polyak.workers.readers import CHUNK_ROWS, DataError, feature_stats, open_source
+from polyak.contract.errors import DataError
+from polyak.contract.spec import DataSpec, ModelSpec
+from polyak.workers.readers import CHUNK_ROWS, feature_stats, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["npy", "npz", "csv", "csv_header", "parquet", "parquet_dir", "parquet_uri"]
@@ -332,7 +333,7 @@ def test_parquet_errors(tmp_path, monkeypatch):
 CHILD = """
 import json, sys
 import numpy as np
-from polyak.client.spec import DataSpec, ModelSpec
+from polyak.contract.spec import DataSpec, ModelSpec
 from polyak.workers.readers import open_source
 
 source = open_source(DataSpec(source="file", path=sys.argv[1]), ModelSpec(layers=[49, 1], loss="mse"))

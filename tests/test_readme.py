@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from polyak.client.spec import parse_spec, spec_reference
+from polyak.contract.spec import parse_spec, spec_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from test_service import Server, descendants, wait_for
 
-from polyak.client.models import EpochMetrics, JobState, StopReason
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint, load_npz
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, initial_weights, run

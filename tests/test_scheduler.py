@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from polyak.client.errors import SpecError
-from polyak.client.models import EpochMetrics, JobState, StopReason
-from polyak.client.spec import JobSpec, parse_spec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import JobSpec, parse_spec
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.trainer import TrainResult
 from polyak.service.server.cluster import ClusterUnavailable, Resources
 from polyak.service.server.scheduler import Scheduler

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from polyak.client.spec import BatchSpec, OptimizerSpec
+from polyak.contract.spec import BatchSpec, OptimizerSpec
 from polyak.service.engine.schedules import batch_size, constant, inverse_power, inverse_time, make_schedule
 
 STEPS = [0, 1, 2, 9, 10, 99, 1000, 123456]
@@ -88,7 +88,7 @@ def test_batch_size_growth_follows_the_formula_and_is_capped():
 
 
 def test_a_grown_batch_stays_capped_long_after_growth_would_overflow_a_float():
-    from polyak.client.spec import BatchSpec
+    from polyak.contract.spec import BatchSpec
     from polyak.service.engine.schedules import batch_size
 
     spec = BatchSpec(size=16, growth=2.0)

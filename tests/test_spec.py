@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from polyak.client.errors import SpecError
-from polyak.client.spec import JobSpec, parse_spec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import JobSpec, parse_spec
 
 DESIGN_EXAMPLE = """
 name: digits-mlp
@@ -206,8 +206,8 @@ def test_errors_in_a_file_name_the_field(tmp_path):
 def test_a_huge_aliased_input_gives_a_short_message_quickly():
     import time
 
-    from polyak.client.errors import SpecError
-    from polyak.client.spec import parse_spec
+    from polyak.contract.errors import SpecError
+    from polyak.contract.spec import parse_spec
 
     bomb: list = [1] * 10
     for _ in range(7):  # 10^8 elements by reference, as YAML anchors build them
@@ -221,8 +221,8 @@ def test_a_huge_aliased_input_gives_a_short_message_quickly():
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_numbers_are_rejected_by_name(value):
-    from polyak.client.errors import SpecError
-    from polyak.client.spec import parse_spec
+    from polyak.contract.errors import SpecError
+    from polyak.contract.spec import parse_spec
 
     with pytest.raises(SpecError, match=r"optimizer\.lr: must be a finite number"):
         parse_spec({"optimizer": {"lr": value}})
@@ -247,7 +247,7 @@ def test_relative_paths_in_a_spec_file_name_files_beside_it(tmp_path, monkeypatc
 
 
 def test_the_optimizer_summary_names_the_parameters_the_method_uses():
-    from polyak.client.spec import optimizer_summary
+    from polyak.contract.spec import optimizer_summary
 
     adam = parse_spec({"optimizer": {"method": "adam", "lr": 0.002, "alpha": 0.7}}).optimizer
     assert optimizer_summary(adam) == "adam lr=0.002 beta1=0.9 beta2=0.999 eps=1e-08"  # alpha is ignored by adam

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from polyak.client.models import EpochMetrics, JobState, StopReason
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
 from polyak.service.server.store import DB_NAME, Store
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from polyak.client.models import JobState, StopReason
+from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import Hooks, initial_weights, run
 from polyak.workers.data import prepare

@@ -18,9 +18,10 @@ from functools import cached_property
 
 import numpy as np
 
-from polyak.client.files import is_uri
-from polyak.client.spec import DataSpec, ModelSpec
-from polyak.workers.readers import ArraySource, DataError, Source, feature_stats, open_source
+from polyak.contract.choices import SKLEARN_DATASETS
+from polyak.contract.errors import DataError
+from polyak.contract.spec import DataSpec, ModelSpec, is_uri
+from polyak.workers.readers import ArraySource, Source, feature_stats, open_source
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,6 @@ def prepare(data: DataSpec, model: ModelSpec, source: Source | None = None) -> D
     return info
 
 
-# (features, classes or None for regression) of sklearn's bundled datasets; tests/test_data.py checks them.
-SKLEARN_SHAPES = {"digits": (64, 10), "iris": (4, 3), "wine": (13, 3), "breast_cancer": (30, 2), "diabetes": (10, None)}
-
 
 def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
     """The data's shape against the spec, where that costs next to nothing: synthetic data (from the spec),
@@ -160,7 +158,7 @@ def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
             raise DataError(f"model.layers[-1] = {model.layers[-1]} outputs but data.n_classes = {data.n_classes}")
         return
     if data.source == "sklearn":  # their shapes are fixed: no need to import sklearn inside a request
-        d, classes = SKLEARN_SHAPES[data.name]
+        d, classes = SKLEARN_DATASETS[data.name]
         if (classes is not None) != (model.loss == "cross_entropy"):
             kind = "class labels" if classes is not None else "real-valued targets"
             raise DataError(f"model.loss = {model.loss} does not suit sklearn dataset {data.name!r}, which has {kind}")

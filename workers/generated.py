@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from polyak.client.spec import DataSpec
+from polyak.contract.choices import SKLEARN_DATASETS
+from polyak.contract.spec import DataSpec
 
 
 def sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray, bool]:
     from sklearn import datasets
 
-    loader = {
-        "digits": datasets.load_digits,
-        "iris": datasets.load_iris,
-        "wine": datasets.load_wine,
-        "breast_cancer": datasets.load_breast_cancer,
-        "diabetes": datasets.load_diabetes,
-    }[name]
-    X, y = loader(return_X_y=True)
-    return X, y, name != "diabetes"
+    X, y = getattr(datasets, f"load_{name}")(return_X_y=True)  # every name of SKLEARN_DATASETS has a loader
+    return X, y, SKLEARN_DATASETS[name][1] is not None
 
 
 def regression_with_condition(n: int, d: int, kappa: float, noise: float, rng: np.random.Generator):

@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import ray
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.workers.backend import get_backend, to_numpy
 from polyak.workers.data import load_shard
 from polyak.workers.mlp import MLP

@@ -16,8 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
-LOSSES = ("cross_entropy", "mse")
+from polyak.contract.choices import ACTIVATIONS, LOSSES
 
 
 def param_count(layers) -> int:

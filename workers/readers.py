@@ -25,18 +25,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from polyak.client.files import is_uri
-from polyak.client.spec import DataSpec, ModelSpec
+from polyak.contract.errors import DataError
+from polyak.contract.spec import DataSpec, ModelSpec, is_uri
 from polyak.workers.generated import sklearn_dataset, synthetic_dataset
 
 CHUNK_ROWS = 65536
 COLUMNS_PER_READ = 64
 CHUNK_BYTES = 16 * 2**20  # of stored rows: the float64 copy a chunk becomes is 2-4x that, and transient
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
-
-
-class DataError(ValueError):
-    """The data cannot be used as the spec asks; the message names the file or field."""
 
 
 # -- the source interface ------------------------------------------------------------------------

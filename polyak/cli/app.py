@@ -7,7 +7,6 @@ the commands a Client built on a mock transport.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -16,10 +15,10 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
-from polyak.client.errors import PolyakError, SpecError
-from polyak.client.files import check_output, is_uri
+from polyak.client.files import check_output
 from polyak.client.sdk import DEFAULT_URL, Client
-from polyak.client.spec import parse_spec
+from polyak.contract.errors import OutputError, PolyakError, SpecError
+from polyak.contract.spec import is_uri, parse_spec
 
 EXIT_CODES = """\b
 Exit status, the same for every command:
@@ -31,13 +30,6 @@ Exit status, the same for every command:
 """
 
 
-# How the SDK words a transport failure (client.sdk.Client._transport_error) and client.ray_job an unreachable
-# Ray dashboard: the request never got an answer, so nothing was refused and nothing was wrong with the input.
-_UNREACHABLE = re.compile(r"cannot reach |connection to the polyak server failed")
-
-
-class BadInput(PolyakError):
-    """Something the user gave a command cannot be used (an output file's folder, an image type): exit 2."""
 
 
 class _Group(click.Group):
@@ -48,19 +40,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PolyakError as e:
             _print_error(e)
-            ctx.exit(exit_code(e))
+            ctx.exit(e.exit_code)
         except KeyboardInterrupt:  # click's own handling would say "Aborted!" and exit 1
             click.echo("interrupted", err=True)
             ctx.exit(130)
-
-
-def exit_code(e: PolyakError) -> int:
-    """The exit status EXIT_CODES gives this error."""
-    if isinstance(e, (SpecError, BadInput)):
-        return 2
-    if e.status_code is None and _UNREACHABLE.search(e.message):  # also a lost event stream's closing error
-        return 3
-    return 1
 
 
 @click.group(name="polyak", cls=_Group, epilog=EXIT_CODES)
@@ -93,14 +76,6 @@ def server_options(command: Callable) -> Callable:
                         help="polyak server URL  [default: polyak --url, or env POLYAK_URL]")(command)
 
 
-def check_output_option(target: str) -> None:
-    """client.files.check_output, before any request; what it rejects is the user's input: exit 2."""
-    try:
-        check_output(target)
-    except PolyakError as e:
-        raise BadInput(e.message) from None
-
-
 def check_image_output(output: str) -> str:
     """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
     from polyak.client.plot import image_formats
@@ -108,8 +83,8 @@ def check_image_output(output: str) -> str:
     image_type = PurePath(output).suffix.lstrip(".").lower()
     if image_type not in image_formats():
         extensions = ", ".join(f".{ext}" for ext in image_formats())
-        raise BadInput(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
-    check_output_option(output)
+        raise OutputError(f"cannot write {output}: not an image type matplotlib writes; use one of {extensions}")
+    check_output(output)
     return image_type
 
 

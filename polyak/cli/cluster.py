@@ -8,15 +8,14 @@ import click
 from rich.text import Text
 
 from polyak.cli.app import (
-    check_output_option,
     cli,
     make_console,
     shown_path,
 )
 from polyak.client.display import TrainingDisplay
-from polyak.client.errors import PolyakError
-from polyak.client.files import write_output
-from polyak.client.spec import parse_spec
+from polyak.client.files import check_output, write_output
+from polyak.contract.errors import PolyakError
+from polyak.contract.spec import parse_spec
 
 
 @cli.command(name="ray-submit")
@@ -51,7 +50,7 @@ def ray_submit(spec: Path, address: str, working_dir: Path, runtime_env_file: Pa
             raise PolyakError(f"{runtime_env_file}: a runtime_env must be a mapping")
     job_spec = parse_spec(spec)
     if output is not None:
-        check_output_option(output)
+        check_output(output)
     job_id = ray_job.submit_spec(address, spec, working_dir, runtime_env)
     click.echo(job_id)
     if not follow and output is None:

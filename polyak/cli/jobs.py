@@ -10,9 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from polyak.cli.app import (
-    BadInput,
     check_image_output,
-    check_output_option,
     cli,
     client_of,
     make_console,
@@ -20,11 +18,11 @@ from polyak.cli.app import (
     shown_path,
 )
 from polyak.client.display import TrainingDisplay, criteria_table, metrics_table, state_text
-from polyak.client.errors import PolyakError
-from polyak.client.files import npz_bytes, write_output
-from polyak.client.models import JobInfo, JobState
+from polyak.client.files import check_output, npz_bytes, write_output
 from polyak.client.sdk import Client, Job
-from polyak.client.spec import optimizer_summary, parse_spec
+from polyak.contract.errors import BadInput, PolyakError
+from polyak.contract.spec import optimizer_summary, parse_spec
+from polyak.contract.wire import JobInfo, JobState
 
 
 @cli.command()
@@ -233,7 +231,7 @@ def _cancel_group(client: Client, group: str) -> None:
 @click.pass_context
 def weights(ctx: click.Context, job_id: str, output: str, which: str) -> None:
     """Download a job's weights (W1, b1, ..., WL, bL) to an .npz file."""
-    check_output_option(output)
+    check_output(output)
     arrays = client_of(ctx).weights(job_id, which)
     where = write_output(output, npz_bytes(arrays))
     n = sum(a.size for a in arrays.values())

@@ -15,13 +15,12 @@ import numpy as np
 from rich.text import Text
 
 from polyak.cli.app import (
-    check_output_option,
     cli,
     make_console,
 )
-from polyak.client.errors import PolyakError
-from polyak.client.files import write_output
+from polyak.client.files import check_output, write_output
 from polyak.client.model import Model
+from polyak.contract.errors import PolyakError
 
 
 @cli.command()
@@ -32,7 +31,7 @@ from polyak.client.model import Model
 def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
     """Predict with a weights file on DATA's raw features (the model applies its own standardization)."""
     if output is not None:
-        check_output_option(output)
+        check_output(output)
         if Path(output).suffix not in (".npy", ".csv"):
             raise PolyakError(f"-o {output}: predictions are written as .npy or .csv")
     model = Model.load(weights)
@@ -76,7 +75,7 @@ def evaluate(weights: Path, data: Path, as_json: bool) -> None:
 @click.option("--opset", type=click.IntRange(13), default=17, show_default=True, help="ONNX opset")
 def export(weights: Path, onnx_path: str, opset: int) -> None:
     """Export a weights file as one ONNX graph: standardization, layers, and a softmax for classifiers."""
-    check_output_option(onnx_path)
+    check_output(onnx_path)
     model = Model.load(weights)
     where = model.to_onnx(onnx_path, opset=opset)
     make_console().print(Text(f"wrote {where}: input 'input' [N, {model.n_features}], opset {opset}"))

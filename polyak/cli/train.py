@@ -27,11 +27,11 @@ from polyak.cli.app import (
     prepare_run,
 )
 from polyak.client.display import TrainingDisplay
-from polyak.client.errors import PolyakError
 from polyak.client.files import npz_bytes, write_output
-from polyak.client.models import JobState, StopReason
 from polyak.client.ray_job import WEIGHTS_LINE_KEY
-from polyak.client.spec import optimizer_summary
+from polyak.contract.errors import PolyakError
+from polyak.contract.spec import optimizer_summary
+from polyak.contract.wire import JobState, StopReason
 
 
 @cli.command()

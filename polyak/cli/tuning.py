@@ -22,7 +22,6 @@ from rich.table import Table
 from rich.text import Text
 
 from polyak.cli.app import (
-    BadInput,
     check_image_output,
     cli,
     client_of,
@@ -33,11 +32,8 @@ from polyak.cli.app import (
     shown_path,
 )
 from polyak.client.display import final_line, fmt, percent, state_text
-from polyak.client.errors import PolyakError
 from polyak.client.files import write_output
-from polyak.client.models import JobInfo, JobState
 from polyak.client.sdk import Sweep
-from polyak.client.spec import optimizer_summary
 from polyak.client.sweep import (
     RANK_METRICS,
     RankedJob,
@@ -50,6 +46,9 @@ from polyak.client.sweep import (
     rank,
     value_text,
 )
+from polyak.contract.errors import BadInput, PolyakError
+from polyak.contract.spec import optimizer_summary
+from polyak.contract.wire import JobInfo, JobState
 
 _POLL_SECONDS = 1.0
 
@@ -278,9 +277,9 @@ def lr_find(spec: Path, output: str | None, as_json: bool, steps: int) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from polyak.cli.app import check_image_output, make_console
-    from polyak.client.errors import PolyakError
     from polyak.client.files import write_output
     from polyak.client.tuning_plot import lr_find_bytes
+    from polyak.contract.errors import PolyakError
     from polyak.service.engine.trainer import initial_weights
     from polyak.service.engine.tuning import curvature, load_problem, range_test
     from polyak.workers.backend import DeviceError, get_backend

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polyak.client.models import Criterion, StopReason
-from polyak.client.spec import StoppingSpec
+from polyak.contract.spec import StoppingSpec
+from polyak.contract.wire import Criterion, StopReason
 
 # When several criteria are met in one epoch the job reports the first: convergence before budgets.
 PRECEDENCE = ("target_loss", "weight_change", "gradient", "early_stopping", "max_steps", "max_epochs")

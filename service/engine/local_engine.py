@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
 from polyak.service.engine.ps_core import ServerCore
 from polyak.workers.backend import get_backend

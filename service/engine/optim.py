@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polyak.client.spec import OptimizerSpec
+from polyak.contract.spec import OptimizerSpec
 from polyak.service.engine.schedules import make_schedule
 from polyak.workers.mlp import layer_slices
 

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_limits
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.service.engine.ps_core import ServerCore
 from polyak.workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.service.engine.criteria import GradientStats
 from polyak.service.engine.optim import Optimizer, OptState, new_state
 from polyak.workers.backend import to_numpy

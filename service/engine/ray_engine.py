@@ -49,8 +49,8 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from polyak.client.ray_job import AUTH_HINT
-from polyak.client.spec import JobSpec
+from polyak.contract.errors import RAY_AUTH_HINT
+from polyak.contract.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
 from polyak.service.engine.parameter_server import ParameterServer, Restore, Update
 from polyak.workers.backend import worker_device
@@ -104,14 +104,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
                  log_to_driver=False)
     except AuthenticationError as e:  # reached, but it wants a token (Ray 2.60's `ray start` turns auth on)
         reason = " ".join(str(e).split())
-        raise ConnectionError(f"the Ray cluster at {address} refused us ({reason[:200]}): {AUTH_HINT}") from None
+        raise ConnectionError(f"the Ray cluster at {address} refused us ({reason[:200]}): {RAY_AUTH_HINT}") from None
     except ConnectionError as e:
         # Without RAY_AUTH_MODE=token, Ray cannot even tell a cluster that wants a token from one that is not there.
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             reason = " ".join(str(e).split())
             raise ConnectionError(
                 f"cannot connect to the Ray cluster at {address} ({reason[:200]}); a cluster started with "
-                f"`ray start` wants a token: {AUTH_HINT}"
+                f"`ray start` wants a token: {RAY_AUTH_HINT}"
             ) from None
         raise
     return False

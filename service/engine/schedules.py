@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from polyak.client.spec import BatchSpec, OptimizerSpec
+from polyak.contract.spec import BatchSpec, OptimizerSpec
 
 Schedule = Callable[[int], float]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polyak.client.models import EpochMetrics, JobState, StopReason
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.checkpoint import load_npz, save_npz
 from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
 from polyak.service.engine.schedules import batch_size

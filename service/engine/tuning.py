@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.service.engine.optim import Optimizer, new_state
 from polyak.service.engine.schedules import batch_size
 from polyak.service.engine.trainer import epoch_order

@@ -8,14 +8,12 @@ itself turns whatever a job raises into that job's ``failed`` state.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -25,16 +23,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from polyak.client.errors import SpecError
-from polyak.client.models import EpochMetrics, JobInfo, JobState
-from polyak.client.spec import parse_spec
+from polyak.contract.errors import DataError, SpecError, SpecSyntaxError
+from polyak.contract.spec import parse_spec, spec_mapping
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState
 from polyak.service.engine.trainer import BEST_WEIGHTS, LAST_WEIGHTS
 from polyak.service.server.cluster import ClusterUnavailable
 from polyak.service.server.events import job_events
 from polyak.service.server.job import Job
 from polyak.service.server.paths import resolve_paths
 from polyak.service.server.scheduler import JobNotResumable, Scheduler
-from polyak.workers.data import DataError, check_cheaply
+from polyak.workers.data import check_cheaply
 
 log = logging.getLogger("polyak")
 
@@ -261,17 +259,12 @@ def _read_spec(body: bytes, content_type: str) -> dict[str, Any]:
     is_json = media == "application/json" or media.endswith("+json")
     if not body.strip():
         raise BadBody(400, "request body is empty: send the job spec as JSON or YAML")
-    kind = "JSON" if is_json else "YAML"
     try:
-        text = body.decode("utf-8")
-        data = json.loads(text) if is_json else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError, RecursionError) as e:  # JSON's and UTF-8's errors are ValueErrors
-        raise BadBody(400, f"request body is not valid {kind}: {e}") from None
-    if not isinstance(data, dict):
-        # Never handed to parse_spec, which would read a string as a path on this server.
-        message = f"the job spec must be a mapping of fields, got {type(data).__name__}"
-        raise SpecError(message, [{"field": "(spec)", "message": message}])
-    return data
+        return spec_mapping(body.decode("utf-8"), is_json, "request body")
+    except UnicodeDecodeError as e:
+        raise BadBody(400, f"request body is not UTF-8 text: {e}") from None
+    except SpecSyntaxError as e:
+        raise BadBody(400, e.message) from None
 
 
 def _check_data(spec) -> None:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 from polyak.workers.backend import worker_device
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from polyak.client.models import EpochMetrics, JobInfo
+from polyak.contract.wire import EpochMetrics, JobInfo
 
 KEEPALIVE_SECONDS = 10.0
 

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
 SUCCEEDED, FAILED, CANCELLED = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED

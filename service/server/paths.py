@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polyak.client.errors import SpecError
-from polyak.client.files import is_uri
-from polyak.client.spec import JobSpec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import JobSpec, is_uri
 
 
 def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from polyak.client.errors import SpecError
-from polyak.client.models import EpochMetrics, JobInfo, JobState, StopReason
-from polyak.client.spec import JobSpec
+from polyak.contract.errors import SpecError
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
 from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources, needs

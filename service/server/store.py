@@ -17,8 +17,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from polyak.client.models import EpochMetrics, JobState, StopReason
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.server.job import Job, check_transition, utcnow
 
 DB_NAME = "polyak.db"

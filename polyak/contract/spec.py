@@ -14,15 +14,29 @@ import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from polyak.client.errors import SpecError
-from polyak.client.files import is_uri
+from polyak.contract.choices import (
+    ACTIVATIONS,
+    DATA_SOURCES,
+    DEVICES,
+    DTYPES,
+    LOSSES,
+    MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    SKLEARN_DATASETS,
+    SYNTHETIC_DATASETS,
+)
+from polyak.contract.errors import SpecError, SpecSyntaxError
 
-SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
-SYNTHETIC_DATASETS = ("classification", "regression")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FIELD_NAME = re.compile(r"[a-z_][a-z0-9_.]*")
+
+
+def is_uri(target: str | Path) -> bool:
+    """A URI (``s3://``, ``gs://``, ``file://``) rather than a local path."""
+    return bool(_URI.match(str(target)))
 
 
 class _Strict(BaseModel):
@@ -35,10 +49,10 @@ class ModelSpec(_Strict):
         default=[64, 64, 10],
         description="m_0 (inputs) ... m_L (outputs); L = len-1 layers",
     )
-    activation: Literal["relu", "tanh", "sigmoid"] = Field(
+    activation: Literal[ACTIVATIONS] = Field(
         default="relu", description="hidden layers; the output layer is linear"
     )
-    loss: Literal["cross_entropy", "mse"] = Field(
+    loss: Literal[LOSSES] = Field(
         default="cross_entropy",
         description="cross_entropy (softmax, labels are class ids) | mse (mean over samples and outputs)",
     )
@@ -57,10 +71,10 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    source: Literal["synthetic", "sklearn", "file"] = Field(default="sklearn", description="where the data comes from")
+    source: Literal[DATA_SOURCES] = Field(default="sklearn", description="where the data comes from")
     name: str | None = Field(
         default="digits",
-        description="sklearn: digits | iris | wine | breast_cancer | diabetes; synthetic: classification | regression",
+        description=f"sklearn: {' | '.join(SKLEARN_DATASETS)}; synthetic: {' | '.join(SYNTHETIC_DATASETS)}",
     )
     path: str | None = Field(
         default=None,
@@ -94,7 +108,7 @@ class DataSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    method: Literal["sgd", "heavy_ball", "nesterov", "adagrad", "rmsprop", "adam"] = Field(
+    method: Literal[OPTIMIZERS] = Field(
         default="heavy_ball", description="update rule (MATH.md); adagrad, rmsprop and adam adapt per coordinate"
     )
     lr: float = Field(default=0.1, gt=0, description="eta")
@@ -104,7 +118,7 @@ class OptimizerSpec(_Strict):
         le=1,
         description="heavy ball: W+ = W - alpha*eta*g + (1 - alpha)(W - W_prev); ignored by sgd and the adaptive rules",
     )
-    schedule: Literal["constant", "inverse_time", "inverse_power"] = Field(
+    schedule: Literal[SCHEDULES] = Field(
         default="constant", description="step size eta_t as a function of the step t"
     )
     decay_steps: float = Field(default=1000, gt=0, description="inverse_time: eta_t = eta / (1 + t / decay_steps)")
@@ -166,14 +180,14 @@ class StoppingSpec(_Strict):
 
 class ClusterSpec(_Strict):
     num_workers: int = Field(default=2, ge=0, description="data shards = workers; 0 = in this process, no Ray")
-    mode: Literal["sync", "async"] = Field(
+    mode: Literal[MODES] = Field(
         default="sync", description="sync: one exact minibatch step per round; async: bounded staleness"
     )
     max_staleness: int = Field(
         default=4, ge=0, description="async: a gradient older than this many versions is dropped"
     )
-    device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto | cpu | gpu (error if none)")
-    dtype: Literal["float32", "float64"] = Field(default="float32", description="floating-point type")
+    device: Literal[DEVICES] = Field(default="auto", description="auto | cpu | gpu (error if none)")
+    dtype: Literal[DTYPES] = Field(default="float32", description="floating-point type")
 
 
 class JobSpec(_Strict):
@@ -303,23 +317,33 @@ def _paths_beside(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def read_spec_file(path: Path) -> dict[str, Any]:
+    """The mapping a spec file holds (JSON for .json, else YAML); SpecError names the file."""
     try:
         text = path.read_text()
     except OSError as e:
         msg = f"{path}: cannot read spec ({e.strerror})"
         raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None
+    return spec_mapping(text, is_json=path.suffix == ".json", origin=str(path))
+
+
+def spec_mapping(text: str, is_json: bool, origin: str) -> dict[str, Any]:
+    """The mapping of fields that spec text holds, JSON or YAML: the one parser of spec files and request
+    bodies. SpecSyntaxError when the text is not JSON/YAML at all, SpecError when it holds no mapping."""
+    import yaml  # here: the actors import this module and never read spec text
+
+    kind = "JSON" if is_json else "YAML"
     try:
-        if path.suffix == ".json":
+        if is_json:
             data = json.loads(text)
-        else:  # a named stream: YAML's errors then say the file, not "<unicode string>"
+        else:  # a named stream: YAML's errors then say where, not "<unicode string>"
             stream = io.StringIO(text)
-            stream.name = str(path)
+            stream.name = origin
             data = yaml.safe_load(stream)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        msg = f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
-        raise SpecError(msg, [{"field": "(file)", "message": msg}]) from None
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # JSON's errors are ValueErrors
+        msg = f"{origin}: not valid {kind}: {e}"
+        raise SpecSyntaxError(msg, [{"field": "(file)", "message": msg}]) from None
     if not isinstance(data, dict):
-        msg = f"{path}: the spec must be a mapping of fields, got {type(data).__name__}"
+        msg = f"{origin}: the spec must be a mapping of fields, got {type(data).__name__}"
         raise SpecError(msg, [{"field": "(file)", "message": msg}])
     return data
 

@@ -7,7 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict
 
-from polyak.client.spec import JobSpec
+from polyak.contract.spec import JobSpec
 
 
 class JobState(str, Enum):
