@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from polyak.client.model import Model
-from polyak.client.sweep import RankedJob, SweepPlan, plan_sweep, rank
+from polyak.client.sweep import RankedJob, SweepPlan, plan_sweep, rank, spec_source
 from polyak.contract.errors import (
     JobConflict,
     JobNotFound,
@@ -78,8 +78,9 @@ class Client:
     # --- the API, one method per endpoint ---------------------------------------------------------
 
     def submit(self, spec: str | Path | dict[str, Any] | JobSpec) -> Job:
-        """Queue a job. The spec is validated here first, so a bad one fails before any request."""
-        body = parse_spec(spec).model_dump(mode="json")
+        """Queue a job: ``spec`` is a spec file's name (str or Path), a mapping of fields or a JobSpec. It is
+        validated here first, so a bad one fails before any request."""
+        body = parse_spec(spec_source(spec)).model_dump(mode="json")
         info = self._request("POST", "/jobs", JobInfo, json=body)
         return Job(info.id, self)
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from polyak.contract.errors import SpecError
+from polyak.contract.errors import BadInput, SpecError
 from polyak.contract.spec import JobSpec, parse_spec
 from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 
@@ -109,10 +109,15 @@ def new_group_name(now: datetime | None = None) -> str:
     return f"sweep-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def spec_source(spec: str | Path | dict[str, Any] | JobSpec) -> Path | dict[str, Any] | JobSpec:
+    """What the SDK's methods take as a spec, for ``parse_spec``: a str there is a spec file's name."""
+    return Path(spec) if isinstance(spec, str) else spec
+
+
 def plan_sweep(spec: str | Path | dict[str, Any] | JobSpec, grid: dict[str, list[Any]],
                group: str | None = None) -> SweepPlan:
     """One JobSpec per combination of ``grid``, all valid, or a SpecError naming each bad key and value."""
-    base = parse_spec(spec)
+    base = parse_spec(spec_source(spec))
     if not grid:
         raise SpecError("an empty grid: give at least one KEY=V1,V2,...", [{"field": "(grid)", "message": "empty"}])
     for key, values in grid.items():
@@ -208,11 +213,10 @@ def rank(infos: list[JobInfo], params: list[dict[str, Any]], metric: str | None 
     ties keep the given order."""
     metric = metric or default_metric([i.spec for i in infos])
     if metric not in RANK_METRICS:
-        raise SpecError(f"--metric {metric}: must be one of {', '.join(RANK_METRICS)}",
-                        [{"field": "metric", "message": f"must be one of {', '.join(RANK_METRICS)}"}])
+        raise BadInput(f"--metric {metric}: must be one of {', '.join(RANK_METRICS)}")
     mode = mode or default_mode(metric)
     if mode not in ("min", "max"):
-        raise SpecError(f"--mode {mode}: must be min or max", [{"field": "mode", "message": "must be min or max"}])
+        raise BadInput(f"--mode {mode}: must be min or max")
     rows = [RankedJob(id=i.id, state=i.state, stop_reason=i.stop_reason, epochs=i.epoch or 0, params=p,
                       final=i.metrics) for i, p in zip(infos, params, strict=True)]
     sign = -1.0 if mode == "max" else 1.0

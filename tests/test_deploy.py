@@ -120,8 +120,10 @@ def test_gpu_workers_install_the_gpu_extra_and_cpu_nodes_do_not(cluster):
         assert len(extras) == 1, (
             f"{name} should pip install {mount} exactly once, runs {effective_setup(prepared, name)}"
         )
+        installed = set((extras[0] or "[]").strip("[]").split(",")) - {""}
         wants_gpu = node_type["resources"].get("GPU", 0) >= 1
-        assert (extras[0] == "[gpu]") == wants_gpu, f"{name}: installs {mount}{extras[0] or ''}"
+        assert ("gpu" in installed) == wants_gpu, f"{name}: installs {mount}{extras[0] or ''}"
+        assert "train" in installed or "all" in installed, f"{name} runs gradient workers: it needs [train]"
 
 
 def test_every_ray_start_uses_token_auth_with_the_shipped_token(cluster):
@@ -173,9 +175,11 @@ def test_runtime_env_ships_the_packages_and_drops_local_state(runtime_env):
         )
 
 
-def test_runtime_env_pip_is_pyproject_dependencies_without_ray(runtime_env):
+def test_runtime_env_pip_is_what_training_needs_without_ray(runtime_env):
+    """pyproject's base dependencies and its train extra, less Ray (the cluster's own must be used)."""
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["train"]
     wanted = {Requirement(d).name.lower() for d in deps} - {"ray"}
     listed = {Requirement(p).name.lower() for p in runtime_env["pip"]}
     assert listed == wanted
@@ -327,7 +331,7 @@ def test_rayjob_runs_polyak_train_with_code_and_gpu_extra(rayjob):
     # A remote working_dir must be a package Ray can fetch (.zip, ...); RuntimeEnv checks it.
     RuntimeEnv(**env)
     pip = [Requirement(p) for p in env["pip"]]
-    assert any(r.name == "polyak" and "gpu" in r.extras for r in pip), env["pip"]
+    assert any(r.name == "polyak" and {"train", "gpu"} <= r.extras for r in pip), env["pip"]
 
 
 def test_service_exposes_the_port_the_head_serves_on(service_docs):

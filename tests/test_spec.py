@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,8 +92,10 @@ def test_design_example_parses_from_yaml_and_json_files(tmp_path):
     assert spec.name == "digits-mlp" and spec.model.layers == [64, 64, 10] and spec.batch.max_size is None
     j = tmp_path / "job.json"
     j.write_text(json.dumps(yaml.safe_load(DESIGN_EXAMPLE)))
-    assert parse_spec(str(j)) == spec
+    assert parse_spec(j) == spec
     assert parse_spec(spec) is spec
+    with pytest.raises(TypeError, match=r"not a str: pass Path\(name\) for a spec file"):
+        parse_spec(str(j))
     assert JobSpec.model_validate(spec.model_dump()) == spec  # the wire round trip
 
 
@@ -236,7 +239,7 @@ def test_relative_paths_in_a_spec_file_name_files_beside_it(tmp_path, monkeypatc
         "data: {source: file, path: data/train.npy}\ninit_weights: ../w0.npz\nmodel: {layers: [3, 2]}\n"
     )
     monkeypatch.chdir(tmp_path)  # not the spec's folder: the spec's folder decides
-    spec = parse_spec("specs/job.yaml")
+    spec = parse_spec(Path("specs/job.yaml"))
     assert spec.data.path == str(folder / "data" / "train.npy")
     assert spec.init_weights == str(tmp_path / "w0.npz")
     for kept in ("s3://bucket/train/", "file:///data/train.parquet", str(tmp_path / "abs.npy")):

@@ -14,11 +14,13 @@ from click.testing import CliRunner
 from conftest import LOCAL_IRIS, deep_merge
 from test_service import Server, wait_for
 
-from polyak import EpochMetrics, JobInfo, JobSpec, JobState, SpecError
+from polyak import BadInput, EpochMetrics, JobInfo, JobSpec, JobState, SpecError
 from polyak.cli import cli
 from polyak.client.plot import compare_figure
 from polyak.client.sweep import (
+    RANK_METRICS,
     default_metric,
+    default_mode,
     differing_params,
     expand,
     new_group_name,
@@ -121,6 +123,26 @@ def test_ranking_sorts_by_the_metric_and_puts_jobs_without_it_last():
     assert [r.id for r in rank(infos, params, "val_accuracy")] == ["e", "a", "c", "b", "d"]  # accuracy: max
     assert [r.id for r in rank(infos, params, "val_loss", "max")] == ["e", "a", "c", "b", "d"]
     assert [r.id for r in rank(infos, params, "val_accuracy", "min")] == ["c", "a", "e", "b", "d"]
+
+
+def test_throughput_ranks_highest_first_by_default_and_every_other_figure_by_its_sense():
+    infos = [info("slow", 0.1), info("fast", 0.3), info("mid", 0.2)]
+    for job, speed in zip(infos, (500.0, 4000.0, 1500.0), strict=True):
+        job.metrics.samples_per_second = speed
+    ranked = rank(infos, [{}] * 3, "samples_per_second")
+    assert [r.id for r in ranked] == ["fast", "mid", "slow"]
+    assert [r.id for r in rank(infos, [{}] * 3, "samples_per_second", "min")] == ["slow", "mid", "fast"]
+    # Bigger is better only for accuracy and throughput; every loss, norm, noise and time is smaller-is-better.
+    assert {m: default_mode(m) for m in RANK_METRICS} == {
+        "val_loss": "min", "train_loss": "min", "val_accuracy": "max", "samples_per_second": "max",
+        "weight_change": "min", "grad_avg_norm": "min", "grad_noise": "min", "elapsed_seconds": "min"}
+
+
+def test_a_bad_metric_or_mode_is_bad_input_naming_the_option():
+    with pytest.raises(BadInput, match=r"--metric speed: must be one of val_loss, train_loss"):
+        rank([info("a", 0.1)], [{}], "speed")
+    with pytest.raises(BadInput, match=r"--mode up: must be min or max"):
+        rank([info("a", 0.1)], [{}], "val_loss", "up")
 
 
 def test_the_default_metric_follows_the_validation_data():

@@ -7,6 +7,7 @@ the commands a Client built on a mock transport.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from polyak.client.files import check_output
 from polyak.client.sdk import DEFAULT_URL, Client
-from polyak.contract.errors import OutputError, PolyakError, SpecError
+from polyak.contract.errors import BadInput, OutputError, PolyakError, SpecError
 from polyak.contract.spec import is_uri, parse_spec
 
 EXIT_CODES = """\b
@@ -76,8 +77,18 @@ def server_options(command: Callable) -> Callable:
                         help="polyak server URL  [default: polyak --url, or env POLYAK_URL]")(command)
 
 
+def require(extra: str, *modules: str) -> None:
+    """BadInput naming the extra to install when a module this command needs is missing (the base install is
+    the SDK alone: see pyproject's optional dependencies)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(f"this needs {', '.join(missing)}, which polyak's base install leaves out: "
+                       f"pip install 'polyak[{extra}]' (or 'polyak[all]')")
+
+
 def check_image_output(output: str) -> str:
     """An -o for a plot: an image type matplotlib writes, in a folder that exists (else exit 2); its type."""
+    require("plots", "matplotlib")
     from polyak.client.plot import image_formats
 
     image_type = PurePath(output).suffix.lstrip(".").lower()
@@ -133,6 +144,8 @@ def prepare_run(spec: Path, output: str | None):
         if output is not None:
             check_output(output)
         job_spec = parse_spec(spec)
+        if job_spec.data.source != "file":
+            require("train", "sklearn")  # scikit-learn's bundled datasets and its make_classification
         return job_spec, prepare(job_spec.data, job_spec.model)
     except SpecError as e:
         fail(e.message if str(spec) in e.message else f"{spec}: {e.message}")

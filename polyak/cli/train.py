@@ -25,6 +25,7 @@ from polyak.cli.app import (
     cli,
     fail,
     prepare_run,
+    require,
 )
 from polyak.client.display import TrainingDisplay
 from polyak.client.files import npz_bytes, write_output
@@ -126,6 +127,7 @@ def _cancel_on_sigint(cancel: threading.Event, say):
 
 def _connect_ray(address: str | None, workers: int, say, stack: contextlib.ExitStack) -> None:
     """Start or join Ray, saying which first: starting one takes seconds, and the screen would be blank."""
+    require("train", "ray", "threadpoolctl")
     from polyak.service.engine.ray_engine import cluster_summary, connect
 
     _quiet_ray()
@@ -194,6 +196,7 @@ def _print_json(m) -> None:
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
           server_token: str | None, data_root: Path | None) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
+    require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
     import sqlite3
 

@@ -284,12 +284,17 @@ def field_errors(error: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def parse_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
-    """A JobSpec from a YAML/JSON path, a dict or a JobSpec; SpecError names every bad field."""
+def parse_spec(source: Path | dict[str, Any] | JobSpec) -> JobSpec:
+    """A JobSpec from a spec file (a Path: YAML, or JSON for .json), a mapping of fields or a JobSpec;
+    SpecError names every bad field. A str is refused: it could be a file name or spec text, so the caller
+    says which (``Path(name)``, or ``spec_mapping(text, ...)``)."""
     if isinstance(source, JobSpec):
         return source
-    if isinstance(source, (str, Path)):
-        source = _paths_beside(read_spec_file(Path(source)), Path(source).parent)
+    if isinstance(source, str):
+        raise TypeError("parse_spec takes a Path, a mapping or a JobSpec, not a str: pass Path(name) for a spec "
+                        "file, or spec_mapping(text, is_json, origin) for YAML/JSON text")
+    if isinstance(source, Path):
+        source = _paths_beside(read_spec_file(source), source.parent)
     if not isinstance(source, dict):
         raise SpecError("the spec must be a mapping of fields", [{"field": "(spec)", "message": "not a mapping"}])
     try:
