@@ -25,6 +25,7 @@ _PUBLIC = {
     **dict.fromkeys(["Client", "Job", "Sweep"], "polyak.client.sdk"),
     **dict.fromkeys(["Model", "ModelError"], "polyak.client.model"),
     "RankedJob": "polyak.client.sweep",
+    **dict.fromkeys(["PolyakClassifier", "PolyakRegressor"], "polyak.estimators"),
     **dict.fromkeys(["JobSpec", "parse_spec"], "polyak.contract.spec"),
     **dict.fromkeys(["EpochMetrics", "JobInfo", "JobState", "StopReason", "Criterion"], "polyak.contract.wire"),
     **dict.fromkeys(["PolyakError", "BadInput", "SpecError", "DataError", "OutputError", "Unreachable",
