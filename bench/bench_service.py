@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from polyak.contract.spec import parse_spec  # noqa: E402
 from polyak.contract.wire import EpochMetrics  # noqa: E402
-from polyak.service.server.job import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, new_job_id, utcnow  # noqa: E402
+from polyak.service.server.job import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, new_job_id, utcnow  # noqa: E402
 from polyak.service.server.store import Store  # noqa: E402
 
 QUICK = {"model": {"layers": [4, 8, 3]}, "data": {"source": "sklearn", "name": "iris"},
@@ -47,7 +47,7 @@ def fill(data_dir: Path, jobs: int) -> None:
     store = Store(data_dir)
     spec = parse_spec(QUICK)
     for i in range(jobs):
-        job = store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+        job = store.add(JobRecord(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
         store.transition(job.id, RUNNING)
         for epoch in range(1, 6):
             store.record_epoch(EpochMetrics(

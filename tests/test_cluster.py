@@ -457,7 +457,7 @@ def test_ray_submit_brings_the_weights_back_to_this_machine(cluster, workdir, tm
 
 
 def test_health_says_ray_starts_with_the_first_job_that_needs_it(monkeypatch):
-    """/health's Ray entry, through each state of the connection (no Ray is started: capacity is held)."""
+    """/health's Ray entry, through each state of the connection (no Ray is started: connect is held)."""
     import threading
 
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
@@ -472,7 +472,7 @@ def test_health_says_ray_starts_with_the_first_job_that_needs_it(monkeypatch):
         release.wait(10)
         raise ClusterUnavailable("no Ray head answers at 10.0.0.9:6379")
 
-    monkeypatch.setattr(cluster, "capacity", unreachable)
+    monkeypatch.setattr(cluster, "connect", unreachable)
     cluster.start_background()
     assert entered.wait(10)
     assert cluster.status()["note"] == "Ray is starting"

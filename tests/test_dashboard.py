@@ -10,6 +10,7 @@ are also written to ``docs/`` for the README.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -308,6 +309,41 @@ def test_token_is_asked_once_and_sent_as_a_header(browser, tmp_path):
         assert all(r.response().status == 401 or r.headers.get("authorization") == f"Bearer {TOKEN}" for r in api)
         assert not [r.url for r in w.requests if TOKEN in r.url]
         assert page.evaluate("sessionStorage.getItem('polyak.token')") == TOKEN
+    finally:
+        w.context.close()
+        server.stop_or_kill()
+    w.check()
+
+
+def test_the_live_stream_carries_the_bearer_header_and_the_token_is_in_no_url(browser, tmp_path):
+    """The job view's event stream, its request recorded as the page sends it, against a ``polyak serve --token``:
+    it carries ``Authorization: Bearer <token>`` and is answered 200 (asserted on the request itself, not inferred
+    from a chart that would otherwise never fill), epochs arrive over it live, and the token is in no URL."""
+    server = Server(tmp_path / "data", "--token", TOKEN).start()
+    w = Watched(browser, server.url, DESKTOP)  # no 401 allowed: the tab holds the token from the start
+    try:
+        c = server.client(token=TOKEN)
+        job_id = c.submit(deep_merge(RUNNING_FOREVER, {"name": "streamed"})).id
+        # Where the token dialog keeps it; guarded: the page's first document, about:blank, has no storage.
+        w.context.add_init_script(f"try {{ sessionStorage.setItem('polyak.token', {json.dumps(TOKEN)}); }} "
+                                  "catch (e) {}")
+        events_path = f"/jobs/{job_id}/events"
+        with w.page.expect_request(lambda r: urlsplit(r.url).path == events_path, timeout=30_000) as sent:
+            w.goto(f"#/jobs/{job_id}")
+        stream = sent.value
+        assert stream.headers.get("authorization") == f"Bearer {TOKEN}", stream.headers
+        assert stream.headers.get("accept") == "text/event-stream"
+        assert stream.response().status == 200
+
+        points = "() => Number(document.querySelector('[data-chart=loss]')?.dataset.points ?? 0)"
+        w.page.wait_for_function(f"({points})() >= 1", timeout=30_000)
+        seen = w.page.evaluate(points)
+        w.page.wait_for_function(f"({points})() > {seen}", timeout=30_000)  # live epochs came over the stream
+        c.cancel(job_id)
+        w.page.wait_for_selector("h1 >> text=cancelled", timeout=30_000)
+        streams = [r for r in w.requests if urlsplit(r.url).path == events_path]
+        assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in streams)
+        assert [r.url for r in w.requests if TOKEN in r.url] == []
     finally:
         w.context.close()
         server.stop_or_kill()

@@ -6,17 +6,20 @@ decision the scheduler makes can be looked at while it holds.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
 
-from polyak.contract.errors import SpecError
+from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec, parse_spec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.trainer import TrainResult
-from polyak.service.server.cluster import ClusterUnavailable, Resources
+from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources
+from polyak.service.server.job import JobRecord, new_job_id
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
 
@@ -241,9 +244,11 @@ def test_a_full_set_of_job_slots_is_the_reason(make_scheduler):
 )
 def test_a_job_that_can_never_fit_is_rejected_at_submit(make_scheduler, job, field, words):
     scheduler = make_scheduler(cpus=2, gpus=0)
-    with pytest.raises(SpecError) as e:
+    with pytest.raises(ClusterTooSmall) as e:
         scheduler.submit(job)
-    assert e.value.errors == [{"field": field, "message": words}]
+    assert not isinstance(e.value, SpecError)  # the spec is fine; the cluster is not
+    assert (e.value.field, e.value.reason, e.value.message) == (field, words, f"{field}: {words}")
+    assert e.value.exit_code == 3
     assert scheduler.store.jobs() == []
 
 
@@ -312,3 +317,52 @@ def test_a_job_that_needs_ray_is_queued_at_once_while_ray_starts_in_the_backgrou
     assert info.state == JobState.QUEUED and cluster.started_in_background == 1
     scheduler._dispatch()
     assert scheduler.info(info.id).waiting_reason == "waiting for Ray to start"
+
+
+def test_the_store_and_the_scheduler_agree_on_the_queue_order(make_scheduler):
+    """Shuffled jobs, ties in priority (negative ones too) and in submission time, some left running by a server
+    that died: the scheduler's queue, the store's positions and the listing's all follow the documented order,
+    computed here independently: resumed jobs first, then priority (higher first), then submission."""
+    rng = random.Random(19)
+    kinds = [(priority, resumed) for priority in (-1, 0, 0, 2, 2, 2, 5) for resumed in (False, True)]
+    kinds += [(priority, False) for priority in (0, 2, -1)]
+    rng.shuffle(kinds)
+    scheduler = make_scheduler()
+    store = scheduler.store
+    same_time = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    jobs = []
+    for priority, resumed in kinds:
+        job = store.add(JobRecord(id=new_job_id(), spec=spec(priority), state=QUEUED, created_at=same_time))
+        if resumed:  # as the server that died left it, and the next one requeued it
+            store.transition(job.id, RUNNING)
+            job = store.transition(job.id, QUEUED, recovery=True)
+        jobs.append(job)
+    gone = scheduler.submit(spec(9)).id
+    scheduler.cancel(gone)  # not queued: in no order
+
+    expected = [j.id for j in sorted(jobs, key=lambda j: (j.started_at is None, -j.priority, j.seq))]
+    assert len({j.priority for j in jobs}) < len(jobs) and any(j.started_at for j in jobs)
+    assert [j.id for j in scheduler.queue()] == expected
+    positions = {job_id: n for n, job_id in enumerate(expected, start=1)}
+    assert store.queue_positions() == positions
+    assert {i.id: i.queue_position for i in scheduler.infos()} == {**positions, gone: None}
+
+
+def test_a_gpu_job_without_workers_on_a_server_without_a_gpu_is_refused_as_the_cluster_too_small(
+        make_scheduler, monkeypatch):
+    monkeypatch.setattr("polyak.service.server.scheduler.gpu_available", lambda: False)
+    scheduler = make_scheduler()
+    with pytest.raises(ClusterTooSmall) as e:
+        scheduler.submit(spec(workers=0, device="gpu"))
+    assert e.value.field == "cluster.device"
+    assert e.value.reason == "gpu with num_workers 0 computes in the server's process, which sees no GPU"
+    assert scheduler.store.jobs() == []
+
+
+def test_looking_at_the_cluster_size_never_starts_ray():
+    import ray
+
+    cluster = Cluster(None)
+    with pytest.raises(ClusterUnavailable, match="not connected to Ray"):
+        cluster.capacity()
+    assert (cluster.connected, cluster.known_capacity(), ray.is_initialized()) == (False, None, False)

@@ -9,7 +9,7 @@ import pytest
 
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
-from polyak.service.server.job import TRANSITIONS, InvalidTransition, Job, check_transition, new_job_id, utcnow
+from polyak.service.server.job import TRANSITIONS, InvalidTransition, JobRecord, check_transition, new_job_id, utcnow
 from polyak.service.server.store import DB_NAME, Store
 
 QUEUED, RUNNING = JobState.QUEUED, JobState.RUNNING
@@ -31,9 +31,9 @@ def store(tmp_path):
     s.close()
 
 
-def add(store: Store, priority: int = 0, name: str | None = None) -> Job:
+def add(store: Store, priority: int = 0, name: str | None = None) -> JobRecord:
     spec = JobSpec(name=name, priority=priority)
-    return store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+    return store.add(JobRecord(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
 
 
 def test_database_is_in_wal_mode(store, tmp_path):

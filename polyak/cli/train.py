@@ -229,7 +229,8 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     cluster = Cluster(ray_address)
     try:
         if ray_address:
-            cluster.capacity()  # a wrong address should fail now, not with the first job
+            cluster.connect()  # a wrong address should fail now, not with the first job
+            cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
         app = create_app(scheduler, token=server_token, data_root=data_root)

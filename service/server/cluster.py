@@ -3,7 +3,8 @@
 Ray starts (or is joined) in a background thread when the first job that needs it arrives (or at startup,
 when queued jobs need it), so no request ever waits for Ray: a job submitted before Ray is up is queued at
 once and checked against the cluster's size when it is known. A service that only runs in-process jobs
-(``num_workers: 0``) never starts Ray. Ray is imported only in here and the engine.
+(``num_workers: 0``) never starts Ray. Only ``connect`` (or ``start_background``, which calls it) starts or joins
+Ray; asking the size never does. Ray is imported only in here and the engine.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Cluster:
 
         def run() -> None:
             try:
+                self.connect()
                 self.capacity()
             except ClusterUnavailable as e:
                 self._error = str(e)
@@ -108,10 +110,12 @@ class Cluster:
             self._connected = True
 
     def capacity(self) -> Resources:
-        """Total CPUs and GPUs of the cluster (asked each time: a cluster may autoscale)."""
+        """Total CPUs and GPUs of the cluster (asked each time: a cluster may autoscale). Never starts or joins Ray:
+        ClusterUnavailable before ``connect``."""
+        if not self._connected:
+            raise ClusterUnavailable("not connected to Ray: its size is known once the service has joined it")
         import ray
 
-        self.connect()
         try:
             total = ray.cluster_resources()
         except Exception as e:

@@ -50,8 +50,9 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One row of the jobs table. ``seq`` is the submission order (FIFO within a priority)."""
+class JobRecord:
+    """One row of the jobs table; ``seq`` is the submission order (FIFO within a priority). Not the SDK's
+    ``polyak.Job``, which is a client's handle on a job of a server."""
 
     id: str
     spec: JobSpec

@@ -1,8 +1,9 @@
 """The queue and the scheduler: which queued job runs next, and running it.
 
 Order: jobs that were running when the server died come first (they resume), then priority (higher
-first), then submission (FIFO). The queue is taken strictly in that order: the first job that cannot
-start holds back those behind it, so a job that needs many CPUs is never starved by small ones.
+first), then submission (FIFO); the store defines it, once, and hands out the queue in it. The queue is
+taken strictly in that order: the first job that cannot start holds back those behind it, so a job that
+needs many CPUs is never starved by small ones.
 
 Admission: a free job slot (``--max-concurrent-jobs``) and the CPUs/GPUs the job's workers need,
 counted against the cluster's total minus what this service's running jobs hold. Ray's own
@@ -21,14 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from polyak.contract.errors import SpecError
+from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
 from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from polyak.service.server.events import Bus
-from polyak.service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, Job, new_job_id, utcnow
+from polyak.service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, JobRecord, new_job_id, utcnow
 from polyak.service.server.paths import recheck
 from polyak.service.server.store import Store
 from polyak.workers.backend import gpu_available
@@ -42,24 +43,27 @@ class JobNotResumable(RuntimeError):
     """A resubmit that cannot start from a checkpoint; the message says why."""
 
 
-def queue_key(job: Job) -> tuple:
-    return (not job.resumed, -job.priority, job.seq)
+class ClusterTooSmallFor(ClusterTooSmall):
+    """The cluster can never hold this job: ``field`` is the spec field that asks for more than it has, ``reason``
+    says how much more. The message is ``field: reason``, as a spec error's."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
 
 
-def unfit(spec: JobSpec, capacity: Resources) -> SpecError | None:
+def unfit(spec: JobSpec, capacity: Resources) -> ClusterTooSmallFor | None:
     """Why the job can never run on a cluster of this size, naming the spec field; None if it can."""
     need, k = needs(spec, capacity), spec.cluster.num_workers
     if need.cpus > capacity.cpus:
-        field_, msg = "cluster.num_workers", (
-            f"{k} workers need {_count(k, 'CPU')} (one each) but the Ray cluster has {capacity.cpus:g}"
-        )
-    elif need.gpus > capacity.gpus:
-        field_, msg = "cluster.device", (
-            f"gpu needs {_count(k, 'GPU')} (one per worker) but the Ray cluster has {capacity.gpus:g}"
-        )
-    else:
-        return None
-    return SpecError(f"{field_}: {msg}", [{"field": field_, "message": msg}])
+        return ClusterTooSmallFor("cluster.num_workers",
+                                  f"{k} workers need {_count(k, 'CPU')} (one each) but the Ray cluster has "
+                                  f"{capacity.cpus:g}")
+    if need.gpus > capacity.gpus:
+        return ClusterTooSmallFor("cluster.device",
+                                  f"gpu needs {_count(k, 'GPU')} (one per worker) but the Ray cluster has "
+                                  f"{capacity.gpus:g}")
+    return None
 
 
 def shortfall(need: Resources, free: Resources) -> str:
@@ -136,8 +140,9 @@ class Scheduler:
 
     # -- the API's verbs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobInfo:
-        """Queue a job and describe it as queued; SpecError if the cluster is known to be too small for it ever
-        to run. Never waits for Ray: before Ray is up the job is queued, and dispatch checks it."""
+        """Queue a job and describe it as queued; ClusterTooSmallFor if the cluster (or, for a job without workers,
+        this process) is known to be too small for it ever to run. Never waits for Ray: before Ray is up the job
+        is queued, and dispatch checks it."""
         capacity = self.cluster.known_capacity()
         if spec.cluster.num_workers > 0 and capacity is None:
             self.cluster.start_background(self._wake.set)
@@ -146,10 +151,10 @@ class Scheduler:
             if error is not None:
                 raise error
         elif spec.cluster.device == "gpu" and not gpu_available():  # in-process jobs compute right here
-            msg = "gpu with num_workers 0 computes in the server's process, which sees no GPU"
-            raise SpecError(f"cluster.device: {msg}", [{"field": "cluster.device", "message": msg}])
+            raise ClusterTooSmallFor("cluster.device",
+                                     "gpu with num_workers 0 computes in the server's process, which sees no GPU")
         with self._lock:  # so that created_at runs in seq's order: FIFO reads the same by either
-            job = self.store.add(Job(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+            job = self.store.add(JobRecord(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
         _log_state(job)
         info = self._info(job)
         self._wake.set()
@@ -168,7 +173,7 @@ class Scheduler:
         if not (source / CHECKPOINT).is_file():
             raise JobNotResumable(f"job {job_id} has no checkpoint to resume from: it ended before its first epoch")
         _, meta = load_checkpoint(source / CHECKPOINT)
-        new = Job(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
+        new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
         target = self.store.job_dir(new.id)
         target.mkdir(parents=True, exist_ok=True)
         for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
@@ -181,7 +186,7 @@ class Scheduler:
         self._wake.set()
         return self._info(job)
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str) -> JobRecord | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
         with self._lock:
             job = self.store.get(job_id)
@@ -196,9 +201,9 @@ class Scheduler:
         self._wake.set()
         return job
 
-    def queue(self) -> list[Job]:
+    def queue(self) -> list[JobRecord]:
         """Queued jobs in the order they will start."""
-        return sorted(self.store.jobs(QUEUED), key=queue_key)
+        return self.store.queue()
 
     def info(self, job_id: str) -> JobInfo | None:
         job = self.store.get(job_id)
@@ -271,7 +276,7 @@ class Scheduler:
                 if reason != job.waiting_reason:
                     self.store.set_waiting_reason(job.id, reason)
 
-    def _start(self, job: Job, need: Resources) -> None:
+    def _start(self, job: JobRecord, need: Resources) -> None:
         job = self._set_state(job.id, RUNNING)
         run = _Run(need)
         run.thread = threading.Thread(target=self._run, args=(job, run), name=f"job-{job.id}", daemon=True)
@@ -279,7 +284,7 @@ class Scheduler:
         run.thread.start()
 
     # -- one job, in its own thread ------------------------------------------------------------------
-    def _run(self, job: Job, run: _Run) -> None:
+    def _run(self, job: JobRecord, run: _Run) -> None:
         hooks = Hooks(
             on_epoch=lambda m: self._on_epoch(m, run),
             on_start=lambda where: self._on_start(job.id, where),
@@ -336,7 +341,7 @@ class Scheduler:
         *,
         recovery: bool = False,
         note: str | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Record, announce to listeners and log one state change."""
         job = self.store.transition(
             job_id, state, recovery=recovery, note=note, stop_reason=stop_reason, error=error
@@ -345,12 +350,12 @@ class Scheduler:
         _log_state(job, note)
         return job
 
-    def _info(self, job: Job) -> JobInfo:
+    def _info(self, job: JobRecord) -> JobInfo:
         position = self.store.queue_positions().get(job.id) if job.state == QUEUED else None
         return job.info(position, self.store.latest_metrics(job.id))
 
 
-def _log_state(job: Job, note: str | None = None) -> None:
+def _log_state(job: JobRecord, note: str | None = None) -> None:
     name = f" ({job.name})" if job.name else ""
     details = [f"priority {job.priority}"] if job.state == QUEUED else []
     if job.stop_reason and job.state.is_terminal():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
-from polyak.service.server.job import Job, check_transition, utcnow
+from polyak.service.server.job import JobRecord, check_transition, utcnow
 
 DB_NAME = "polyak.db"
 
@@ -61,6 +61,10 @@ _COLUMNS = (
 )
 # Columns added after the first release: a data dir written by an older server gains them at open.
 _ADDED_COLUMNS = {"placement": "TEXT", "resumed_from": "TEXT"}
+# The order queued jobs start in, defined here once (the scheduler takes its queue from the store): jobs that were
+# running when the server died first (they resume; no other queued job has a start time), then priority (higher
+# first), then submission (FIFO).
+_QUEUE_ORDER = "started_at IS NULL, json_extract(spec, '$.priority') DESC, seq"
 
 
 class Store:
@@ -90,7 +94,7 @@ class Store:
         return self.data_dir / "jobs" / job_id
 
     # -- jobs ----------------------------------------------------------------------------------------
-    def add(self, job: Job) -> Job:
+    def add(self, job: JobRecord) -> JobRecord:
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (id, spec, state, created_at, resumed_from) VALUES (?, ?, ?, ?, ?)",
@@ -103,7 +107,7 @@ class Store:
             seq = cursor.lastrowid
         return replace(job, seq=seq)
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> JobRecord | None:
         rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
@@ -115,7 +119,7 @@ class Store:
         newest_first: bool = False,
         limit: int | None = None,
         offset: int = 0,
-    ) -> list[Job]:
+    ) -> list[JobRecord]:
         """Jobs in submission order (or newest first), all or those in ``state`` / ``group``, a page of them."""
         where, params = [], []
         if state is not None:
@@ -145,7 +149,7 @@ class Store:
         note: str | None = None,
         stop_reason: StopReason | None = None,
         error: str | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Move a job to ``new`` if the lifecycle allows it (InvalidTransition if not); records the change."""
         now = _iso(utcnow())
         with self._write() as db:
@@ -220,14 +224,15 @@ class Store:
         )
         return [EpochMetrics.model_validate_json(r[0]) for r in rows]
 
+    def queue(self) -> list[JobRecord]:
+        """Queued jobs in the order they start."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY {_QUEUE_ORDER}")
+        return [_job(r) for r in rows]
+
     def queue_positions(self) -> dict[str, int]:
-        """Each queued job's place in the queue (1 = next), from three columns: no spec is parsed, so a long
-        queue costs a listing next to nothing. The order is the scheduler's: jobs that were running when the
-        server died first, then priority (higher first), then submission."""
-        rows = self._read(
-            "SELECT id FROM jobs WHERE state = 'queued' "
-            "ORDER BY started_at IS NULL, json_extract(spec, '$.priority') DESC, seq"
-        )
+        """Each queued job's place in the queue (1 = next), in ``queue``'s order, read from three columns: no spec
+        is parsed, so a long queue costs a listing next to nothing."""
+        rows = self._read(f"SELECT id FROM jobs WHERE state = 'queued' ORDER BY {_QUEUE_ORDER}")
         return {job_id: i for i, (job_id,) in enumerate(rows, start=1)}
 
     def latest_metrics_of(self, job_ids: list[str]) -> dict[str, EpochMetrics]:
@@ -272,10 +277,10 @@ def _time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
-def _job(row: tuple) -> Job:
+def _job(row: tuple) -> JobRecord:
     (seq, job_id, spec, state, created, started, finished, epoch, stop_reason, error, waiting, cancel, placement,
      resumed_from) = row
-    return Job(
+    return JobRecord(
         id=job_id,
         spec=JobSpec.model_validate_json(spec),
         state=JobState(state),

@@ -1,0 +1,72 @@
+"""A request body as a job spec: read (1 MB at most), parsed by the contract's one spec parser (JSON or YAML, as its
+Content-Type says), its file paths resolved against the data root, and its data checked where that is cheap.
+
+A body that is no spec at all (empty, too big, not JSON/YAML) is a ``BadBody`` (400 or 413); a spec with bad
+fields is a ``SpecError`` (422) naming each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from polyak.contract.errors import DataError, SpecError, SpecSyntaxError
+from polyak.contract.spec import JobSpec, parse_spec, spec_mapping
+from polyak.service.server.paths import resolve_paths
+from polyak.workers.data import check_cheaply
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class BadBody(Exception):
+    """A request body that is not a spec at all (empty, too big, not JSON/YAML): 400 or 413."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+async def read_body(request: Request) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BadBody(413, f"request body is over {MAX_BODY_BYTES} bytes: a job spec is a few hundred")
+    return bytes(body)
+
+
+def job_spec(body: bytes, content_type: str, data_root: Path | None) -> JobSpec:
+    """The spec a body holds, its paths absolute and checked, its layers checked against its data."""
+    spec = resolve_paths(parse_spec(_mapping(body, content_type)), data_root)
+    check_data(spec)
+    return spec
+
+
+def _mapping(body: bytes, content_type: str) -> dict[str, Any]:
+    """The body as a mapping: JSON when the Content-Type says so, else YAML (a superset of JSON), so
+    ``application/yaml``, ``text/yaml`` and whatever ``curl -d`` sends all work."""
+    media = content_type.split(";")[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    if not body.strip():
+        raise BadBody(400, "request body is empty: send the job spec as JSON or YAML")
+    try:
+        return spec_mapping(body.decode("utf-8"), is_json, "request body")
+    except UnicodeDecodeError as e:
+        raise BadBody(400, f"request body is not UTF-8 text: {e}") from None
+    except SpecSyntaxError as e:
+        raise BadBody(400, e.message) from None
+
+
+def check_data(spec: JobSpec) -> None:
+    """A spec whose layers do not fit its data is a 422 now, where that is cheap to see, not a failure later."""
+    try:
+        check_cheaply(spec.data, spec.model)
+    except DataError as e:
+        raise as_spec_error(e) from None
+
+
+def as_spec_error(e: DataError) -> SpecError:
+    """Data that does not suit the spec, as a rejected spec: one error at the field the DataError names."""
+    return SpecError(e.message, [{"field": e.field, "message": e.message}])
