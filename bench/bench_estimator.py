@@ -8,7 +8,8 @@ optimizer (Adam, lr 1e-3, scikit-learn's defaults), batch 200 (scikit-learn's "a
 (neither stops early: n_iter_no_change above the epochs for both), float32 for both (MLPClassifier keeps
 float32 input in float32), in this one process, so both use the same NumPy BLAS on the same cores. The fits
 alternate, which goes first swapping each round; seconds per epoch are min / median / max over the rounds, and
-the ratio is scikit-learn's median over polyak's (above 1: polyak is faster). polyak runs in this process (num_workers=0).
+the ratio is scikit-learn's median over polyak's (above 1: polyak is faster).
+polyak runs in this process (num_workers=0).
 
 Accuracy: 5-fold ``cross_val_score`` of StandardScaler + each classifier, 64 hidden units, 100 epochs, on
 scikit-learn's digits and breast_cancer.
