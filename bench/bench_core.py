@@ -29,11 +29,11 @@ import numpy as np
 from _frameworks import framework_info, side_by_side
 from threadpoolctl import threadpool_limits
 
+from polyak.contract.network import unflatten
 from polyak.contract.spec import parse_spec
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import initial_weights
 from polyak.workers.data import load_dataset, prepare
-from polyak.workers.mlp import unflatten
 
 CASES = [([784, 256, 10], 128), ([784, 256, 10], 1024), ([784, 1024, 1024, 10], 1024)]
 N_SAMPLES = 16384

@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from polyak.contract.network import param_count  # noqa: E402
 from polyak.contract.spec import parse_spec  # noqa: E402
 from polyak.service.engine.optim import BUFFERS, Optimizer, new_state  # noqa: E402
-from polyak.workers.mlp import param_count  # noqa: E402
 
 LAYERS = [784, 1024, 1024, 10]
 # Array passes over p floats per update, counted from the rules' operations in optim.py: an in-place op

@@ -21,8 +21,9 @@ import cupy as cp
 import numpy as np
 import torch
 
+from polyak.contract.network import unflatten
 from polyak.workers.backend import get_backend, to_numpy
-from polyak.workers.mlp import MLP, init_params, unflatten
+from polyak.workers.mlp import MLP, init_params
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 SIZES = [([784, 256, 10], 128), ([784, 256, 10], 1024), ([784, 1024, 1024, 10], 1024), ([784, 2048, 2048, 10], 2048)]

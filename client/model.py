@@ -1,12 +1,13 @@
 """A trained model, usable on raw data: ``Model.load("weights.npz").predict(X_raw)``.
 
-NumPy only (no Ray, service or worker code; torch and onnx are imported inside the one method that needs
-each). The weights file (DESIGN.md, "The weights file, and using a trained model") holds ``W1, b1, ...,
-WL, bL`` (``Wl`` of shape (m_l, m_{l-1}), the convention of ``torch.nn.Linear.weight``), and, from the
-version that wrote them, ``x_mean``/``x_std`` (float64 (m_0,), when the job standardized its inputs) and
-``spec`` (the JobSpec as JSON in a 0-d unicode array). The forward pass is MATH.md's "Model":
-``x^(l) = phi(W^(l) x^(l-1) + b^(l))`` with phi in {relu, tanh, sigmoid} on the hidden layers and a linear
-output layer; cross_entropy models read their outputs through a softmax, mse models as values.
+NumPy only (no Ray, service or worker code; the exporters, client/export.py, import torch and onnx inside
+the function that needs each). The weights file (DESIGN.md, "The weights file, and using a trained model")
+holds ``W1, b1, ..., WL, bL`` (``Wl`` of shape (m_l, m_{l-1}), the convention of ``torch.nn.Linear.weight``),
+and, from the version that wrote them, ``x_mean``/``x_std`` (float64 (m_0,), when the job standardized its
+inputs) and ``spec`` (the JobSpec as JSON in a 0-d unicode array). The forward pass is MATH.md's "Model",
+the one training computes (polyak/contract/network.py): ``x^(l) = phi(W^(l) x^(l-1) + b^(l))`` with phi in
+{relu, tanh, sigmoid} on the hidden layers and a linear output layer; cross_entropy models read their
+outputs through a softmax, mse models as values.
 
 Every method takes RAW features: the model standardizes them with its own x_mean/x_std first. Rows go
 through the network a chunk at a time (``chunk_rows``), so predicting a million rows holds one chunk's
@@ -24,16 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from polyak.client import export
+from polyak.client.errors import ModelError, one_line
 from polyak.contract.choices import ACTIVATIONS, LOSSES
-from polyak.contract.errors import PolyakError
+from polyak.contract.network import forward_pass
 
 DEFAULT_ACTIVATION, DEFAULT_LOSS = "relu", "cross_entropy"
 _LAYER_KEY = re.compile(r"([Wb])([0-9]+)")
 _CHUNK_BYTES = 8 << 20  # widest layer x chunk rows x itemsize stays under this: a chunk stays in cache
-
-
-class ModelError(PolyakError):
-    """A weights file that is not a usable model, or inputs the model cannot take; the message is one line."""
 
 
 class Model:
@@ -126,7 +125,7 @@ class Model:
                 try:
                     arrays[name] = npz[name]
                 except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. an object array (pickle)
-                    raise ModelError(f"{path}: array {name} cannot be read: {_one_line(e)}") from None
+                    raise ModelError(f"{path}: array {name} cannot be read: {one_line(e)}") from None
         return cls.from_arrays(arrays, activation, loss, dtype, source=path)
 
     @classmethod
@@ -295,7 +294,6 @@ class Model:
         direct = self.x_mean is None and X.dtype == dt  # feed X's own rows to the first matmul
         x_buf = None if direct else np.empty((min(rows, n), self.n_features), dt)
         acts = [np.empty((min(rows, n), W.shape[0]), dt) for W, _ in self._params]
-        last = len(self._params) - 1
         for start in range(0, n, rows):
             chunk = X[start : start + rows]
             r = len(chunk)
@@ -313,14 +311,7 @@ class Model:
                 if self._std is not None:
                     a /= self._std
             self._check_finite(a, X, start)
-            for l, (W, b) in enumerate(self._params):
-                z = acts[l][:r]
-                np.matmul(a, W.T, out=z)
-                z += b
-                if l < last:
-                    _phi_(z, self.activation)
-                a = z
-            yield start, a
+            yield start, forward_pass(self._params, a, [z[:r] for z in acts], self.activation)[-1]
 
     def _check_finite(self, a: np.ndarray, X: np.ndarray, start: int) -> None:
         """Rows [start, start + len(a)) of X, converted (and standardized) into ``a``: NaN or inf is an error."""
@@ -409,125 +400,17 @@ class Model:
             raise ModelError(f"y has {bad.size} row(s) with NaN or inf (first: row {int(bad[0])})")
         return y.astype(self.dtype, copy=False)
 
-    # -- export ----------------------------------------------------------------------------------
+    # -- export (client/export.py) -------------------------------------------------------------
     def to_torch(self, dtype=None):
-        """A ``torch.nn.Sequential`` computing ``decision_function``: a ``Standardize`` module first when the
-        model standardizes, then ``Linear`` layers with these weights and the activation modules between them.
-
-        Its output is the LOGITS (cross_entropy) or values (mse): no softmax, as torch users expect
-        (``torch.nn.CrossEntropyLoss`` takes logits; apply ``torch.softmax(out, dim=1)`` for probabilities).
-        ``dtype``: the module's parameters; default the model's compute dtype (float64 by default, so the module
-        reproduces ``decision_function`` exactly); ``.float()`` gives the usual float32 module. Needs torch.
-        """
-        try:
-            import torch
-            from torch import nn
-        except ImportError:
-            raise ModelError("to_torch needs torch: pip install torch") from None
-
-        class Standardize(nn.Module):
-            """(x - mean) / std with the training set's statistics; buffers, not parameters."""
-
-            def __init__(self, mean, std):
-                super().__init__()
-                self.register_buffer("mean", mean)
-                self.register_buffer("std", std)
-
-            def forward(self, x):
-                return (x - self.mean) / self.std
-
-        tdt = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}[
-            np.dtype(dtype) if dtype is not None else self.dtype
-        ]
-        mods: list = []
-        if self.standardizes:
-            mods.append(Standardize(torch.tensor(self._mean, dtype=tdt), torch.tensor(self._std, dtype=tdt)))
-        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[self.activation]
-        for l, (W, b) in enumerate(self._params):
-            lin = nn.Linear(W.shape[1], W.shape[0], dtype=tdt)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
-                lin.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
-            mods.append(lin)
-            if l < len(self._params) - 1:
-                mods.append(act())
-        return nn.Sequential(*mods).eval()
+        """A ``torch.nn.Sequential`` computing ``decision_function`` from raw features (``export.to_torch``)."""
+        return export.to_torch(self, dtype)
 
     def to_onnx(self, path, opset: int = 17) -> str:
-        """Write the model as one ONNX graph (float32): input ``input`` [N, m_0] of RAW features; Sub/Div by
-        x_mean/x_std when the model standardizes; per layer Gemm (transB=1), then Relu/Tanh/Sigmoid on the hidden
-        layers; outputs ``logits`` [N, m_L] and, for cross_entropy, ``probabilities`` = Softmax(axis=1).
-        Checked with ``onnx.checker``. Needs polyak[onnx]. Returns the path written."""
-        try:
-            import onnx
-            from onnx import TensorProto, helper, numpy_helper
-        except ImportError:
-            raise ModelError("to_onnx needs the onnx package: pip install 'polyak[onnx]'") from None
-        newest = onnx.defs.onnx_opset_version()
-        if not 13 <= int(opset) <= newest:
-            raise ModelError(f"opset must be in 13..{newest} (this onnx package), got {opset}")
-        opset = int(opset)
-        f32 = np.float32
-        inits, nodes = [], []
-        h = "input"
-        if self.standardizes:
-            inits += [
-                numpy_helper.from_array(self.x_mean.astype(f32), "x_mean"),
-                numpy_helper.from_array(self.x_std.astype(f32), "x_std"),
-            ]
-            nodes += [
-                helper.make_node("Sub", ["input", "x_mean"], ["centered"], name="sub_mean"),
-                helper.make_node("Div", ["centered", "x_std"], ["standardized"], name="div_std"),
-            ]
-            h = "standardized"
-        act = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}[self.activation]
-        L = len(self._params)
-        for l, (W, b) in enumerate(self._params, start=1):
-            inits += [
-                numpy_helper.from_array(np.ascontiguousarray(W, dtype=f32), f"W{l}"),
-                numpy_helper.from_array(np.ascontiguousarray(b, dtype=f32), f"b{l}"),
-            ]
-            z = "logits" if l == L else f"z{l}"
-            nodes.append(helper.make_node("Gemm", [h, f"W{l}", f"b{l}"], [z], name=f"gemm{l}", transB=1))
-            if l < L:
-                nodes.append(helper.make_node(act, [z], [f"h{l}"], name=f"{self.activation}{l}"))
-                h = f"h{l}"
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", self.n_outputs])]
-        if self.loss == "cross_entropy":
-            nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
-            outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", self.n_outputs]))
-        graph = helper.make_graph(
-            nodes,
-            "polyak_mlp",
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", self.n_features])],
-            outputs,
-            initializer=inits,
-        )
-        opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="polyak")
-        model.ir_version = helper.find_min_ir_version_for(opsets)  # loadable by older runtimes too
-        model.doc_string = self.describe()
-        meta = {"layers": json.dumps(list(self._layers)), "activation": self.activation, "loss": self.loss}
-        if self.spec is not None:
-            meta["spec"] = json.dumps(self.spec)
-        helper.set_model_props(model, meta)
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except onnx.checker.ValidationError as e:  # a bug here, not the user's: say so plainly
-            raise ModelError(f"the ONNX graph failed onnx.checker: {_one_line(e)}") from None
-        path = os.fspath(path)
-        try:
-            onnx.save(model, path)
-        except OSError as e:
-            raise ModelError(f"cannot write {path}: {_one_line(e)}") from None
-        return path
+        """Write the model as one float32 ONNX graph on raw features (``export.to_onnx``); the path written."""
+        return export.to_onnx(self, path, opset)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _layers_of(weights: Mapping[str, Any], where: str, dtype: np.dtype) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(W^(l), b^(l))] in ``dtype``, C-contiguous; every missing, extra or misshapen array named."""
     keys = set(weights)
@@ -599,24 +482,10 @@ def _spec_of(raw, path: str) -> dict | None:
     try:
         spec = json.loads(str(raw[()]))
     except ValueError as e:
-        raise ModelError(f"{path}: spec is not valid JSON: {_one_line(e)}") from None
+        raise ModelError(f"{path}: spec is not valid JSON: {one_line(e)}") from None
     if not isinstance(spec, dict):
         raise ModelError(f"{path}: spec must be a JSON object, got {type(spec).__name__}")
     return spec
-
-
-def _phi_(z: np.ndarray, activation: str) -> None:
-    """The hidden activation in place (as workers/mlp.py)."""
-    if activation == "relu":
-        np.maximum(z, 0, out=z)
-    elif activation == "tanh":
-        np.tanh(z, out=z)
-    else:  # 1 / (1 + exp(-z)); exp overflowing to inf gives the right limit 0
-        np.negative(z, out=z)
-        with np.errstate(over="ignore"):
-            np.exp(z, out=z)
-        z += 1
-        np.reciprocal(z, out=z)
 
 
 def _softmax_(z: np.ndarray) -> None:

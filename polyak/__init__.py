@@ -23,7 +23,8 @@ except PackageNotFoundError:  # a checkout shipped to a cluster as py_modules, n
 
 _PUBLIC = {
     **dict.fromkeys(["Client", "Job", "Sweep"], "polyak.client.sdk"),
-    **dict.fromkeys(["Model", "ModelError"], "polyak.client.model"),
+    "Model": "polyak.client.model",
+    "ModelError": "polyak.client.errors",
     "RankedJob": "polyak.client.sweep",
     **dict.fromkeys(["PolyakClassifier", "PolyakRegressor"], "polyak.estimators"),
     **dict.fromkeys(["JobSpec", "parse_spec"], "polyak.contract.spec"),

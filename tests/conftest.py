@@ -84,7 +84,7 @@ class TorchReference:
         self.torch = torch
 
     def model(self, layers, activation, W, dtype=None):
-        from polyak.workers.mlp import unflatten
+        from polyak.contract.network import unflatten
 
         torch = self.torch
         dtype = dtype or torch.float64

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from polyak.contract.network import param_count
 from polyak.workers.backend import Backend, DeviceError, get_backend, gpu_available, to_numpy
-from polyak.workers.mlp import MLP, init_params, param_count
+from polyak.workers.mlp import MLP, init_params
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU visible (CuPy missing or no CUDA device)")
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
+from polyak.contract.network import from_dict, to_dict
 from polyak.contract.spec import JobSpec, parse_spec
 from polyak.contract.wire import EpochMetrics
 from polyak.service.engine.trainer import initial_weights
-from polyak.workers.mlp import from_dict, to_dict
 
 IRIS = {
     "model": {"layers": [4, 8, 3], "activation": "tanh", "seed": 1},

@@ -1,4 +1,4 @@
-"""workers/data.py: sources, checks with messages by content, the seeded split, standardization, shards."""
+"""workers/data.py: sources, checks with messages by content and field, the seeded split, standardization, shards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from polyak.contract.choices import SKLEARN_DATASETS
 from polyak.contract.errors import DataError
 from polyak.contract.spec import DataSpec, ModelSpec
-from polyak.workers.data import ShardLayout, Split, load_dataset, load_shard, prepare, shard_bounds
+from polyak.workers.data import ShardLayout, Split, check_cheaply, load_dataset, load_shard, prepare, shard_bounds
 from polyak.workers.generated import regression_with_condition
 
 
@@ -366,6 +366,47 @@ def test_loss_that_does_not_suit_the_data():
         load({"source": "sklearn", "name": "digits"}, {"layers": [64, 10], "loss": "mse"})
     with pytest.raises(DataError, match="cross_entropy.*real-valued"):
         load({"source": "sklearn", "name": "diabetes"}, {"layers": [10, 2], "loss": "cross_entropy"})
+
+
+@pytest.mark.parametrize("data, model", [
+    ({"source": "sklearn", "name": "digits"}, {"layers": [64, 10], "loss": "mse"}),
+    ({"source": "synthetic", "name": "regression", "n_features": 3}, {"layers": [3, 2], "loss": "cross_entropy"}),
+])
+def test_the_loss_check_is_one_check_before_and_when_the_data_is_made(data, model):
+    """The service's cheap check and the loader say the same, naming model.loss."""
+    with pytest.raises(DataError) as cheap:
+        check_cheaply(DataSpec(**data), ModelSpec(**model))
+    with pytest.raises(DataError) as loaded:
+        load(data, model)
+    assert cheap.value.message == loaded.value.message and "does not suit" in loaded.value.message
+    assert cheap.value.field == loaded.value.field == "model.loss"
+
+
+def test_a_data_error_carries_the_spec_field_it_concerns(tmp_path):
+    X, y = id_data(n=10, d=3)
+    npz = write_npz(tmp_path / "d.npz", X, y)
+    csv = tmp_path / "d.csv"
+    np.savetxt(csv, np.column_stack([X, y]), delimiter=",", header="a,b,c,label", comments="")
+    cases = [
+        ({"source": "file", "path": npz}, {"layers": [5, 4]}, "model.layers", "layers[0] = 5"),
+        ({"source": "file", "path": npz}, {"layers": [3, 2]}, "model.layers", "labels up to"),
+        ({"source": "file", "path": str(csv), "target": "nope"}, {"layers": [3, 4]}, "data.target", "'nope'"),
+        ({"source": "file", "path": npz, "target": "label"}, {"layers": [3, 4]}, "data.target", "has none"),
+        ({"source": "file", "path": npz, "validation_fraction": 0.99}, {"layers": [3, 4]},
+         "data.validation_fraction", "leaves no training"),
+        ({"source": "file", "path": str(tmp_path / "absent.npy")}, {"layers": [3, 4]}, "data.path", "does not exist"),
+        ({"source": "sklearn", "name": "iris"}, {"layers": [4, 3], "loss": "mse"}, "model.loss", "does not suit"),
+    ]
+    for data, model, field, words in cases:
+        with pytest.raises(DataError) as e:
+            load(data, model)
+        assert (e.value.field, words in e.value.message) == (field, True), (data, model, e.value.message)
+    with pytest.raises(DataError) as e:
+        shard_bounds(5, 6)
+    assert e.value.field == "cluster.num_workers"
+    with pytest.raises(DataError) as e:
+        check_cheaply(DataSpec(source="synthetic", name="classification", n_classes=5), ModelSpec(layers=[20, 3]))
+    assert e.value.field == "model.layers" and "data.n_classes = 5" in e.value.message
 
 
 def test_missing_npz_keys(tmp_path):

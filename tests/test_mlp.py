@@ -1,4 +1,5 @@
-"""workers/mlp.py: gradients against torch autograd and finite differences, the flat layout, init."""
+"""workers/mlp.py: gradients against torch autograd and finite differences, init; the flat layout and the forward
+pass it shares with the trained model (polyak/contract/network.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from polyak.workers.mlp import (
-    MLP,
-    from_dict,
-    init_params,
-    layer_slices,
-    param_count,
-    to_dict,
-    unflatten,
-)
+from polyak.contract.network import from_dict, layer_slices, param_count, to_dict, unflatten
+from polyak.workers.mlp import MLP, init_params
 
 ARCHS = {1: [5, 3], 2: [5, 7, 3], 3: [5, 7, 6, 3]}
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -197,6 +191,24 @@ def test_evaluate_and_predict_match_torch(loss, torch_ref):
         assert correct == int((out.argmax(axis=1) == Y).sum())
     else:
         assert correct is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_training_and_the_trained_model_share_one_forward_pass(activation, dtype):
+    """The trained model computes, bit for bit, the outputs the job computed (contract/network.py)."""
+    from polyak.client.model import Model
+
+    layers = [5, 9, 7, 3]
+    W, X, _ = random_problem(layers, "mse", n=40, seed=11)
+    W, X = W.astype(dtype), X.astype(dtype)
+    trained = MLP(layers, activation, "mse", np, dtype)
+    model = Model(to_dict(W, layers), activation, "mse", dtype=dtype)
+    model.chunk_rows = 16  # chunks of the same rows: each row's outputs are the same operations
+    np.testing.assert_array_equal(model.decision_function(X), trained.predict(W, X, chunk=16))
+    relu_masks = [np.empty((40, m), bool) for m in layers[1:-1]]
+    outs = trained.forward(W, X, masks=relu_masks if activation == "relu" else None)
+    np.testing.assert_array_equal(outs[-1], model.decision_function(X))
 
 
 # -- flat layout ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from polyak.client.model import _CHUNK_BYTES, Model, ModelError
+from polyak.client.errors import ModelError
+from polyak.client.model import _CHUNK_BYTES, Model
 from polyak.contract.errors import PolyakError
 
 LAYERS = (7, 16, 12, 5)

@@ -162,8 +162,8 @@ def train_on(cluster: TwoNodes, spec: dict, tmp_path: Path, timeout: float = 300
 
 
 def weights_of(path: Path, spec) -> np.ndarray:
+    from polyak.contract.network import from_dict
     from polyak.service.engine.checkpoint import load_npz
-    from polyak.workers.mlp import from_dict
 
     return from_dict(load_npz(path), spec.model.layers, np.float64)
 

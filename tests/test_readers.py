@@ -1,4 +1,4 @@
-"""workers/readers.py: every format reads exactly the rows asked for, statistics stream, errors by content."""
+"""workers/readers/: every format reads exactly the rows asked for, statistics stream, errors by content."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 
 from polyak.contract.errors import DataError
 from polyak.contract.spec import DataSpec, ModelSpec
-from polyak.workers.readers import CHUNK_ROWS, feature_stats, open_source
+from polyak.workers.readers import open_features, open_source
+from polyak.workers.readers.source import CHUNK_ROWS
+from polyak.workers.readers.stats import feature_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["npy", "npz", "csv", "csv_header", "parquet", "parquet_dir", "parquet_uri"]
@@ -103,6 +105,19 @@ def test_class_ids_come_back_as_int64(fmt, tmp_path):
     assert y.dtype == np.int64 and y.shape == (17,)
     np.testing.assert_array_equal(y, labels[rows])
     np.testing.assert_array_equal(X, table[rows, :d].astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_file_to_predict_on_is_features_only(fmt, tmp_path):
+    """`polyak predict`'s DATA: every column a feature (an .npz's X), through the readers training uses."""
+    table = np.random.default_rng(8).standard_normal((50, 4))
+    source = open_features(write(fmt, tmp_path, table, 1))  # .npz: X is the first 3 columns, y the last
+    expected = table[:, :3] if fmt == "npz" else table
+    assert (source.n, source.n_features, source.n_targets, source.classification) == (50, expected.shape[1], 0, False)
+    rows = np.array([0, 7, 8, 30, 49])
+    X, y = source.read(rows)
+    np.testing.assert_array_equal(X, expected[rows])
+    assert y.shape == (5, 0)
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet", "parquet_dir"])
@@ -368,10 +383,10 @@ def test_npy_read_keeps_only_the_output_resident(tmp_path):
 
 
 def test_a_wide_parquet_source_is_read_a_group_of_columns_at_a_time(tmp_path, monkeypatch):
-    import polyak.workers.readers as readers
+    import polyak.workers.readers.parquet as parquet_reader
     from polyak.workers.data import load_part
 
-    monkeypatch.setattr(readers, "COLUMNS_PER_READ", 2)  # 5 features: groups of 2, 2 and 1
+    monkeypatch.setattr(parquet_reader, "COLUMNS_PER_READ", 2)  # 5 features: groups of 2, 2 and 1
     rng = np.random.default_rng(5)
     table = np.column_stack([rng.standard_normal((60, 5)) * 3 + 100, rng.integers(0, 3, 60)])
     source = open_file(write("parquet", tmp_path, table, 1), [5, 3], loss="cross_entropy")
@@ -388,13 +403,13 @@ def test_a_wide_parquet_source_is_read_a_group_of_columns_at_a_time(tmp_path, mo
 
 def test_npy_chunks_never_span_more_of_the_file_than_a_chunk(tmp_path, monkeypatch):
     """A sparse set of rows (a validation slice) in a big file would otherwise map the whole file at once."""
-    import polyak.workers.readers as readers
+    import polyak.workers.readers.npy as npy_reader
 
     table = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3) % 7
     source = open_file(write("npy", tmp_path, table, 1), [2, 1])
-    monkeypatch.setattr(readers, "CHUNK_BYTES", 24 * 50)  # 50 rows of 3 float64
+    monkeypatch.setattr(npy_reader, "CHUNK_BYTES", 24 * 50)  # 50 rows of 3 float64
     rows = np.arange(0, 1000, 37)
-    runs = list(readers._spans(rows, 10, 50))
+    runs = list(npy_reader.spans(rows, 10, 50))
     assert np.array_equal(np.concatenate([r for _, r in runs]), rows)
     assert all(r[-1] - r[0] < 50 and len(r) <= 10 for _, r in runs)
     X, _ = source.read(rows)

@@ -23,12 +23,12 @@ import pytest
 import yaml
 from test_service import Server, descendants, wait_for
 
+from polyak.contract.network import from_dict
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint, load_npz
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, initial_weights, run
 from polyak.workers.data import prepare
-from polyak.workers.mlp import from_dict
 
 TIMING = {"job_id", "samples_per_second", "elapsed_seconds"}
 

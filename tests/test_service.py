@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from polyak import Client, JobConflict, JobInfo, JobNotFound, JobState, SpecError, StopReason, Unauthorized
-from polyak.workers.mlp import from_dict
+from polyak.contract.network import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -483,7 +483,8 @@ def test_paths_must_exist_within_the_data_root(client, server, make_spec, field,
 
 
 def weights_for(spec, seed: int) -> dict[str, np.ndarray]:
-    from polyak.workers.mlp import init_params, to_dict
+    from polyak.contract.network import to_dict
+    from polyak.workers.mlp import init_params
 
     W = init_params(spec.model.layers, 0.5, np.random.default_rng(seed), np, np.float64)
     return to_dict(W, spec.model.layers)

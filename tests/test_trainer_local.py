@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
+from polyak.contract.network import from_dict, to_dict
 from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.trainer import Hooks, initial_weights, run
 from polyak.workers.data import prepare
-from polyak.workers.mlp import from_dict, to_dict
 
 TIMING_FIELDS = {"samples_per_second", "elapsed_seconds"}
 

@@ -7,6 +7,8 @@ from types import ModuleType
 
 import numpy as np
 
+from polyak.contract.choices import DEVICES
+
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used on this machine."""
@@ -53,8 +55,8 @@ def worker_device(device: str, num_workers: int, cluster_gpus: float) -> str:
 
 def get_backend(device: str = "auto") -> Backend:
     """``auto`` takes CuPy when a GPU is visible, NumPy otherwise; ``gpu`` without one is an error."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise DeviceError(f"cluster.device: must be auto, cpu or gpu, got {device!r}")
+    if device not in DEVICES:
+        raise DeviceError(f"cluster.device: must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
     if device == "cpu" or (device == "auto" and not gpu_available()):
         return Backend(np, "cpu")
     if not gpu_available():

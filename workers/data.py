@@ -2,7 +2,7 @@
 
 Which rows are validation rows and which shard a training row belongs to is a function of (seed, n,
 validation_fraction, num_workers) alone, so a worker process given (spec, shard k of K) reads exactly its
-own rows from the source itself (workers/readers.py reads .npy and .parquet in part): shards are never
+own rows from the source itself (workers/readers/ reads .npy and .parquet in part): shards are never
 shipped by the driver, and the driver never holds training rows. It holds a ``DataInfo``: shapes and the
 standardization statistics, computed once in one streaming pass over the training rows.
 
@@ -21,7 +21,11 @@ import numpy as np
 from polyak.contract.choices import SKLEARN_DATASETS
 from polyak.contract.errors import DataError
 from polyak.contract.spec import DataSpec, ModelSpec, is_uri
-from polyak.workers.readers import ArraySource, Source, feature_stats, open_source
+from polyak.workers.generated import has_class_labels
+from polyak.workers.readers import open_source
+from polyak.workers.readers.in_memory import origin_of
+from polyak.workers.readers.source import ArraySource, Source, check_loss_suits
+from polyak.workers.readers.stats import feature_stats
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ class Split:
         if self.validation_fraction > 0 and not 1 <= self.n_val < self.n:
             raise DataError(
                 f"data.validation_fraction = {self.validation_fraction} leaves no training or no validation rows "
-                f"of the {self.n} in {origin}"
+                f"of the {self.n} in {origin}",
+                "data.validation_fraction",
             )
 
 
@@ -110,9 +115,13 @@ def split_of(data: DataSpec, model: ModelSpec, n: int) -> Split:
 def check_fits(info: DataInfo, layers) -> None:
     """The first and last widths must match the data: both numbers go in the message."""
     if layers[0] != info.n_features:
-        raise DataError(f"model.layers[0] = {layers[0]} but {info.origin} has {info.n_features} features per sample")
+        raise DataError(
+            f"model.layers[0] = {layers[0]} but {info.origin} has {info.n_features} features per sample", "model.layers"
+        )
     if not info.classification and info.n_targets != layers[-1]:
-        raise DataError(f"model.layers[-1] = {layers[-1]} but {info.origin} has {info.n_targets} target column(s)")
+        raise DataError(
+            f"model.layers[-1] = {layers[-1]} but {info.origin} has {info.n_targets} target column(s)", "model.layers"
+        )
 
 
 def check_labels(y: np.ndarray, layers, origin: str) -> None:
@@ -121,7 +130,8 @@ def check_labels(y: np.ndarray, layers, origin: str) -> None:
     if top >= layers[-1]:
         raise DataError(
             f"model.layers[-1] = {layers[-1]} outputs but {origin} has labels up to {top} "
-            f"(labels must be in 0..{layers[-1] - 1})"
+            f"(labels must be in 0..{layers[-1] - 1})",
+            "model.layers",
         )
 
 
@@ -142,48 +152,49 @@ def prepare(data: DataSpec, model: ModelSpec, source: Source | None = None) -> D
     return info
 
 
-
 def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
     """The data's shape against the spec, where that costs next to nothing: synthetic data (from the spec),
     sklearn's bundled sets, a local .npy's header, .parquet metadata, an .npz's array headers. A .csv or a URI
     is checked when the job loads it. DataError names the field and both numbers."""
-    if data.source == "synthetic":
-        classification = data.name == "classification"
-        if classification != (model.loss == "cross_entropy"):
-            kind = "class labels" if classification else "real-valued targets"
-            raise DataError(f"model.loss = {model.loss} does not suit synthetic {data.name} data, which has {kind}")
-        info = DataInfo(f"synthetic {data.name} data", 0, 0, data.n_features, 1, classification)
-        check_fits(info, model.layers)
-        if classification and data.n_classes > model.layers[-1]:
-            raise DataError(f"model.layers[-1] = {model.layers[-1]} outputs but data.n_classes = {data.n_classes}")
+    if data.source != "file":
+        _check_generated(data, model)
         return
-    if data.source == "sklearn":  # their shapes are fixed: no need to import sklearn inside a request
-        d, classes = SKLEARN_DATASETS[data.name]
-        if (classes is not None) != (model.loss == "cross_entropy"):
-            kind = "class labels" if classes is not None else "real-valued targets"
-            raise DataError(f"model.loss = {model.loss} does not suit sklearn dataset {data.name!r}, which has {kind}")
-        check_fits(DataInfo(f"sklearn dataset {data.name!r}", 0, 0, d, 1, classes is not None), model.layers)
-        if classes is not None and classes > model.layers[-1]:
-            raise DataError(
-                f"model.layers[-1] = {model.layers[-1]} outputs but sklearn dataset {data.name!r} has labels up to "
-                f"{classes - 1} (labels must be in 0..{model.layers[-1] - 1})"
-            )
+    path = data.path
+    if is_uri(path) or path.endswith(".csv"):
         return
-    path = data.path or ""
-    if data.source == "file" and (is_uri(path) or path.endswith(".csv")):
-        return
-    if data.source == "file" and path.endswith(".npz"):
+    if path.endswith(".npz"):
         shapes = npz_shapes(path)
         if "X" in shapes and len(shapes["X"]) == 2 and shapes["X"][1] != model.layers[0]:
             raise DataError(
-                f"model.layers[0] = {model.layers[0]} but {path} has {shapes['X'][1]} features per sample"
+                f"model.layers[0] = {model.layers[0]} but {path} has {shapes['X'][1]} features per sample",
+                "model.layers",
             )
         return
-    source = open_source(data, model)  # sklearn: small; .npy / .parquet: metadata only
+    source = open_source(data, model)  # .npy / .parquet: metadata only
     check_fits(DataInfo(source.origin, source.n, 0, source.n_features, source.n_targets, source.classification),
                model.layers)
-    if isinstance(source, ArraySource) and source.classification:
-        check_labels(source.y, model.layers, source.origin)
+
+
+def _check_generated(data: DataSpec, model: ModelSpec) -> None:
+    """Synthetic and sklearn data against the spec from their shapes alone: sklearn is not imported, and
+    nothing is made."""
+    origin, classification = origin_of(data), has_class_labels(data)
+    check_loss_suits(model.loss, classification, origin)
+    if data.source == "synthetic":
+        check_fits(DataInfo(origin, 0, 0, data.n_features, 1, classification), model.layers)
+        if classification and data.n_classes > model.layers[-1]:
+            raise DataError(
+                f"model.layers[-1] = {model.layers[-1]} outputs but data.n_classes = {data.n_classes}", "model.layers"
+            )
+        return
+    d, classes = SKLEARN_DATASETS[data.name]
+    check_fits(DataInfo(origin, 0, 0, d, 1, classification), model.layers)
+    if classification and classes > model.layers[-1]:
+        raise DataError(
+            f"model.layers[-1] = {model.layers[-1]} outputs but {origin} has labels up to {classes - 1} "
+            f"(labels must be in 0..{model.layers[-1] - 1})",
+            "model.layers",
+        )
 
 
 def npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -292,7 +303,9 @@ def shard_bounds(n_train: int, num_shards: int) -> np.ndarray:
     if num_shards < 1:
         raise ValueError(f"cluster.num_workers: must be >= 1 to shard, got {num_shards}")
     if num_shards > n_train:
-        raise DataError(f"cluster.num_workers = {num_shards} is more than the {n_train} training samples")
+        raise DataError(
+            f"cluster.num_workers = {num_shards} is more than the {n_train} training samples", "cluster.num_workers"
+        )
     return np.linspace(0, n_train, num_shards + 1).round().astype(np.int64)
 
 

@@ -8,11 +8,17 @@ from polyak.contract.choices import SKLEARN_DATASETS
 from polyak.contract.spec import DataSpec
 
 
-def sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray, bool]:
+def has_class_labels(data: DataSpec) -> bool:
+    """Whether the dataset's targets are class ids: known from the spec, before any data is made."""
+    if data.source == "sklearn":
+        return SKLEARN_DATASETS[data.name][1] is not None
+    return data.name == "classification"
+
+
+def sklearn_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn import datasets
 
-    X, y = getattr(datasets, f"load_{name}")(return_X_y=True)  # every name of SKLEARN_DATASETS has a loader
-    return X, y, SKLEARN_DATASETS[name][1] is not None
+    return getattr(datasets, f"load_{name}")(return_X_y=True)  # every name of SKLEARN_DATASETS has a loader
 
 
 def regression_with_condition(n: int, d: int, kappa: float, noise: float, rng: np.random.Generator):
@@ -26,11 +32,10 @@ def regression_with_condition(n: int, d: int, kappa: float, noise: float, rng: n
     return X, y
 
 
-def synthetic_dataset(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def synthetic_dataset(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 7919])
     if spec.name == "regression":
-        X, y = regression_with_condition(spec.n_samples, spec.n_features, spec.condition_number, spec.noise, rng)
-        return X, y, False
+        return regression_with_condition(spec.n_samples, spec.n_features, spec.condition_number, spec.noise, rng)
     from sklearn.datasets import make_classification
 
     informative = max(2, min(spec.n_features, int(np.ceil(np.log2(spec.n_classes))) + 3))
@@ -44,4 +49,4 @@ def synthetic_dataset(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray
         flip_y=spec.noise,
         random_state=seed,
     )
-    return X, y, True
+    return X, y

@@ -1,11 +1,10 @@
-"""An L-layer perceptron on one flat parameter vector W (MATH.md, "Model").
+"""An L-layer perceptron on one flat parameter vector W (MATH.md, "Model"): the lecture's init, and
+training's forward and backward passes.
 
-Layout (DESIGN.md, "Weights file"): for l = 1..L, W^(l) of shape (m_l, m_{l-1}) row-major, then b^(l).
-Per-layer arrays are views into the flat vector, never copies, so the parameter server can update W
-with one vectorised rule and the workers can read it without unpacking.
-
-Forward and backward are written side by side. The gradient call returns the gradient SUM over the
-batch, the loss sum and the sample count, so that shards held by different workers combine exactly:
+The flat-W layout and the forward pass are the contract's (polyak/contract/network.py), shared with the
+trained model; this module adds the buffers a step reuses, the relu masks the backward pass reads, the loss
+and its gradient. The gradient call returns the gradient SUM over the batch, the loss sum and the sample
+count, so that shards held by different workers combine exactly:
 g_B = (sum of the parts' gradient sums) / (sum of the parts' counts).
 """
 
@@ -17,29 +16,7 @@ from types import ModuleType
 import numpy as np
 
 from polyak.contract.choices import ACTIVATIONS, LOSSES
-
-
-def param_count(layers) -> int:
-    """p = sum_l m_l (m_{l-1} + 1)."""
-    return sum(m_out * (m_in + 1) for m_in, m_out in zip(layers[:-1], layers[1:], strict=True))
-
-
-def layer_slices(layers) -> list[tuple[slice, slice]]:
-    """(weight slice, bias slice) of the flat vector for each layer."""
-    out, start = [], 0
-    for m_in, m_out in zip(layers[:-1], layers[1:], strict=True):
-        w_end = start + m_out * m_in
-        out.append((slice(start, w_end), slice(w_end, w_end + m_out)))
-        start = w_end + m_out
-    return out
-
-
-def unflatten(flat, layers) -> list[tuple]:
-    """Views (W^(l) (m_l, m_{l-1}), b^(l) (m_l,)) into ``flat``; writing to them writes to ``flat``."""
-    return [
-        (flat[ws].reshape(m_out, m_in), flat[bs])
-        for (ws, bs), m_in, m_out in zip(layer_slices(layers), layers[:-1], layers[1:], strict=True)
-    ]
+from polyak.contract.network import forward_pass, param_count, unflatten
 
 
 def init_params(layers, sigma: float, rng: np.random.Generator, xp: ModuleType = np, dtype=np.float32):
@@ -48,28 +25,6 @@ def init_params(layers, sigma: float, rng: np.random.Generator, xp: ModuleType =
     for (Wl, _), m_in in zip(unflatten(flat, layers), layers[:-1], strict=True):
         Wl[...] = rng.standard_normal(Wl.shape) * (sigma / np.sqrt(m_in))
     return xp.asarray(flat.astype(dtype))
-
-
-def to_dict(flat: np.ndarray, layers) -> dict[str, np.ndarray]:
-    """The weights file's arrays: W1, b1, ..., WL, bL."""
-    out = {}
-    for l, (Wl, bl) in enumerate(unflatten(np.asarray(flat), layers), start=1):
-        out[f"W{l}"], out[f"b{l}"] = Wl.copy(), bl.copy()
-    return out
-
-
-def from_dict(arrays, layers, dtype=np.float32) -> np.ndarray:
-    """Inverse of ``to_dict``; names each missing or misshapen array."""
-    flat = np.zeros(param_count(layers), dtype=dtype)
-    for l, (Wl, bl) in enumerate(unflatten(flat, layers), start=1):
-        for name, view in ((f"W{l}", Wl), (f"b{l}", bl)):
-            if name not in arrays:
-                raise ValueError(f"weights file has no array {name} (model.layers = {list(layers)})")
-            a = np.asarray(arrays[name])
-            if a.shape != view.shape:
-                raise ValueError(f"weights file: {name} has shape {a.shape}, model.layers needs {view.shape}")
-            view[...] = a
-    return flat
 
 
 @dataclass
@@ -108,44 +63,12 @@ class MLP:
         return self._buffers[n]
 
     # -- forward ---------------------------------------------------------------------------------
-    def _phi_(self, z, mask=None):
-        """Activation in place: z becomes phi(z). relu with a ``mask`` buffer also records z > 0 there for
-        the backward pass, and zeroes by multiplying with it (two cheap passes instead of maximum's one slow
-        one). A NaN stays NaN (and -inf becomes NaN, not 0), so a diverging step still shows in its loss."""
-        xp = self.xp
-        if self.activation == "relu":
-            if mask is None:
-                xp.maximum(z, 0, out=z)
-            else:
-                xp.greater(z, 0, out=mask)
-                xp.multiply(z, mask, out=z)
-        elif self.activation == "tanh":
-            xp.tanh(z, out=z)
-        else:  # sigmoid = 1 / (1 + exp(-z)); exp overflowing to inf gives the right limit 0
-            xp.negative(z, out=z)
-            with np.errstate(over="ignore"):
-                xp.exp(z, out=z)
-            z += 1
-            xp.reciprocal(z, out=z)
-        return z
-
     def forward(self, W, X, acts=None, masks=None):
-        """Activations x^(1..L) of a batch; x^(L) is the linear output f(x).
+        """Activations x^(1..L) of a batch; x^(L) is the linear output f(x) (contract/network.py).
         acts: optional output buffers; masks: optional relu mask buffers of the hidden layers."""
-        xp = self.xp
-        a = X  # (n', m_0)
-        out = []
-        params = unflatten(W, self.layers)
-        for l, (Wl, bl) in enumerate(params):
-            z = acts[l] if acts is not None else xp.empty((X.shape[0], Wl.shape[0]), dtype=self.dtype)
-            xp.matmul(a, Wl.T, out=z)  # (n', m_l)
-            z += bl
-            if l < len(params) - 1:
-                a = self._phi_(z, masks[l] if masks is not None else None)
-            else:
-                a = z
-            out.append(a)
-        return out
+        if acts is None:
+            acts = [self.xp.empty((X.shape[0], m), dtype=self.dtype) for m in self.layers[1:]]
+        return forward_pass(unflatten(W, self.layers), X, acts, self.activation, self.xp, masks)
 
     # -- loss and gradient -----------------------------------------------------------------------
     def _output_delta(self, out, Y, delta):

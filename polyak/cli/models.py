@@ -1,8 +1,10 @@
 """`polyak predict`, `evaluate` and `export`: a trained model's weights file on new data, no server needed.
 
-DATA is laid out as for training: ``.npy`` (a 2-D table), ``.npz`` (arrays X and, to evaluate, y), ``.csv``
-(a header row of names is skipped) or ``.parquet``. ``predict`` takes features only; ``evaluate`` takes the
-features then the target column(s), as the job trained on them (``.npz``: X and y).
+DATA is read by the readers training uses (polyak/workers/readers): ``.npy`` (a 2-D table), ``.npz`` (arrays X
+and, to evaluate, y), ``.csv`` (optionally under a header row of column names) or ``.parquet`` (a file or a
+directory). ``predict`` takes features only; ``evaluate`` takes features and targets split as the job's were:
+the weights file's stored spec names the target column(s) in ``data.target``, else they are the last
+column(s) (``.npz``: y).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from polyak.cli.app import (
 )
 from polyak.client.files import check_output, write_output
 from polyak.client.model import Model
-from polyak.contract.errors import PolyakError
+from polyak.contract.errors import DataError, OutputError
+from polyak.workers.readers import open_features, open_labelled
+from polyak.workers.readers.source import Source
 
 
 @cli.command()
@@ -33,10 +37,9 @@ def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
     if output is not None:
         check_output(output)
         if Path(output).suffix not in (".npy", ".csv"):
-            raise PolyakError(f"-o {output}: predictions are written as .npy or .csv")
+            raise OutputError(f"cannot write {output}: predictions are written as .npy or .csv")
     model = Model.load(weights)
-    X, _ = read_data(data)
-    out = model.predict_proba(X) if proba else model.predict(X)
+    out = _predictions(model, open_features(_existing(data)), proba)
     if output is None:
         np.savetxt(click.get_text_stream("stdout"), out if out.ndim > 1 else out[:, None], fmt="%.8g", delimiter=",")
         return
@@ -59,9 +62,9 @@ def predict(weights: Path, data: Path, output: str | None, proba: bool) -> None:
 def evaluate(weights: Path, data: Path, as_json: bool) -> None:
     """Score a weights file on DATA (features then targets, as for training): loss, accuracy, rows."""
     model = Model.load(weights)
-    n_targets = 1 if model.loss == "cross_entropy" else model.n_outputs
-    X, y = read_data(data, n_targets)
-    score = model.evaluate(X, y)
+    target = ((model.spec or {}).get("data") or {}).get("target")  # files without a spec: the last column(s)
+    source = open_labelled(_existing(data), target, model.loss, model.n_outputs)
+    score = model.evaluate(*source.read(np.arange(source.n)))
     if as_json:
         click.echo(json.dumps(score))
         return
@@ -81,46 +84,16 @@ def export(weights: Path, onnx_path: str, opset: int) -> None:
     make_console().print(Text(f"wrote {where}: input 'input' [N, {model.n_features}], opset {opset}"))
 
 
-def read_data(path: Path, n_targets: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(X, y) from DATA; y only when ``n_targets`` is given (the last column(s) of a table, or an .npz's y)."""
-    if not path.is_file():
-        raise PolyakError(f"{path.absolute()}: no such file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                if "X" not in f:
-                    raise PolyakError(f"{path}: an .npz needs an array X (it holds: {', '.join(f.files)})")
-                if n_targets is not None and "y" not in f:
-                    raise PolyakError(f"{path}: to evaluate, an .npz needs an array y beside X")
-                return f["X"], (f["y"] if n_targets is not None else None)
-        table = _table(path)
-    except PolyakError:
-        raise
-    except Exception as e:  # numpy's and pyarrow's many kinds of unreadable file
-        raise PolyakError(f"{path}: cannot read data ({type(e).__name__}: {e})") from None
-    if table.ndim != 2:
-        raise PolyakError(f"{path}: expected a 2-D table, got shape {table.shape}")
-    if n_targets is None:
-        return table, None
-    if table.shape[1] <= n_targets:
-        raise PolyakError(f"{path}: {table.shape[1]} column(s) cannot be features then {n_targets} target(s)")
-    y = table[:, -n_targets:]
-    return table[:, :-n_targets], (y[:, 0] if n_targets == 1 else y)
+def _existing(data: Path) -> str:
+    """DATA as the readers take it; one that is not there is bad input (exit 2), named in full."""
+    if not data.exists():
+        raise DataError(f"{data.absolute()}: no such file")
+    return str(data)
 
 
-def _table(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)  # the model reads it a chunk at a time
-    if path.suffix == ".csv":
-        try:
-            return np.loadtxt(path, delimiter=",", ndmin=2)
-        except ValueError:  # a header row of column names
-            return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise PolyakError(f"{path}: reading .parquet needs pyarrow (pip install 'polyak[parquet]')") from None
-        table = pq.read_table(path)
-        return np.column_stack([c.to_numpy(zero_copy_only=False) for c in table.columns]).astype(np.float64)
-    raise PolyakError(f"{path}: unsupported file type {path.suffix!r}; use .npy, .npz, .csv or .parquet")
+def _predictions(model: Model, source: Source, proba: bool) -> np.ndarray:
+    """The model's predictions (class ids, values, or probabilities) for every row of DATA, read a chunk at a
+    time: the data is never held whole, only the predictions."""
+    method = model.predict_proba if proba else model.predict
+    parts = [method(X) for _, X, _ in source.chunks(np.arange(source.n))]
+    return np.concatenate(parts) if parts else method(np.empty((0, source.n_features)))

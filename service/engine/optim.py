@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polyak.contract.network import layer_slices
 from polyak.contract.spec import OptimizerSpec
 from polyak.service.engine.schedules import make_schedule
-from polyak.workers.mlp import layer_slices
 
 Rule = Callable[..., tuple]
 

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from polyak.contract.network import from_dict, to_dict
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.checkpoint import load_npz, save_npz
 from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
 from polyak.service.engine.schedules import batch_size
 from polyak.workers.data import DataInfo, prepare
-from polyak.workers.mlp import from_dict, init_params, to_dict
+from polyak.workers.mlp import init_params
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
