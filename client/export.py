@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from polyak.client.errors import ModelError, one_line
+from polyak.contract.errors import ModelError, one_line
 
 _TORCH_ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # torch.nn module names
 _ONNX_ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # ONNX operator names

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from polyak.client import export
-from polyak.client.errors import ModelError, one_line
 from polyak.contract.choices import ACTIVATIONS, LOSSES
+from polyak.contract.errors import ModelError, one_line
 from polyak.contract.network import forward_pass
 
 DEFAULT_ACTIVATION, DEFAULT_LOSS = "relu", "cross_entropy"

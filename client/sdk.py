@@ -23,8 +23,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from polyak.client.model import Model
 from polyak.client.sweep import RankedJob, SweepPlan, plan_sweep, rank, spec_source
 from polyak.contract.errors import (
+    BadInput,
+    DatasetNotFound,
     JobConflict,
     JobNotFound,
+    NotFound,
     PolyakError,
     ServerError,
     ServerUnreachable,
@@ -32,7 +35,7 @@ from polyak.contract.errors import (
     Unauthorized,
 )
 from polyak.contract.spec import JobSpec, parse_spec
-from polyak.contract.wire import EpochMetrics, JobInfo, JobState
+from polyak.contract.wire import DatasetInfo, EpochMetrics, JobInfo, JobState
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -141,6 +144,36 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(job_id, self)
 
+    def upload(self, X: Any, y: Any = None) -> DatasetInfo:
+        """Store arrays on the server as one dataset, streamed as a ``.npy`` table (X's columns, then y's): its
+        info, whose ``id`` a spec names as ``{"data": {"source": "dataset", "name": id}}``. The same arrays
+        uploaded again are the same dataset (its id is the SHA-256 of the bytes)."""
+        table = upload_table(X, y)
+        return self._request("POST", "/datasets", DatasetInfo, content=_npy_chunks(table),
+                             headers={"Content-Type": "application/x-npy"})
+
+    def upload_file(self, path: str | Path) -> DatasetInfo:
+        """Store a ``.npy`` table or a ``.parquet`` file on the server, streamed from disk (see ``upload``)."""
+        path = Path(path)
+        media = {".npy": "application/x-npy", ".parquet": "application/vnd.apache.parquet"}.get(path.suffix)
+        if media is None:
+            raise BadInput(f"{path}: upload a .npy table or a .parquet file")
+        try:
+            with path.open("rb") as f:
+                return self._request("POST", "/datasets", DatasetInfo, content=iter(lambda: f.read(1 << 20), b""),
+                                     headers={"Content-Type": media})
+        except OSError as e:
+            raise BadInput(f"{path}: cannot read ({e.strerror or e})") from None
+
+    def datasets(self) -> list[DatasetInfo]:
+        return self._request("GET", "/datasets", list[DatasetInfo])
+
+    def dataset(self, dataset_id: str) -> DatasetInfo:
+        return self._request("GET", f"/datasets/{dataset_id}", DatasetInfo)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._send("DELETE", f"/datasets/{dataset_id}")
+
     # --- plumbing ---------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, into: Any, **kwargs: Any) -> Any:
@@ -156,7 +189,7 @@ class Client:
         except httpx.TransportError as e:
             raise self._transport_error(e, method, path) from None
         if not response.is_success:
-            raise _error_from(response)
+            raise _error_from(response, DatasetNotFound if path.startswith("/datasets") else JobNotFound)
         return response
 
     def _events(self, job_id: str, after: int | None, deadline: float | None) -> Iterator[tuple[str, Any]]:
@@ -282,6 +315,32 @@ class Job:
             _sleep(self.client.backoff * 2 ** (failures - 1), deadline)
 
 
+def upload_table(X: Any, y: Any = None) -> np.ndarray:
+    """The one 2-D table ``upload`` sends: X's columns then y's (class ids or targets), float32 when X is
+    float32, else float64; BadInput when they are not numeric or do not line up."""
+    X = np.asarray(X)
+    dtype = np.float32 if X.dtype == np.float32 else np.float64
+    parts = [X] if y is None else [X, np.asarray(y).reshape(len(np.asarray(y)), -1)]
+    for name, part in zip(("X", "y"), parts, strict=False):
+        if not (np.issubdtype(part.dtype, np.number) or part.dtype == bool):
+            raise BadInput(f"{name} must be numeric to upload, got dtype {part.dtype} (encode categories first, "
+                           "e.g. with scikit-learn's OneHotEncoder, or use PolyakClassifier in a Pipeline)")
+    if X.ndim != 2:
+        raise BadInput(f"X must be 2-D (rows, features), got shape {X.shape}")
+    if y is not None and len(parts[1]) != len(X):
+        raise BadInput(f"X has {len(X)} rows but y has {len(parts[1])}")
+    return np.ascontiguousarray(np.column_stack(parts), dtype=dtype)
+
+
+def _npy_chunks(table: np.ndarray, rows: int = 65536) -> Iterator[bytes]:
+    """``table`` as ``.npy`` bytes, a header then a block of rows at a time: never a second copy in memory."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(table))  # as np.save
+    yield header.getvalue()
+    for start in range(0, len(table), rows):
+        yield table[start : start + rows].tobytes()
+
+
 def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """``(event, data)`` for each Server-Sent Event in ``lines``; comments and ``id``/``retry`` skipped."""
     kind, data = "message", []
@@ -320,7 +379,8 @@ def _sleep(seconds: float, deadline: float | None) -> None:
     time.sleep(seconds)
 
 
-def _error_from(response: httpx.Response) -> PolyakError:
+def _error_from(response: httpx.Response, missing: type[NotFound] = JobNotFound) -> PolyakError:
+    """The typed error of a failed answer; a 404 is ``missing`` (what the request looked for)."""
     status = response.status_code
     detail = _detail(response)
     if detail is None:
@@ -330,11 +390,13 @@ def _error_from(response: httpx.Response) -> PolyakError:
     if status in (401, 403):
         return Unauthorized(message, status)
     if status == 404:
-        return JobNotFound(message, status)
+        return missing(message, status)
     if status == 409:
         return JobConflict(message, status)
     if status in (400, 422):
         return SpecError(message, errors, status)
+    if status in (413, 415):
+        return BadInput(message, status)
     if status >= 500:
         return ServerError(message, status)
     return PolyakError(message, status)

@@ -24,14 +24,14 @@ except PackageNotFoundError:  # a checkout shipped to a cluster as py_modules, n
 _PUBLIC = {
     **dict.fromkeys(["Client", "Job", "Sweep"], "polyak.client.sdk"),
     "Model": "polyak.client.model",
-    "ModelError": "polyak.client.errors",
     "RankedJob": "polyak.client.sweep",
     **dict.fromkeys(["PolyakClassifier", "PolyakRegressor"], "polyak.estimators"),
     **dict.fromkeys(["JobSpec", "parse_spec"], "polyak.contract.spec"),
-    **dict.fromkeys(["EpochMetrics", "JobInfo", "JobState", "StopReason", "Criterion"], "polyak.contract.wire"),
-    **dict.fromkeys(["PolyakError", "BadInput", "SpecError", "DataError", "OutputError", "Unreachable",
-                     "ClusterTooSmall", "JobNotFound", "JobConflict", "Unauthorized", "ServerError",
-                     "ServerUnreachable"], "polyak.contract.errors"),
+    **dict.fromkeys(["EpochMetrics", "JobInfo", "JobState", "StopReason", "Criterion", "DatasetInfo"],
+                   "polyak.contract.wire"),
+    **dict.fromkeys(["PolyakError", "BadInput", "SpecError", "DataError", "OutputError", "ModelError",
+                     "Unreachable", "ClusterTooSmall", "NotFound", "JobNotFound", "DatasetNotFound", "JobConflict",
+                     "Unauthorized", "ServerError", "ServerUnreachable"], "polyak.contract.errors"),
 }
 
 __all__ = sorted(_PUBLIC)

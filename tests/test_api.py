@@ -14,7 +14,14 @@ from test_scheduler import FakeCluster, FakeTrainer
 
 from polyak.contract.errors import DataError
 from polyak.contract.spec import parse_spec
-from polyak.service.server import routes_health, routes_jobs, routes_metrics, routes_pages, routes_weights
+from polyak.service.server import (
+    routes_datasets,
+    routes_health,
+    routes_jobs,
+    routes_metrics,
+    routes_pages,
+    routes_weights,
+)
 from polyak.service.server.api import create_app
 from polyak.service.server.context import Service
 from polyak.service.server.scheduler import Scheduler
@@ -52,7 +59,8 @@ def test_the_app_keeps_its_state_in_one_record_and_its_routes_in_modules(make_cl
     service = client.app.state.service
     assert isinstance(service, Service)
     assert (service.token, service.data_root, service.store) == (TOKEN, tmp_path, service.scheduler.store)
-    routers = [m.router for m in (routes_pages, routes_health, routes_jobs, routes_metrics, routes_weights)]
+    routers = [m.router for m in (routes_pages, routes_health, routes_jobs, routes_metrics, routes_weights,
+                                  routes_datasets)]
     endpoints = {route.path: route.endpoint for router in routers for route in router.routes}
     assert endpoints.keys() == {*client.app.openapi()["paths"], "/", "/docs"}  # every route is one of theirs
     closures = sorted(f"{f.__module__}.{f.__qualname__}" for f in endpoints.values() if "<locals>" in f.__qualname__)

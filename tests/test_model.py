@@ -13,9 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from polyak.client.errors import ModelError
 from polyak.client.model import _CHUNK_BYTES, Model
-from polyak.contract.errors import PolyakError
+from polyak.contract.errors import ModelError, PolyakError
 
 LAYERS = (7, 16, 12, 5)
 

@@ -156,6 +156,8 @@ def check_cheaply(data: DataSpec, model: ModelSpec) -> None:
     """The data's shape against the spec, where that costs next to nothing: synthetic data (from the spec),
     sklearn's bundled sets, a local .npy's header, .parquet metadata, an .npz's array headers. A .csv or a URI
     is checked when the job loads it. DataError names the field and both numbers."""
+    if data.source == "dataset":
+        open_source(data, model)  # says where a dataset can be used
     if data.source != "file":
         _check_generated(data, model)
         return

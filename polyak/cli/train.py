@@ -193,8 +193,10 @@ def _print_json(m) -> None:
               help="require 'Authorization: Bearer TOKEN' on every route but /health  [env: POLYAK_TOKEN]")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="data.path and init_weights must lie in this folder; relative ones resolve against it")
+@click.option("--max-dataset-bytes", type=click.IntRange(min=1), default=1 << 30, show_default=True,
+              help="the largest upload POST /datasets stores (413 beyond it)")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
-          server_token: str | None, data_root: Path | None) -> None:
+          server_token: str | None, data_root: Path | None, max_dataset_bytes: int) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
@@ -233,7 +235,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
-        app = create_app(scheduler, token=server_token, data_root=data_root)
+        app = create_app(scheduler, token=server_token, data_root=data_root, max_dataset_bytes=max_dataset_bytes)
         app.state.data_dir_lock = lock
         logging.getLogger("polyak").info(
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,

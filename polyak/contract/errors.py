@@ -6,10 +6,12 @@ error about one field of a spec names it; nothing is ever classified by matching
         SpecError                  a job spec, with {field, message} per problem
           SpecSyntaxError          spec text that is not JSON or YAML
         DataError                  a data source (file, columns, targets), with the spec field it concerns
+        ModelError                 a weights file that is no usable model, or inputs it cannot take
         OutputError                an output path (-o) that cannot be written
       Unreachable               3  a server, Ray cluster or port that cannot be reached or used
         ClusterTooSmall            a cluster that can never hold the job
-      JobNotFound               1
+      NotFound                  1
+        JobNotFound, DatasetNotFound
       JobConflict               1
       Unauthorized              1
       ServerError               1  the server failed, or answered something unreadable
@@ -67,6 +69,10 @@ class DataError(BadInput, ValueError):
         self.field = field
 
 
+class ModelError(BadInput):
+    """A weights file that is not a usable model, or inputs the model cannot take (client/model.py)."""
+
+
 class OutputError(BadInput):
     """An output path that cannot be written (a missing folder, an image type matplotlib cannot draw)."""
 
@@ -82,8 +88,16 @@ class ClusterTooSmall(Unreachable):
     """The cluster can never hold the job (too few CPUs or no GPU for its workers)."""
 
 
-class JobNotFound(PolyakError):
+class NotFound(PolyakError):
+    """No such thing on the server (404)."""
+
+
+class JobNotFound(NotFound):
     """No job with that id."""
+
+
+class DatasetNotFound(NotFound):
+    """No uploaded dataset with that id."""
 
 
 class JobConflict(PolyakError):
@@ -100,3 +114,8 @@ class ServerError(PolyakError):
 
 class ServerUnreachable(ServerError, Unreachable):
     """The request never got an answer: the server is down, or the connection broke."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (a library's multi-line message would break the one error line)."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -31,6 +31,7 @@ from polyak.contract.choices import (
 from polyak.contract.errors import SpecError, SpecSyntaxError
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DATASET_ID = re.compile(r"[0-9a-f]{64}")
 _FIELD_NAME = re.compile(r"[a-z_][a-z0-9_.]*")
 
 
@@ -74,7 +75,8 @@ class DataSpec(_Strict):
     source: Literal[DATA_SOURCES] = Field(default="sklearn", description="where the data comes from")
     name: str | None = Field(
         default="digits",
-        description=f"sklearn: {' | '.join(SKLEARN_DATASETS)}; synthetic: {' | '.join(SYNTHETIC_DATASETS)}",
+        description=f"sklearn: {' | '.join(SKLEARN_DATASETS)}; synthetic: {' | '.join(SYNTHETIC_DATASETS)}; "
+        "dataset: the id of an uploaded dataset (POST /datasets)",
     )
     path: str | None = Field(
         default=None,
@@ -104,6 +106,9 @@ class DataSpec(_Strict):
             )
         if self.source == "file" and not self.path:
             raise ValueError("path: required when source is 'file'")
+        if self.source == "dataset" and not (self.name and _DATASET_ID.fullmatch(self.name)):
+            raise ValueError(f"name: a dataset is named by its id (64 hex digits, from POST /datasets or "
+                             f"Client.upload), got {self.name!r}")
         return self
 
 

@@ -1,11 +1,12 @@
-"""Wire models shared by the service and the SDK: job states, metrics, job info."""
+"""Wire models shared by the service and the SDK: job states, metrics, job info, uploaded datasets."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from polyak.contract.spec import JobSpec
 
@@ -90,3 +91,14 @@ class JobInfo(BaseModel):
     placement: str | None = None  # where the job's actors run and how its sync steps travel
     resumed_from: str | None = None  # the job whose checkpoint this one resumed
     metrics: EpochMetrics | None = None
+
+
+class DatasetInfo(BaseModel):
+    """An uploaded dataset (``POST /datasets``): a spec names it as ``data: {source: dataset, name: <id>}``."""
+
+    id: str = Field(description="SHA-256 of the uploaded bytes, in hex: the same bytes are one dataset")
+    format: Literal["npy", "parquet"]
+    bytes: int
+    rows: int
+    columns: int = Field(description=".npy: features then target column(s); .parquet: every column")
+    created_at: datetime

@@ -1,8 +1,8 @@
 """The HTTP API of DESIGN.md over a Scheduler (FastAPI; OpenAPI at /docs): the app, built from its parts.
 
-Routes live in one module per noun (``routes_jobs``, ``routes_metrics``, ``routes_weights``, ``routes_health``,
-``routes_pages``); the state they share in ``context`` (on ``app.state.service``, read through a dependency);
-how errors are answered in ``handlers``; how a request body becomes a spec in ``submission``.
+Routes live in one module per noun (``routes_jobs``, ``routes_metrics``, ``routes_weights``, ``routes_datasets``,
+``routes_health``, ``routes_pages``); the state they share in ``context`` (on ``app.state.service``, read through a
+dependency); how errors are answered in ``handlers``; how a request body becomes a spec in ``submission``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,20 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from polyak.service.server import handlers, routes_health, routes_jobs, routes_metrics, routes_pages, routes_weights
+from polyak.service.server import (
+    handlers,
+    routes_datasets,
+    routes_health,
+    routes_jobs,
+    routes_metrics,
+    routes_pages,
+    routes_weights,
+)
 from polyak.service.server.context import Service, authorize
+from polyak.service.server.datasets import DatasetStore
 from polyak.service.server.scheduler import Scheduler
+
+DEFAULT_MAX_DATASET_BYTES = 1 << 30
 
 
 def create_app(
@@ -25,6 +36,7 @@ def create_app(
     *,
     token: str | None = None,
     data_root: Path | None = None,
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
 ) -> FastAPI:
     """The app. Its lifespan starts the scheduler (recovering jobs a previous server left); on the way
     out it stops the scheduler, then the Ray it started. Here, not after ``uvicorn.run``: uvicorn
@@ -36,13 +48,14 @@ def create_app(
         docs_url=None,  # served by routes_pages from the package's own copy of Swagger UI, not from a CDN
         redoc_url=None,
     )
-    app.state.service = Service(scheduler, token, data_root)
+    datasets = DatasetStore(scheduler.store.data_dir / "datasets", max_dataset_bytes)
+    app.state.service = Service(scheduler, datasets, token, data_root)
     app.mount("/static", StaticFiles(directory=routes_pages.STATIC), name="static")
     app.mount("/dashboard", StaticFiles(directory=routes_pages.DASHBOARD), name="dashboard")
     handlers.install(app)
     app.include_router(routes_pages.router)  # open: the page has to load to ask for the token
     app.include_router(routes_health.router)  # open: /health never asks for the token
-    for routes in (routes_jobs, routes_metrics, routes_weights):
+    for routes in (routes_jobs, routes_metrics, routes_weights, routes_datasets):
         app.include_router(routes.router, dependencies=[Depends(authorize)])
     return app
 

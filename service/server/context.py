@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from polyak.service.server.datasets import DatasetStore
 from polyak.service.server.job import JobRecord
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
@@ -25,11 +26,13 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Service:
-    """The app's state: the scheduler (and through it the store, the cluster and the event bus), the bearer token
+    """The app's state: the scheduler (and through it the store, the cluster and the event bus), the uploaded
+    datasets, the bearer token
     the JSON API wants (None: none), and the folder data paths must lie in (None: unconfined, relative to the
     server's working directory)."""
 
     scheduler: Scheduler
+    datasets: DatasetStore
     token: str | None = None
     data_root: Path | None = None
 

@@ -14,17 +14,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from polyak.contract.errors import SpecError
 from polyak.contract.spec import field_errors
 from polyak.service.server.cluster import ClusterUnavailable
+from polyak.service.server.datasets import BadDataset, DatasetTooLarge
 from polyak.service.server.scheduler import ClusterTooSmallFor, JobNotResumable
 from polyak.service.server.submission import BadBody
 
 log = logging.getLogger("polyak")
 
 # Errors answered with their message alone.
-_STATUS: dict[type[Exception], int] = {JobNotResumable: 409, ClusterUnavailable: 503}
+_STATUS: dict[type[Exception], int] = {
+    JobNotResumable: 409, ClusterUnavailable: 503, DatasetTooLarge: 413, BadDataset: 422,
+    ClientDisconnect: 400,  # an upload cut off: nobody reads the answer, and the store kept nothing
+}
 
 
 def install(app: FastAPI) -> None:
@@ -75,7 +80,7 @@ async def _bad_body(request: Request, e: BadBody) -> JSONResponse:
 
 async def _by_status(request: Request, e: Exception) -> JSONResponse:
     status = next(code for kind, code in _STATUS.items() if isinstance(e, kind))
-    return JSONResponse({"detail": str(e)}, status_code=status)
+    return JSONResponse({"detail": str(e) or type(e).__name__}, status_code=status)
 
 
 async def _internal(request: Request, e: Exception) -> JSONResponse:

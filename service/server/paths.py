@@ -15,17 +15,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from polyak.contract.errors import SpecError
-from polyak.contract.spec import JobSpec, is_uri
+from polyak.contract.spec import DataSpec, JobSpec, is_uri
+from polyak.service.server.datasets import DatasetStore
 
 
-def resolve_paths(spec: JobSpec, data_root: Path | None) -> JobSpec:
-    """The spec with its file paths absolute and checked; SpecError naming the field otherwise."""
+def resolve_paths(spec: JobSpec, data_root: Path | None, datasets: DatasetStore | None = None) -> JobSpec:
+    """The spec with its file paths absolute and checked, an uploaded dataset named by its file in the server's
+    datasets folder (``source: file``, ``name`` kept as the dataset's id); SpecError naming the field otherwise."""
     data, init = spec.data, spec.init_weights
-    if data.source == "file" and not (is_uri(data.path) and data_root is None):
+    if data.source == "dataset":
+        data = _dataset_file(data, datasets)
+    elif data.source == "file" and not (is_uri(data.path) and data_root is None):
         data = data.model_copy(update={"path": _resolve("data.path", data.path, data_root, directory_ok=True)})
     if init:
         init = _resolve("init_weights", init, data_root)
     return spec.model_copy(update={"data": data, "init_weights": init})
+
+
+def _dataset_file(data: DataSpec, datasets: DatasetStore | None) -> DataSpec:
+    try:
+        path = datasets.path(data.name) if datasets is not None else None
+    except KeyError:
+        path = None
+    if path is None:
+        raise _error("data.name", f"no dataset with id {data.name} on this server (GET /datasets lists them)")
+    return DataSpec.model_validate({**data.model_dump(), "source": "file", "path": str(path)})
 
 
 def recheck(spec: JobSpec) -> None:

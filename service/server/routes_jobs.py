@@ -33,7 +33,7 @@ async def submit(request: Request, service: ServiceDep) -> JobInfo:
 
 
 def _submit_now(service: Service, body: bytes, content_type: str) -> JobInfo:
-    return service.scheduler.submit(job_spec(body, content_type, service.data_root))
+    return service.scheduler.submit(job_spec(body, content_type, service.data_root, service.datasets))
 
 
 @router.get("/jobs", response_model=list[JobInfo])

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from polyak.contract.errors import DataError, SpecError, SpecSyntaxError
 from polyak.contract.spec import JobSpec, parse_spec, spec_mapping
+from polyak.service.server.datasets import DatasetStore
 from polyak.service.server.paths import resolve_paths
 from polyak.workers.data import check_cheaply
 
@@ -37,9 +38,9 @@ async def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def job_spec(body: bytes, content_type: str, data_root: Path | None) -> JobSpec:
+def job_spec(body: bytes, content_type: str, data_root: Path | None, datasets: DatasetStore | None = None) -> JobSpec:
     """The spec a body holds, its paths absolute and checked, its layers checked against its data."""
-    spec = resolve_paths(parse_spec(_mapping(body, content_type)), data_root)
+    spec = resolve_paths(parse_spec(_mapping(body, content_type)), data_root, datasets)
     check_data(spec)
     return spec
 

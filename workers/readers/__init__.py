@@ -33,6 +33,9 @@ _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
 def open_source(data: DataSpec, model: ModelSpec) -> Source:
     """The source the spec names, opened (metadata only for .npy and .parquet, whole for the rest), with
     rows enough to train on."""
+    if data.source == "dataset":  # a polyak server turns it into its file at submit
+        raise DataError(f"data.source = dataset names an upload to a polyak server ({data.name}): submit the job "
+                        "to that server (polyak submit, Client.submit), or train from a file here", "data.source")
     if data.source != "file":
         if data.target is not None:
             raise DataError(
