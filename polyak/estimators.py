@@ -1,16 +1,18 @@
 """scikit-learn estimators whose ``fit`` is a polyak job: ``PolyakClassifier`` and ``PolyakRegressor``.
 
 ``fit(X, y)`` builds the JobSpec the CLI would build for the same data and runs the same trainer: in this process
-(``num_workers=0``) or on Ray (``num_workers=K``; a local Ray unless ``ray_address`` names a cluster). The arrays
-go to the trainer as a ``.npy`` file in a temporary folder (features, then the target column(s)), which every
-worker reads its own shard of, exactly as for a user's file.
+(``num_workers=0``) or on Ray (``num_workers=K``; a local Ray unless ``ray_address`` names a cluster), or as a job
+of a polyak server (``server=URL``). The arrays go to the trainer as a ``.npy`` file in a temporary folder
+(features, then the target column(s)), which every worker reads its own shard of, exactly as for a user's file;
+to a server, as an uploaded dataset.
 
 Parameters follow scikit-learn's ``MLPClassifier`` where it has a name for the same thing (``hidden_layer_sizes``,
 ``activation``, ``batch_size``, ``max_iter``, ``tol``, ``early_stopping``, ``validation_fraction``,
 ``n_iter_no_change``, ``random_state``, ``warm_start``) and polyak's spec for the rest: ``method``, ``lr``,
 ``alpha`` (NOTE: heavy ball's alpha of MATH.md eq. (27), not scikit-learn's L2 penalty, which is
 ``weight_decay`` here), ``schedule``, ``batch_growth``, the lecture's two stopping rules (``weight_change_tol``,
-``grad_tol``), ``num_workers``, ``mode``, ``device``, ``dtype``, ``ray_address``.
+``grad_tol``), ``num_workers``, ``mode``, ``device``, ``dtype``, ``ray_address``, and ``server`` (a polyak
+server's URL) with ``token``: the arrays are uploaded (``Client.upload``) and fit is a queued job there.
 
 Stopping as in scikit-learn: with ``early_stopping``, ``validation_fraction`` of the rows are held out and training
 stops after ``n_iter_no_change`` epochs without a validation-loss drop of ``tol`` (polyak's ``patience`` and
@@ -74,6 +76,8 @@ class _PolyakMLP(BaseEstimator):
         device="cpu",
         dtype="float64",
         ray_address=None,
+        server=None,
+        token=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -99,12 +103,14 @@ class _PolyakMLP(BaseEstimator):
         self.device = device
         self.dtype = dtype
         self.ray_address = ray_address
+        self.server = server
+        self.token = token
 
     # -- the job ------------------------------------------------------------------------------------------------
-    def job_spec(self, n_rows: int, n_features: int, n_outputs: int, data_path: str, *, epochs: int | None = None,
-                 init_weights: str | None = None) -> JobSpec:
-        """The spec ``fit`` runs for data of this shape stored at ``data_path``; SpecError names a bad parameter
-        by its spec field."""
+    def job_spec(self, n_rows: int, n_features: int, n_outputs: int, source: dict[str, str], *,
+                 epochs: int | None = None, init_weights: str | None = None) -> JobSpec:
+        """The spec ``fit`` runs for data of this shape in ``source`` (``{"source": "file", "path": ...}``, or an
+        uploaded dataset); SpecError names a bad parameter by its spec field."""
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}")
         hidden = [self.hidden_layer_sizes] if np.isscalar(self.hidden_layer_sizes) else self.hidden_layer_sizes
@@ -113,7 +119,7 @@ class _PolyakMLP(BaseEstimator):
         return parse_spec({
             "model": {"layers": [n_features, *map(int, hidden), n_outputs], "loss": self._loss,
                       "activation": ACTIVATION_NAMES[self.activation], "seed": self._seed()},
-            "data": {"source": "file", "path": data_path, "standardize": self.standardize,
+            "data": {**source, "standardize": self.standardize,
                      "validation_fraction": self.validation_fraction if held_out else 0.0},
             "optimizer": {"method": self.method, "lr": self.lr, "alpha": self.alpha, "schedule": self.schedule,
                           "weight_decay": self.weight_decay},
@@ -134,10 +140,16 @@ class _PolyakMLP(BaseEstimator):
 
     def _train(self, X: np.ndarray, targets: np.ndarray, n_outputs: int, epochs: int | None = None) -> None:
         """Run the job on (X, targets) and keep its model and figures; ``epochs``: a fixed number (partial_fit)."""
+        continuing = (self.warm_start or epochs is not None) and hasattr(self, "model_")
+        if self.server is not None:
+            if continuing:
+                raise ValueError("warm_start and partial_fit continue from weights in this process: they run here "
+                                 "or on Ray (ray_address), not through a server")
+            self._train_on_server(X, targets, n_outputs)
+            return
         from polyak.service.engine.trainer import Hooks, train_job, weights_file
         from polyak.workers.data import prepare
 
-        continuing = (self.warm_start or epochs is not None) and hasattr(self, "model_")
         with tempfile.TemporaryDirectory(prefix="polyak-fit-") as folder:
             data = Path(folder, "data.npy")
             np.save(data, np.column_stack([X, targets]).astype(self.dtype, copy=False))
@@ -145,10 +157,10 @@ class _PolyakMLP(BaseEstimator):
             if continuing:
                 start = str(Path(folder, "start.npz"))
                 np.savez(start, **self.model_.weights)
-            spec = self.job_spec(X.shape[0], X.shape[1], n_outputs, str(data), epochs=epochs, init_weights=start)
+            spec = self.job_spec(X.shape[0], X.shape[1], n_outputs, {"source": "file", "path": str(data)},
+                                 epochs=epochs, init_weights=start)
             info = prepare(spec.data, spec.model)
-            plateau = _Plateau(self.tol, self.n_iter_no_change) if not spec.stopping.patience and epochs is None \
-                else None
+            plateau = self._plateau(spec, epochs)
             hooks = Hooks(on_epoch=plateau.see if plateau else lambda m: None,
                           should_cancel=plateau.reached if plateau else lambda: False)
             # A diverging run overflows NumPy on its way to a non-finite loss, which the trainer reports as the
@@ -160,6 +172,33 @@ class _PolyakMLP(BaseEstimator):
         self.model_ = Model.from_arrays(weights_file(result.weights, spec, info))
         self._record(result.metrics, "n_iter_no_change" if plateau and plateau.reached() else result.stop_reason.value,
                      continuing)
+
+    def _plateau(self, spec: JobSpec, epochs: int | None) -> _Plateau | None:
+        """scikit-learn's stopping rule without early_stopping (polyak's spec has patience only on validation)."""
+        return _Plateau(self.tol, self.n_iter_no_change) if not spec.stopping.patience and epochs is None else None
+
+    def _train_on_server(self, X: np.ndarray, targets: np.ndarray, n_outputs: int) -> None:
+        """The job queued on a polyak server: the arrays uploaded as a dataset, the epochs followed live (the
+        plateau rule cancels the job; it stops within a step or two, not exactly at the epoch's end as here)."""
+        from polyak.client.sdk import Client
+
+        with Client(self.server, token=self.token) as client:
+            dataset = client.upload(X, targets)
+            spec = self.job_spec(X.shape[0], X.shape[1], n_outputs, {"source": "dataset", "name": dataset.id})
+            job = client.submit(spec)
+            plateau = self._plateau(spec, None)
+            for m in job.stream():
+                if plateau:
+                    plateau.see(m)
+                    if plateau.reached():
+                        job.cancel()
+            info = job.wait()
+            if info.state == JobState.FAILED:
+                raise TrainingFailed(info.error or "training failed")
+            self.model_ = Model.from_arrays(job.weights("last"))
+            stop = "n_iter_no_change" if plateau and plateau.reached() else (info.stop_reason or info.state).value
+            self._record(job.metrics(), stop, continuing=False)
+            self.job_id_ = job.id
 
     def _ray(self):
         """Ray for the job's workers, joined or started for this fit (and shut down after, if started here)."""

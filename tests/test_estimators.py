@@ -89,7 +89,7 @@ def test_fit_runs_the_trainer_the_cli_runs(tmp_path):
                            alpha=0.2, batch_size=32).fit(X, y)
     data = tmp_path / "iris.npy"
     np.save(data, np.column_stack([X, np.searchsorted(clf.classes_, y)]))
-    spec = clf.job_spec(len(X), 4, 3, str(data))
+    spec = clf.job_spec(len(X), 4, 3, {"source": "file", "path": str(data)})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     done = subprocess.run([sys.executable, "-m", "polyak", "train", str(tmp_path / "spec.yaml"), "-o",
                            str(tmp_path / "w.npz"), "--json"], capture_output=True, text=True, timeout=300)
@@ -110,6 +110,27 @@ def test_fit_on_ray_workers_equals_fit_in_this_process():
     for name, array in local.model_.weights.items():
         np.testing.assert_allclose(on_ray.model_.weights[name], array, rtol=0, atol=1e-10)
     np.testing.assert_allclose(on_ray.loss_curve_, local.loss_curve_, rtol=1e-10)
+
+
+def test_fit_through_a_polyak_server_uploads_the_arrays_and_equals_fit_here(tmp_path):
+    from test_service import Server
+
+    X, y = iris()
+    params = dict(hidden_layer_sizes=(10,), max_iter=12, random_state=5, lr=0.02, batch_size=25,
+                  n_iter_no_change=100)
+    here = PolyakClassifier(**params).fit(X, y)
+    server = Server(tmp_path / "data", "--token", "s" * 32).start()
+    try:
+        there = PolyakClassifier(**params, server=server.url, token="s" * 32).fit(X, y)
+        assert there.job_id_ and len(server.client("s" * 32).datasets()) == 1
+    finally:
+        server.stop_or_kill()
+    for name, array in here.model_.weights.items():
+        np.testing.assert_array_equal(there.model_.weights[name], array)
+    assert there.loss_curve_ == here.loss_curve_ and there.n_iter_ == 12 and there.stop_reason_ == "max_epochs"
+    np.testing.assert_array_equal(there.predict(X), here.predict(X))
+    with pytest.raises(ValueError, match="warm_start and partial_fit .* not through a server"):
+        there.partial_fit(X, y)
 
 
 def table():
