@@ -296,10 +296,15 @@ def test_bad_values_are_reported_by_their_global_row(fmt, tmp_path):
     table[34, 1] = np.nan
     table[41, 2] = 1.5
     table[45, 2] = -2
+    if fmt == "csv":  # a text file's NaN is a missing cell, refused when the file is read
+        with pytest.raises(DataError, match=r"column 'f1' has 1 missing cell\(s\) \(first in row 34\); fill or drop"):
+            open_file(write(fmt, tmp_path, table, 1), [2, 3], loss="cross_entropy")
+        table[34, 1] = 0.0
     source = open_file(write(fmt, tmp_path, table, 1), [2, 3], loss="cross_entropy")
     source.read(np.array([0, 33, 35, 40]))  # validation is of the rows read
-    with pytest.raises(DataError, match=r"X has NaN or inf values \(first in row 34\)"):
-        source.read(np.arange(20, 50))
+    if fmt != "csv":
+        with pytest.raises(DataError, match=r"X has NaN or inf values \(first in row 34\)"):
+            source.read(np.arange(20, 50))
     with pytest.raises(DataError, match=r"cross_entropy needs integer class ids in y, found fractional .* row 41\)"):
         source.read(np.arange(35, 50))
     with pytest.raises(DataError, match=r"labels must be in 0..k-1, found -2 \(in row 45\)"):
@@ -321,7 +326,8 @@ def test_non_finite_targets_and_float32_overflow(tmp_path):
 def test_parquet_errors(tmp_path, monkeypatch):
     table = pa.table({"a": [1.0, 2.0, 3.0], "name": ["x", "y", "z"], "t": [0.0, 1.0, 2.0]})
     pq.write_table(table, tmp_path / "s.parquet")
-    with pytest.raises(DataError, match="s.parquet: column 'name' has type string; every column must be numeric"):
+    with pytest.raises(DataError, match="s.parquet: column 'name' holds text, not numbers; encode it first: "
+                                         "OneHotEncoder"):
         open_file(tmp_path / "s.parquet", [2, 1])
 
     folder = tmp_path / "mixed"

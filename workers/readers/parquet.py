@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from polyak.contract.errors import DataError
+from polyak.workers.readers.columns import check_column_type
 from polyak.workers.readers.source import Source, split_columns
 
 COLUMNS_PER_READ = 64
@@ -134,11 +135,7 @@ def open_parquet(filesystem, root: str, origin: str, target, n_targets: int, cla
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{origin}: cannot read data ({type(e).__name__}: {e})") from None
     for field in schema:
-        if not (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
-            raise DataError(
-                f"{origin}: column {field.name!r} has type {field.type}; every column must be numeric "
-                "(integer or floating point)"
-            )
+        check_column_type(pa, origin, field.name, field.type)
     features, targets = split_columns(schema.names, target, n_targets, origin)
     starts = np.concatenate([[0], np.cumsum(group_rows, dtype=np.int64)])
     return ParquetSource(
