@@ -133,7 +133,7 @@ def run_case(path: str, workers: int) -> dict:
     if workers:
         import ray
 
-        from polyak.service.engine.ray_engine import connect
+        from polyak.service.engine.placement import connect
 
         connect(None, num_cpus=max(2, workers))
     info = prepare(spec.data, spec.model)
@@ -141,7 +141,7 @@ def run_case(path: str, workers: int) -> dict:
     if workers:
         import ray
 
-        sampler.pids["server"] = ray.get(engine.server.pid.remote())
+        sampler.pids["server"] = ray.get(engine.ps.pid.remote())
         for k, w in enumerate(engine.workers):
             sampler.pids[f"worker {k + 1}"] = ray.get(w.pid.remote())
     loaded = time.perf_counter() - started

@@ -75,7 +75,7 @@ def measure(spec, sync_path: str | None = None) -> dict:
     """The second epoch's samples/s and the per-step split from the actors' own timestamps."""
     import ray
 
-    from polyak.service.engine.ray_engine import SyncRayEngine
+    from polyak.service.engine.sync_engine import SyncRayEngine
 
     info = prepare(spec.data, spec.model)
     W0 = initial_weights(spec)
@@ -87,7 +87,7 @@ def measure(spec, sync_path: str | None = None) -> dict:
         seen.append(m)
         if spec.cluster.num_workers:
             timings["workers"] = ray.get([w.take_timings.remote() for w in engine.workers])
-            timings["server"] = ray.get(engine.server.take_timings.remote())
+            timings["server"] = ray.get(engine.ps.take_timings.remote())
 
     try:
         run(spec, info, engine, "bench", Hooks(on_epoch=on_epoch))
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
     parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from polyak.service.engine.ray_engine import connect
+    from polyak.service.engine.placement import connect
 
     if args.driver:  # one two-node row, in a driver joined to that cluster
         connect(args.driver[0])

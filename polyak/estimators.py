@@ -206,7 +206,7 @@ class _PolyakMLP(BaseEstimator):
 
         if not self.num_workers:
             return contextlib.nullcontext()
-        from polyak.service.engine.ray_engine import connect
+        from polyak.service.engine.placement import connect
 
         stack = contextlib.ExitStack()
         if connect(self.ray_address):

@@ -141,7 +141,8 @@ class Replay:
         self.ref = torch_ref
 
     def __call__(self, spec, dataset, steps: int) -> dict:
-        from polyak.service.engine.trainer import epoch_order, initial_weights
+        from polyak.service.engine.schedules import epoch_order
+        from polyak.service.engine.trainer import initial_weights
 
         layers, m = spec.model.layers, spec.model
         opt, b = spec.optimizer, spec.batch
@@ -211,7 +212,7 @@ def replay(torch_ref):
 def ray_session():
     import ray
 
-    from polyak.service.engine.ray_engine import connect
+    from polyak.service.engine.placement import connect
 
     started = connect(None, num_cpus=2)
     yield ray

@@ -11,7 +11,8 @@ import torch  # the dev extra installs it: a missing torch fails here, it does n
 from polyak.contract.errors import SpecError
 from polyak.contract.spec import parse_spec
 from polyak.service.engine.optim import BUFFERS
-from polyak.service.engine.trainer import epoch_order, initial_weights, train_job
+from polyak.service.engine.schedules import epoch_order
+from polyak.service.engine.trainer import initial_weights, train_job
 from polyak.workers.data import load_dataset
 
 STEPS = 50
@@ -107,17 +108,17 @@ def test_a_lost_parameter_server_restores_adams_moments_and_step(tmp_path):
     info = prepare(spec.data, spec.model)
     engine = make_engine(spec, info, initial_weights(spec))
     calls = {"n": 0}
-    pid = ray.get(engine.server.pid.remote())
+    pid = ray.get(engine.ps.pid.remote())
 
     def should_cancel():
         calls["n"] += 1
         if calls["n"] == 2 * 9 + 4:  # 142 training rows / 16 = 9 steps an epoch: step 4 of epoch 3
-            ray.kill(engine.server, no_restart=False)
+            ray.kill(engine.ps, no_restart=False)
         return False
 
     try:
         disturbed = run(spec, info, engine, "t", Hooks(should_cancel=should_cancel, job_dir=tmp_path))
-        restarted_pid = ray.get(engine.server.pid.remote())
+        restarted_pid = ray.get(engine.ps.pid.remote())
     finally:
         engine.close()
     assert restarted_pid != pid  # the kill landed

@@ -18,8 +18,8 @@ import ray
 
 from polyak.contract.spec import parse_spec
 from polyak.contract.wire import JobState, StopReason
+from polyak.service.engine.async_engine import AsyncRayEngine
 from polyak.service.engine.parameter_server import Join, Restore, Stop, Update
-from polyak.service.engine.ray_engine import AsyncRayEngine
 from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, run
 from polyak.workers.data import load_dataset, prepare
 from polyak.workers.gradient_worker import APPLIED
@@ -116,8 +116,8 @@ class Gate:
     late         -- kill the worker first, and forward its push only after the restarted worker has joined
     """
 
-    def __init__(self, server, worker, shard: int, after: int, fault: str):
-        self.server, self.worker, self.shard, self.after, self.fault = server, worker, shard, after, fault
+    def __init__(self, ps, worker, shard: int, after: int, fault: str):
+        self.ps, self.worker, self.shard, self.after, self.fault = ps, worker, shard, after, fault
         self.applied = 0
         self.fired = False
         self.released = threading.Event()
@@ -125,7 +125,7 @@ class Gate:
         self.joins = 0
 
     def join_epoch(self, shard):
-        answer = ray.get(self.server.join_epoch.remote(shard))
+        answer = ray.get(self.ps.join_epoch.remote(shard))
         if shard == self.shard:
             self.joins += 1
             if self.fired:
@@ -142,12 +142,12 @@ class Gate:
             self.fired = True
             ray.kill(self.worker, no_restart=False)
             assert self.rejoined.wait(60), "the killed worker never came back"
-        answer = ray.get(self.server.push.remote(*args))
+        answer = ray.get(self.ps.push.remote(*args))
         if shard == self.shard and answer[0] == APPLIED:
             self.applied += 1
             if due and self.fault in ("kill_worker", "kill_server"):
                 self.fired = True
-                ray.kill(self.worker if self.fault == "kill_worker" else self.server, no_restart=False)
+                ray.kill(self.worker if self.fault == "kill_worker" else self.ps, no_restart=False)
         return answer
 
     def release(self):
@@ -161,7 +161,7 @@ class GatedEngine(AsyncRayEngine):
     gate = None
 
     def pushes_to(self):
-        return self.gate or self.server
+        return self.gate or self.ps
 
 
 def train_async(spec, fault=None, after=0, hooks=None, tmp_path=None):
@@ -169,19 +169,19 @@ def train_async(spec, fault=None, after=0, hooks=None, tmp_path=None):
     info = prepare(spec.data, spec.model)
     engine = GatedEngine(spec, info, initial_weights(spec), trace=True)
     try:
-        pids = {"worker": ray.get(engine.workers[0].pid.remote()), "server": ray.get(engine.server.pid.remote())}
+        pids = {"worker": ray.get(engine.workers[0].pid.remote()), "server": ray.get(engine.ps.pid.remote())}
         incarnation = engine.incarnation
         if fault:
-            engine.gate = Gate.remote(engine.server, engine.workers[0], 0, after, fault)
+            engine.gate = Gate.remote(engine.ps, engine.workers[0], 0, after, fault)
         hooks = hooks(engine) if hooks else Hooks(job_dir=tmp_path)
         result = run(spec, info, engine, "t", hooks)
         facts = {
             "worker_pid_changed": ray.get(engine.workers[0].pid.remote()) != pids["worker"],
-            "server_pid_changed": ray.get(engine.server.pid.remote()) != pids["server"],
+            "server_pid_changed": ray.get(engine.ps.pid.remote()) != pids["server"],
             "incarnation_changed": engine.incarnation != incarnation,
             "worker_restarts": engine.worker_restarts,
             "server_recoveries": engine.server_recoveries,
-            "server_W": ray.get(engine.server.current.remote(None)),
+            "server_W": ray.get(engine.ps.current.remote(None)),
             "gate": ray.get(engine.gate.fired_at.remote()) if fault else None,
         }
         return result, engine.trace, facts
@@ -244,7 +244,7 @@ def test_cancel_mid_epoch_stops_within_one_push_per_worker_and_keeps_the_last_we
         def should_cancel():
             if not ray.get(engine.gate.fired_at.remote())[0]:
                 return False
-            at_cancel["version"] = ray.get(engine.server.step_count.remote())
+            at_cancel["version"] = ray.get(engine.ps.step_count.remote())
             engine.gate.release.remote()
             return True
 
@@ -306,8 +306,8 @@ def test_a_parameter_server_lost_after_an_epoch_never_lands_in_its_checkpoint(to
     def hooks(engine):
         def on_epoch(m):  # the trainer reports an epoch, then checkpoints it
             if m.epoch == 2 and engine.server_recoveries == 0:
-                ray.kill(engine.server, no_restart=False)
-                while answer(engine.server.ping) in (None, engine.incarnation):  # until the new one answers
+                ray.kill(engine.ps, no_restart=False)
+                while answer(engine.ps.ping) in (None, engine.incarnation):  # until the new one answers
                     pass
 
         return Hooks(on_epoch=on_epoch, job_dir=tmp_path)

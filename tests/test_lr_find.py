@@ -14,10 +14,20 @@ from conftest import LOCAL_IRIS, deep_merge
 
 from polyak.cli import cli
 from polyak.contract.spec import parse_spec
+from polyak.service.engine.local_engine import LocalEngine
 from polyak.service.engine.optim import RULES
-from polyak.service.engine.trainer import initial_weights
-from polyak.service.engine.tuning import curvature, load_problem, range_test, stable_lr, steepest
-from polyak.workers.data import load_dataset
+from polyak.service.engine.trainer import initial_weights, run
+from polyak.service.engine.tuning import (
+    LANCZOS_TOL,
+    curvature,
+    fd_hvp,
+    fd_step,
+    load_problem,
+    range_test,
+    stable_lr,
+    steepest,
+)
+from polyak.workers.data import load_dataset, prepare
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QUADRATIC = EXAMPLES / "quadratic_heavy_ball.yaml"
@@ -105,6 +115,75 @@ def test_mlp_lambda_max_matches_torch_hvp_power_iteration(torch_ref):
         torch.set_num_threads(threads)
     assert curv.lambda_max == pytest.approx(rayleigh, rel=0.05)
     assert curv.lambda_min is None and curv.kappa is None and curv.heavy_ball is None
+
+
+def relative_error(estimate, exact) -> float:
+    return float(np.linalg.norm(estimate - exact) / np.linalg.norm(exact))
+
+
+def test_the_finite_difference_step_holds_hessian_vector_products_to_the_lanczos_tolerance(torch_ref):
+    """fd_hvp at fd_step's h against exact products: the closed form H v on the quadratic example, torch's
+    double backward on the digits MLP (relu). Lanczos stops at a relative residual of LANCZOS_TOL, so the
+    products must be closer than that; a 1e4x larger step puts relu kinks inside +-h v and misses by far.
+    (On the quadratic every step is exact, its gradient being linear: only a non-quadratic loss holds h.)"""
+    v = np.random.default_rng(11).standard_normal(21)
+    v /= np.linalg.norm(v)
+    spec = parse_spec(QUADRATIC)
+    H, _, _ = quadratic_hessian(spec)
+    problem = load_problem(spec)
+    W0 = initial_weights(spec).astype(np.float64)
+    Hv = fd_hvp(lambda V: problem.grad(V)[0], W0, fd_step(W0))(v)
+    assert relative_error(Hv, H @ v) < LANCZOS_TOL
+
+    torch = torch_ref.torch
+    spec = parse_spec(deep_merge(yaml.safe_load(DIGITS.read_text()), {"cluster": {"dtype": "float64"}}))
+    problem, W0, m = load_problem(spec), initial_weights(spec).astype(np.float64), spec.model
+    ds = load_dataset(spec.data, spec.model)
+    model = torch_ref.model(m.layers, m.activation, W0)
+    params = list(model.parameters())  # weight, bias per layer: polyak's flat layout
+    loss = torch_ref.loss(m.loss, model(torch.from_numpy(ds.X_train)), ds.y_train)
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    v = np.random.default_rng(12).standard_normal(W0.size)
+    v /= np.linalg.norm(v)
+    exact = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grad @ torch.from_numpy(v), params)]).numpy()
+    hvp = {f: fd_hvp(lambda V: problem.grad(V)[0], W0, f * fd_step(W0)) for f in (1, 1e4)}
+    assert relative_error(hvp[1](v), exact) < LANCZOS_TOL
+    assert relative_error(hvp[1e4](v), exact) > 100 * LANCZOS_TOL
+
+
+def test_the_range_test_takes_the_trainers_batches_in_the_trainers_order(make_spec):
+    """The rows of each range-test step are those the trainer hands the engine at the same step, across epochs
+    whose batch size grows (a seed other than the default, so the order is not a fixed one by accident)."""
+    spec = make_spec({"model": {"seed": 7}, "batch": {"size": 16, "growth": 1.5}, "stopping": {"max_epochs": 6}})
+    info = prepare(spec.data, spec.model)
+    trained = []
+
+    class Recording:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def step(self, batch):
+            trained.append(np.array(batch))
+            self.engine.step(batch)
+
+    run(spec, info, Recording(LocalEngine(spec, info, initial_weights(spec))))
+    problem = load_problem(spec, info=info)
+    assert problem.full_batch
+    tested, grad = [], problem.grad
+
+    def recording_grad(W, idx=None):
+        tested.append(np.array(idx))
+        return grad(W, idx)
+
+    problem.grad = recording_grad
+    range_test(spec, problem, initial_weights(spec).astype(np.float64), steps=len(trained))
+    first_epochs = -(-info.n_train // 16) + -(-info.n_train // 24)  # two epochs, batches of 16 then 24
+    assert first_epochs < len(tested) <= len(trained)
+    for t, rows in enumerate(tested):
+        np.testing.assert_array_equal(rows, trained[t], err_msg=f"step {t}")
 
 
 def test_range_test_replays_the_update_rule_and_stops_when_the_loss_blows_up():

@@ -31,7 +31,7 @@ def test_a_non_finite_gradient_marks_the_step_as_diverged_even_with_a_finite_los
     g[3] = np.inf
     c.apply(g, 2.0, 1)
     figures = c.end_epoch()
-    assert figures["step_losses"][0] == 2.0 and math.isnan(figures["step_losses"][1])
+    assert figures.step_losses[0] == 2.0 and math.isnan(figures.step_losses[1])
 
 
 def test_snapshot_and_restore_round_trip_the_whole_state():
@@ -81,13 +81,13 @@ def test_async_pushes_are_recorded_with_their_read_version_rows_and_step_size(ra
     assert server.push(g, 1.0, 1, version, 1, pass_1, np.array([4]))[:2] == (STALE, 2)  # two: dropped
     # sgd, eta_t = 0.5 / (1 + t / 2): t = 0 then t = 1, each with g_B = 1
     np.testing.assert_array_equal(server.core.weights(), np.arange(8) - 0.5 - 0.5 / 1.5)
-    figures = server.end_epoch()[0]
-    assert figures["dropped"] == 1 and figures["staleness_max"] == 1 and figures["rejoins"] == 0
-    joins, updates = figures["trace"][:2], figures["trace"][2:]
+    handover = server.end_epoch()
+    assert handover.figures.dropped_gradients == 1 and handover.figures.staleness_max == 1 and handover.rejoins == 0
+    joins, updates = handover.trace[:2], handover.trace[2:]
     assert joins == [Join(4, 0, 0, 0), Join(4, 1, 0, 0)]
     assert [(u.epoch, u.shard, u.rows.tolist(), u.count, u.read_version, u.version, u.step, u.lr) for u in updates] \
         == [(4, 0, [5, 7], 2, 0, 1, 0, 0.5), (4, 1, [3], 1, 0, 2, 1, 0.5 / 1.5)]
-    assert all(isinstance(u, Update) for u in updates) and server.end_epoch()[0]["trace"] == []  # handed over once
+    assert all(isinstance(u, Update) for u in updates) and server.end_epoch().trace == []  # handed over once
 
 
 def test_a_restarted_worker_resumes_after_its_applied_batches_and_its_old_pass_is_turned_away(ray_session):
@@ -105,9 +105,9 @@ def test_a_restarted_worker_resumes_after_its_applied_batches_and_its_old_pass_i
     assert server.push(g, 1.0, 1, version, 0, old_pass, np.array([1]))[0] == STOP  # the dead pass's late push
     assert server.push(g, 1.0, 1, version, 0, new_pass, np.array([1]))[0] == APPLIED
     assert server.core.state.version == 3
-    figures = server.end_epoch()[0]
-    assert figures["rejoins"] == 1
-    assert [u.rows.tolist() for u in figures["trace"] if isinstance(u, Update)] == [[0], [0], [1]]
+    handover = server.end_epoch()
+    assert handover.rejoins == 1
+    assert [u.rows.tolist() for u in handover.trace if isinstance(u, Update)] == [[0], [0], [1]]
 
 
 def test_stop_and_the_step_budget_turn_every_later_push_away(ray_session):
@@ -125,5 +125,5 @@ def test_stop_and_the_step_budget_turn_every_later_push_away(ray_session):
     _, p, version, _ = server.join_epoch(0)
     server.stop()
     assert server.push(g, 1.0, 1, version, 0, p, np.array([2]))[0] == STOP
-    figures = server.end_epoch()[0]
-    assert server.core.state.version == 1 and figures["trace"][-1] == Stop(1)
+    handover = server.end_epoch()
+    assert server.core.state.version == 1 and handover.trace[-1] == Stop(1)

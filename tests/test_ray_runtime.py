@@ -8,7 +8,11 @@ import ray
 
 from polyak.contract.spec import parse_spec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
-from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine, choose_sync_path, describe_nodes
+from polyak.service.engine import sync_engine
+from polyak.service.engine.async_engine import AsyncRayEngine
+from polyak.service.engine.checkpoint import load_checkpoint
+from polyak.service.engine.placement import choose_sync_path, describe_nodes
+from polyak.service.engine.sync_engine import SyncRayEngine
 from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
 from polyak.workers.data import load_dataset, prepare
 
@@ -167,10 +171,27 @@ def test_a_killed_worker_is_restarted_and_sync_weights_equal_an_undisturbed_run(
     np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
 
 
+def test_a_worker_failure_past_the_repair_budget_fails_the_job_in_one_line_and_keeps_the_checkpoint(
+        tmp_path, monkeypatch):
+    """The repair's give-up is a ClusterFault: the trainer's fatal path, not an exception out of the job."""
+    monkeypatch.setattr(sync_engine, "MAX_REPAIRS_PER_EPOCH", 0)  # the first lost worker is one too many
+    spec = digits_spec(**{"stopping.max_epochs": 4})
+    hook = killer(at_step=20, target=lambda e: e.workers[1])  # step 5 of epoch 2 (15 steps an epoch)
+    hook.job_dir = tmp_path
+    result = train(spec, engine_hook=hook)
+    assert result.state == JobState.FAILED and result.stop_reason == StopReason.ERROR
+    assert result.error == ("gave up after 1 gradient worker failure(s) in one epoch (at most 0 are repaired) "
+                            "(during epoch 2; weights and checkpoint of epoch 1 kept)")
+    assert [m.epoch for m in result.metrics] == [1]
+    arrays, meta = load_checkpoint(tmp_path / CHECKPOINT)
+    assert meta["epoch"] == 1 and meta["step"] == 15
+    np.testing.assert_array_equal(result.weights, arrays["W"])  # the job's weights are its last epoch's
+
+
 def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path):
     spec = digits_spec(**{"stopping.max_epochs": 4})
     undisturbed = train(spec)
-    hook = killer(at_step=40, target=lambda e: e.server)  # mid-epoch 3: the checkpoint holds epoch 2
+    hook = killer(at_step=40, target=lambda e: e.ps)  # mid-epoch 3: the checkpoint holds epoch 2
     hook.job_dir = tmp_path
     disturbed = train(spec, engine_hook=hook)
     assert disturbed.state == JobState.SUCCEEDED

@@ -128,7 +128,7 @@ def _cancel_on_sigint(cancel: threading.Event, say):
 def _connect_ray(address: str | None, workers: int, say, stack: contextlib.ExitStack) -> None:
     """Start or join Ray, saying which first: starting one takes seconds, and the screen would be blank."""
     require("train", "ray", "threadpoolctl")
-    from polyak.service.engine.ray_engine import cluster_summary, connect
+    from polyak.service.engine.placement import cluster_summary, connect
 
     _quiet_ray()
     if address in (None, "", "local") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # connect()'s rule
@@ -267,7 +267,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _cluster_summary() -> str:
-    from polyak.service.engine.ray_engine import cluster_summary
+    from polyak.service.engine.placement import cluster_summary
 
     return cluster_summary()
 

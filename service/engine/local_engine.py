@@ -8,6 +8,7 @@ import numpy as np
 
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
+from polyak.service.engine.engine import EpochFigures
 from polyak.service.engine.ps_core import ServerCore
 from polyak.workers.backend import get_backend
 from polyak.workers.data import DataInfo, ShardLayout, load_part, split_of
@@ -16,7 +17,9 @@ from polyak.workers.readers import open_source
 
 
 class LocalEngine:
-    drives_steps = False  # the trainer hands it one batch at a time
+    """A TrainerDrivenEngine (service/engine/engine.py): the trainer hands it one batch at a time."""
+
+    drives_steps = False
     recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
     fatal: tuple[type[Exception], ...] = ()
 
@@ -34,7 +37,8 @@ class LocalEngine:
         self.X, self.y = xp.asarray(train.X), xp.asarray(train.y)  # (n, m_0)
         self.X_val, self.y_val = xp.asarray(val.X), xp.asarray(val.y)
         del train, val
-        self.core = ServerCore(spec, W0, xp)
+        self.W0 = np.asarray(W0)
+        self.core = ServerCore(spec, self.W0, xp)
         self.grad = xp.empty(self.mlp.p, dtype=dtype)
 
     def describe(self) -> str:
@@ -45,7 +49,7 @@ class LocalEngine:
         grad_sum, loss_sum, count = self.mlp.loss_and_grad(self.core.state.W, self.X[idx], self.y[idx], self.grad)
         self.core.apply(grad_sum, loss_sum, count)
 
-    def end_epoch(self) -> dict:
+    def end_epoch(self) -> EpochFigures:
         return self.core.end_epoch()
 
     def weights(self) -> np.ndarray:
@@ -62,6 +66,11 @@ class LocalEngine:
         arrays, meta = load_checkpoint(path)
         self.core.restore(arrays, meta)
         return meta
+
+    def recover(self) -> None:
+        """Back to W0 and empty buffers, as a Ray engine after a lost server (the trainer never needs it here:
+        ``recoverable`` is empty)."""
+        self.core.restore({"W": self.W0}, {"step": 0, "version": 0})
 
     def close(self) -> None:
         pass

@@ -1,6 +1,6 @@
 """The parameter server: a Ray actor holding (W, u, t, version), a thin shell over ServerCore.
 
-Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/engine/ray_engine.py):
+Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/engine/sync_engine.py):
 W goes to the K workers, their gradient sums come back, and ``apply`` takes one exact step.
 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
@@ -14,6 +14,7 @@ replay the run from W0 (tests/test_async_replay.py does, in NumPy).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -25,6 +26,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from polyak.contract.spec import JobSpec
+from polyak.service.engine.engine import EpochFigures
 from polyak.service.engine.ps_core import ServerCore
 from polyak.workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 
@@ -66,6 +68,19 @@ class Restore:
     """The engine put the server back at ``version`` (0: W0; else a checkpoint's W and buffers)."""
 
     version: int
+
+
+@dataclass(frozen=True)
+class EpochHandover:
+    """What the server hands the engine at the end of an epoch: the epoch's figures, the state a checkpoint of
+    it holds, and the evidence of faults the engine checks."""
+
+    figures: EpochFigures
+    arrays: dict[str, np.ndarray]  # W and the method's buffers
+    counters: dict[str, int]  # step, version
+    incarnation: str  # the actor's life that ran the epoch: not the one at its start means it restarted
+    rejoins: int  # gradient workers that joined the epoch again after a restart (async)
+    trace: list[Update | Join | Stop]  # the epoch's records; empty unless tracing
 
 
 class ParameterServer:
@@ -168,19 +183,20 @@ class ParameterServer:
         return (APPLIED, *self._current())
 
     # -- both --------------------------------------------------------------------------------------
-    def end_epoch(self) -> tuple[dict, dict[str, np.ndarray], dict]:
-        """(figures, arrays, counters): the epoch's figures and the whole state a checkpoint of it holds."""
+    def end_epoch(self) -> EpochHandover:
+        """The epoch's figures and the whole state a checkpoint of it holds; the next epoch starts afresh."""
         figures = self.core.end_epoch()
         if self.staleness or self.dropped:  # async only: sync steps are never stale
-            figures.update(
+            figures = dataclasses.replace(
+                figures,
                 staleness_mean=float(np.mean(self.staleness)) if self.staleness else None,
                 staleness_max=int(max(self.staleness)) if self.staleness else None,
-                dropped=self.dropped,
+                dropped_gradients=self.dropped,
             )
-        figures.update(incarnation=self.incarnation, rejoins=self.rejoins, trace=self.trace)
+        handover = EpochHandover(figures, *self.core.snapshot(), self.incarnation, self.rejoins, self.trace)
         self.trace = []
         self._begin_epoch(None, -1)
-        return figures, *self.core.snapshot()
+        return handover
 
     def restore(self, arrays: dict, counters: dict) -> None:
         self.core.restore(arrays, counters)

@@ -12,6 +12,7 @@ import numpy as np
 
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.criteria import GradientStats
+from polyak.service.engine.engine import EpochFigures
 from polyak.service.engine.optim import Optimizer, OptState, new_state
 from polyak.workers.backend import to_numpy
 
@@ -51,20 +52,20 @@ class ServerCore:
             count = sum(part[2] for part in parts)
         self.apply(grad_sum, loss_sum, count)
 
-    def end_epoch(self) -> dict:
+    def end_epoch(self) -> EpochFigures:
         """The epoch's figures; resets the running sums for the next epoch."""
         grad_avg_norm, grad_noise = self.stats.summary()
-        out = {
-            "step_losses": np.asarray(self.step_losses, dtype=np.float64),
-            "samples": self.samples,
-            "step": self.state.step,
-            "grad_avg_norm": grad_avg_norm,
-            "grad_noise": grad_noise,
-            "lr": self.optimizer.lr(max(self.state.step - 1, 0)),
-        }
+        figures = EpochFigures(
+            step_losses=np.asarray(self.step_losses, dtype=np.float64),
+            samples=self.samples,
+            step=self.state.step,
+            last_lr=self.optimizer.lr(max(self.state.step - 1, 0)),
+            grad_avg_norm=grad_avg_norm,
+            grad_noise=grad_noise,
+        )
         self.stats.reset()
         self.step_losses, self.samples = [], 0
-        return out
+        return figures
 
     def weights(self) -> np.ndarray:
         """A host copy of W that later steps cannot change."""

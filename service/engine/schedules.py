@@ -1,9 +1,15 @@
-"""Step sizes eta_t as pure functions of the step t, and the batch size n'_e as a function of the epoch."""
+"""Step sizes eta_t as pure functions of the step t; the batch size n'_e and the batches of epoch e.
+
+``epoch_batches`` is the one rule for which training rows each step of an epoch takes: the trainer hands its
+batches to the engine, and lr-find's range test (service/engine/tuning.py) takes the same ones.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import numpy as np
 
 from polyak.contract.spec import BatchSpec, OptimizerSpec
 
@@ -41,3 +47,15 @@ def batch_size(batch: BatchSpec, n: int, epoch: int) -> int:
     if batch.growth > 1 and epoch * math.log(batch.growth) >= math.log(cap / batch.size):
         return cap  # growth**epoch itself would overflow a float after enough epochs
     return max(1, min(cap, round(batch.size * batch.growth**epoch)))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Every epoch visits each training row once, in a fresh order that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, 2, epoch]).permutation(n)
+
+
+def epoch_batches(batch: BatchSpec, seed: int, epoch: int, n: int) -> Iterator[np.ndarray]:
+    """The training rows of each step of epoch ``epoch``, in order: its order cut into n'_e rows a step (the
+    last batch takes what is left), ceil(n / n'_e) steps."""
+    size, order = batch_size(batch, n, epoch), epoch_order(seed, epoch, n)
+    return (order[i * size : (i + 1) * size] for i in range(math.ceil(n / size)))

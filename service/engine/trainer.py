@@ -1,26 +1,17 @@
 """The epoch loop, written once: batching, metrics, stopping, checkpoints, cancel.
 
-It runs against an engine that "takes the steps of these batches" — in this process (LocalEngine) or
-on Ray (service/engine/ray_engine.py). An engine offers:
-
-    drives_steps: bool                      # False: the trainer hands it batches; True: async workers drive
-    step(batch)                             # one exact minibatch step of (26) over these training rows
-    run_epoch(epoch, batch_size, step_budget, should_cancel) -> bool  # drives_steps engines only
-    end_epoch() -> dict                     # step_losses, samples, step, grad_avg_norm, grad_noise, lr, ...
-    weights() -> np.ndarray                 # W after the last step, on the host
-    evaluate(W) -> (loss sum, correct, n)   # over the validation rows (held by the workers)
-    checkpoint(path, meta); restore(path) -> meta
-    recoverable: tuple of exception types   # a lost parameter server; then recover() and resume
-    fatal: tuple of exception types         # the cluster cannot go on (a lost node, no room): the job fails
-    describe() -> str                       # one line: where the job runs and how its steps travel
-    close()
+It runs against an engine (service/engine/engine.py) that takes the steps of the epoch's batches — in this
+process (LocalEngine) or on Ray (SyncRayEngine, AsyncRayEngine) — and reports each epoch's figures. Read top to
+bottom: ``run`` hands the job to a ``Training``, whose loop runs an epoch (``run_epoch``), recovers a lost
+parameter server or fails the job on a fatal fault, then judges the epoch (``conclude``): diverged, cancelled,
+stopped by a criterion, or checkpointed for the next one.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +22,8 @@ from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine.checkpoint import load_npz, save_npz
 from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
-from polyak.service.engine.schedules import batch_size
+from polyak.service.engine.engine import Engine, EpochFigures, TrainerDrivenEngine, WorkerDrivenEngine
+from polyak.service.engine.schedules import batch_size, epoch_batches
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
 
@@ -84,23 +76,22 @@ def weights_file(W: np.ndarray, spec: JobSpec, info: DataInfo) -> dict[str, np.n
     return arrays
 
 
-def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray):
+def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenEngine | WorkerDrivenEngine:
     """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
     if spec.cluster.num_workers == 0:
         from polyak.service.engine.local_engine import LocalEngine
 
         return LocalEngine(spec, info, W0)
-    from polyak.service.engine.ray_engine import AsyncRayEngine, SyncRayEngine
+    if spec.cluster.mode == "async":
+        from polyak.service.engine.async_engine import AsyncRayEngine
 
-    return (AsyncRayEngine if spec.cluster.mode == "async" else SyncRayEngine)(spec, info, W0)
+        return AsyncRayEngine(spec, info, W0)
+    from polyak.service.engine.sync_engine import SyncRayEngine
+
+    return SyncRayEngine(spec, info, W0)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """Every epoch visits each training row once, in a fresh order that depends only on (seed, epoch)."""
-    return np.random.default_rng([seed, 2, epoch]).permutation(n)
-
-
-def validate(engine, info: DataInfo, W: np.ndarray) -> tuple[float | None, float | None]:
+def validate(engine: Engine, info: DataInfo, W: np.ndarray) -> tuple[float | None, float | None]:
     """Validation loss and accuracy: the sums the engine's parts return, divided once here."""
     if info.n_val == 0:
         return None, None
@@ -131,131 +122,192 @@ class Progress:
 MAX_RECOVERIES = 3
 
 
-def run(spec: JobSpec, info: DataInfo, engine, job_id: str = "local", hooks: Hooks | None = None) -> TrainResult:
+def run(spec: JobSpec, info: DataInfo, engine: TrainerDrivenEngine | WorkerDrivenEngine, job_id: str = "local",
+        hooks: Hooks | None = None) -> TrainResult:
     """Train until a stopping criterion is met, the job is cancelled, or it diverges.
 
     With ``hooks.job_dir`` the job resumes from its checkpoint there, and a parameter server lost
     mid-epoch (``engine.recoverable``) is restored from the last checkpoint and the epoch redone.
     """
-    hooks = hooks or Hooks()
-    job_dir = Path(hooks.job_dir) if hooks.job_dir else None
-    checkpoint = job_dir / CHECKPOINT if job_dir else None
-    best_file = job_dir / BEST_WEIGHTS if job_dir else None
-    layers = spec.model.layers
-    metrics: list[EpochMetrics] = []
+    return Training(spec, info, engine, job_id, hooks or Hooks()).run()
 
-    def resume() -> tuple[Progress, Stopper, np.ndarray]:
-        meta = engine.restore(checkpoint) if checkpoint and checkpoint.exists() else {}
-        progress, stopper = Progress.from_meta(meta), Stopper(spec.stopping)
-        if progress.stopper:
-            stopper.load_state(progress.stopper)
-        del metrics[progress.epoch :]  # epochs after the checkpoint are redone and reported again
-        return progress, stopper, engine.weights()
 
-    progress, stopper, W_prev = resume()
-    best_W = from_dict(load_npz(best_file), layers, W_prev.dtype) if best_file and best_file.exists() else None
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch's steps left behind, before the trainer judges it."""
 
-    def finish(state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
-        if job_dir:
-            save_npz(job_dir / LAST_WEIGHTS, weights_file(W, spec, info))
-        return TrainResult(state, reason, W, best_W, error, metrics)
+    figures: EpochFigures
+    W: np.ndarray
+    batch_size: int
+    seconds: float  # the steps and end_epoch, not validation
+    val_loss: float | None
+    val_accuracy: float | None
+    cancelled: bool
 
-    if spec.stopping.max_epochs == 0 or spec.stopping.max_steps == 0:
-        reason = StopReason.MAX_EPOCHS if spec.stopping.max_epochs == 0 else StopReason.MAX_STEPS
-        return finish(JobState.SUCCEEDED, reason, W_prev)
 
-    recoveries = 0
-    while True:
-        n = info.n_train
-        bs = batch_size(spec.batch, n, progress.epoch)
-        budget = None if spec.stopping.max_steps is None else spec.stopping.max_steps - progress.step
-        epoch_start = time.perf_counter()
-        try:
-            if engine.drives_steps:  # async: each worker passes over its own shard, t' = sum_k ceil(n_k / n')
-                cancelled = engine.run_epoch(progress.epoch, bs, budget, hooks.should_cancel)
-            else:
-                cancelled = False
-                order = epoch_order(spec.model.seed, progress.epoch, n)
-                steps = math.ceil(n / bs) if budget is None else min(math.ceil(n / bs), budget)
-                for i in range(steps):
-                    if hooks.should_cancel():
-                        cancelled = True
-                        break
-                    engine.step(order[i * bs : (i + 1) * bs])
-            res = engine.end_epoch()
-            W = engine.weights()
-            epoch_seconds = time.perf_counter() - epoch_start
-            # Validation runs on the engine's parts too (the workers hold the rows): a lost node shows up here.
-            val_loss, val_acc = validate(engine, info, W) if np.isfinite(W).all() else (None, None)
-        except engine.recoverable:
-            recoveries += 1
-            if recoveries > MAX_RECOVERIES:
-                raise
-            engine.recover()
-            progress, stopper, W_prev = resume()
-            continue
-        except engine.fatal as e:
-            kept = f"weights and checkpoint of epoch {progress.epoch} kept" if progress.epoch else "no epoch finished"
-            return finish(JobState.FAILED, StopReason.ERROR, W_prev, f"{e} (during epoch {progress.epoch + 1}; {kept})")
-        done = len(res["step_losses"])
-        bad = _first_non_finite(res["step_losses"])
-        if bad is not None or not np.isfinite(W).all():
-            at = progress.step + (bad + 1 if bad is not None else done)
-            msg = (
-                f"diverged at epoch {progress.epoch + 1}, step {at}: the loss became non-finite "
-                "(try a smaller optimizer.lr)"
-            )
-            return finish(JobState.FAILED, StopReason.DIVERGED, W_prev, msg)
-        if cancelled and done == 0:
-            return finish(JobState.CANCELLED, StopReason.CANCELLED, W)
+class Training:
+    """One job's epoch loop: where it stands (progress, stopper, the weights of the last epoch), its files and
+    the metrics so far."""
+
+    def __init__(self, spec: JobSpec, info: DataInfo, engine: TrainerDrivenEngine | WorkerDrivenEngine,
+                 job_id: str, hooks: Hooks):
+        self.spec, self.info, self.engine, self.job_id, self.hooks = spec, info, engine, job_id, hooks
+        self.job_dir = Path(hooks.job_dir) if hooks.job_dir else None
+        self.checkpoint = self.job_dir / CHECKPOINT if self.job_dir else None
+        self.best_file = self.job_dir / BEST_WEIGHTS if self.job_dir else None
+        self.metrics: list[EpochMetrics] = []
+        self.resume()
+        self.best_W = (from_dict(load_npz(self.best_file), spec.model.layers, self.W_prev.dtype)
+                       if self.best_file and self.best_file.exists() else None)
+
+    def resume(self) -> None:
+        """From the checkpoint when there is one, else from the engine's initial state."""
+        meta = self.engine.restore(self.checkpoint) if self.checkpoint and self.checkpoint.exists() else {}
+        self.progress, self.stopper = Progress.from_meta(meta), Stopper(self.spec.stopping)
+        if self.progress.stopper:
+            self.stopper.load_state(self.progress.stopper)
+        del self.metrics[self.progress.epoch :]  # epochs after the checkpoint are redone and reported again
+        self.W_prev = self.engine.weights()
+
+    def run(self) -> TrainResult:
+        stopping = self.spec.stopping
+        if stopping.max_epochs == 0 or stopping.max_steps == 0:
+            reason = StopReason.MAX_EPOCHS if stopping.max_epochs == 0 else StopReason.MAX_STEPS
+            return self.finish(JobState.SUCCEEDED, reason, self.W_prev)
+        recoveries = 0
+        while True:
+            try:
+                epoch = run_epoch(self.spec, self.info, self.engine, self.progress, self.hooks.should_cancel)
+            except self.engine.recoverable:
+                recoveries += 1
+                if recoveries > MAX_RECOVERIES:
+                    raise
+                self.engine.recover()
+                self.resume()
+                continue
+            except self.engine.fatal as e:
+                return self.finish(JobState.FAILED, StopReason.ERROR, self.W_prev, fatal_message(e, self.progress))
+            result = self.conclude(epoch)
+            if result is not None:
+                return result
+
+    def conclude(self, epoch: EpochResult) -> TrainResult | None:
+        """Judge the epoch: its end (diverged, cancelled, a criterion met) or a checkpoint and the next one."""
+        diverged = divergence(epoch, self.progress)
+        if diverged is not None:
+            return self.finish(JobState.FAILED, StopReason.DIVERGED, self.W_prev, diverged)
+        if epoch.cancelled and len(epoch.figures.step_losses) == 0:
+            return self.finish(JobState.CANCELLED, StopReason.CANCELLED, epoch.W)
+        m = self.record(epoch)
+        self.hooks.on_epoch(m)
+        if m.stop is not None:
+            state = JobState.CANCELLED if m.stop == StopReason.CANCELLED else JobState.SUCCEEDED
+            return self.finish(state, m.stop, epoch.W)
+        if self.checkpoint:
+            self.progress.stopper = self.stopper.state()
+            self.engine.checkpoint(self.checkpoint, asdict(self.progress))
+            save_npz(self.job_dir / LAST_WEIGHTS, weights_file(epoch.W, self.spec, self.info))  # GET /weights
+        self.W_prev = epoch.W
+        return None
+
+    def record(self, epoch: EpochResult) -> EpochMetrics:
+        """Count the epoch in, keep its weights if they are the best so far, and check the stopping criteria."""
+        figures, progress = epoch.figures, self.progress
         progress.epoch += 1
-        progress.step = res["step"]
-        progress.samples_seen += res["samples"]
-        progress.elapsed_seconds += epoch_seconds
-        train_loss = float(res["step_losses"].mean()) if done else None
+        progress.step = figures.step
+        progress.samples_seen += figures.samples
+        progress.elapsed_seconds += epoch.seconds
+        train_loss = float(figures.step_losses.mean()) if len(figures.step_losses) else None
         # A cut-short epoch is no candidate for the best weights: a server stopping mid-epoch drops it.
-        if not cancelled and stopper.observe_validation(progress.epoch, val_loss):
-            best_W = W.copy()
-            if best_file:
-                save_npz(best_file, weights_file(W, spec, info))
-        outcome = EpochOutcome(
-            progress.epoch, progress.step, train_loss, val_loss, relative_change(W, W_prev), res["grad_avg_norm"]
-        )
-        criteria, stop = stopper.check(outcome)
-        if cancelled:
-            stop = StopReason.CANCELLED
-        m = EpochMetrics(
-            job_id=job_id,
-            epoch=progress.epoch,
-            step=progress.step,
-            samples_seen=progress.samples_seen,
-            batch_size=bs,
-            lr=res["lr"],
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_accuracy=val_acc,
-            weight_norm=float(np.linalg.norm(W.astype(np.float64))),
-            weight_change=outcome.weight_change,
-            grad_avg_norm=res["grad_avg_norm"],
-            grad_noise=res["grad_noise"],
-            samples_per_second=res["samples"] / epoch_seconds if epoch_seconds > 0 else 0.0,
-            elapsed_seconds=progress.elapsed_seconds,
-            staleness_mean=res.get("staleness_mean"),
-            staleness_max=res.get("staleness_max"),
-            dropped_gradients=res.get("dropped"),
-            criteria=criteria,
-            stop=stop,
-        )
-        metrics.append(m)
-        hooks.on_epoch(m)
-        if stop is not None:
-            state = JobState.CANCELLED if stop == StopReason.CANCELLED else JobState.SUCCEEDED
-            return finish(state, stop, W)
-        if checkpoint:
-            progress.stopper = stopper.state()
-            engine.checkpoint(checkpoint, asdict(progress))
-            save_npz(job_dir / LAST_WEIGHTS, weights_file(W, spec, info))  # what GET /weights serves meanwhile
-        W_prev = W
+        if not epoch.cancelled and self.stopper.observe_validation(progress.epoch, epoch.val_loss):
+            self.best_W = epoch.W.copy()
+            if self.best_file:
+                save_npz(self.best_file, weights_file(epoch.W, self.spec, self.info))
+        outcome = EpochOutcome(progress.epoch, progress.step, train_loss, epoch.val_loss,
+                               relative_change(epoch.W, self.W_prev), figures.grad_avg_norm)
+        criteria, stop = self.stopper.check(outcome)
+        m = epoch_metrics(self.job_id, progress, epoch, outcome, criteria,
+                          StopReason.CANCELLED if epoch.cancelled else stop)
+        self.metrics.append(m)
+        return m
+
+    def finish(self, state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
+        if self.job_dir:
+            save_npz(self.job_dir / LAST_WEIGHTS, weights_file(W, self.spec, self.info))
+        return TrainResult(state, reason, W, self.best_W, error, self.metrics)
+
+
+def run_epoch(spec: JobSpec, info: DataInfo, engine: TrainerDrivenEngine | WorkerDrivenEngine, progress: Progress,
+              should_cancel: Callable[[], bool]) -> EpochResult:
+    """The next epoch's steps, the engine's figures of them, and validation of the weights they reached."""
+    bs = batch_size(spec.batch, info.n_train, progress.epoch)
+    budget = None if spec.stopping.max_steps is None else max(spec.stopping.max_steps - progress.step, 0)
+    started = time.perf_counter()
+    if engine.drives_steps:  # async: each worker passes over its own shard, t' = sum_k ceil(n_k / n')
+        cancelled = engine.run_epoch(progress.epoch, bs, budget, should_cancel)
+    else:
+        batches = epoch_batches(spec.batch, spec.model.seed, progress.epoch, info.n_train)
+        cancelled = hand_over(engine, itertools.islice(batches, budget), should_cancel)
+    figures = engine.end_epoch()
+    W = engine.weights()
+    seconds = time.perf_counter() - started
+    # Validation runs on the engine's parts too (the workers hold the rows): a lost node shows up here.
+    val_loss, val_accuracy = validate(engine, info, W) if np.isfinite(W).all() else (None, None)
+    return EpochResult(figures, W, bs, seconds, val_loss, val_accuracy, cancelled)
+
+
+def hand_over(engine: TrainerDrivenEngine, batches: Iterable[np.ndarray], should_cancel: Callable[[], bool]) -> bool:
+    """One engine step per batch, while the job is not cancelled; True when it was."""
+    for batch in batches:
+        if should_cancel():
+            return True
+        engine.step(batch)
+    return False
+
+
+def divergence(epoch: EpochResult, progress: Progress) -> str | None:
+    """Why the epoch diverged (a non-finite loss or weights), naming its first bad step; None when it did not."""
+    step_losses = epoch.figures.step_losses
+    bad = _first_non_finite(step_losses)
+    if bad is None and np.isfinite(epoch.W).all():
+        return None
+    at = progress.step + (bad + 1 if bad is not None else len(step_losses))
+    return (f"diverged at epoch {progress.epoch + 1}, step {at}: the loss became non-finite "
+            "(try a smaller optimizer.lr)")
+
+
+def fatal_message(error: Exception, progress: Progress) -> str:
+    """The engine's one line, and what of the job is kept."""
+    kept = f"weights and checkpoint of epoch {progress.epoch} kept" if progress.epoch else "no epoch finished"
+    return f"{error} (during epoch {progress.epoch + 1}; {kept})"
+
+
+def epoch_metrics(job_id: str, progress: Progress, epoch: EpochResult, outcome: EpochOutcome,
+                  criteria: list, stop: StopReason | None) -> EpochMetrics:
+    """The epoch's line of the job's metrics (the wire format), from the progress it was counted into."""
+    figures, W = epoch.figures, epoch.W
+    return EpochMetrics(
+        job_id=job_id,
+        epoch=progress.epoch,
+        step=progress.step,
+        samples_seen=progress.samples_seen,
+        batch_size=epoch.batch_size,
+        lr=figures.last_lr,
+        train_loss=outcome.train_loss,
+        val_loss=epoch.val_loss,
+        val_accuracy=epoch.val_accuracy,
+        weight_norm=float(np.linalg.norm(W.astype(np.float64))),
+        weight_change=outcome.weight_change,
+        grad_avg_norm=figures.grad_avg_norm,
+        grad_noise=figures.grad_noise,
+        samples_per_second=figures.samples / epoch.seconds if epoch.seconds > 0 else 0.0,
+        elapsed_seconds=progress.elapsed_seconds,
+        staleness_mean=figures.staleness_mean,
+        staleness_max=figures.staleness_max,
+        dropped_gradients=figures.dropped_gradients,
+        criteria=criteria,
+        stop=stop,
+    )
 
 
 def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, info: DataInfo | None = None):
@@ -263,7 +315,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     the engine.
 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
-    Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.ray_engine.connect).
+    Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
     """
     info = info if info is not None else prepare(spec.data, spec.model)
     engine = make_engine(spec, info, initial_weights(spec))

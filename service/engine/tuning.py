@@ -13,6 +13,7 @@ Both run in float64 on at most ``SAMPLE_ROWS`` training rows, standardized as tr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,8 +22,7 @@ import numpy as np
 
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.optim import Optimizer, new_state
-from polyak.service.engine.schedules import batch_size
-from polyak.service.engine.trainer import epoch_order
+from polyak.service.engine.schedules import batch_size, epoch_batches
 from polyak.workers.data import DataInfo, load_part, prepare, split_of
 from polyak.workers.mlp import MLP
 from polyak.workers.readers import open_source
@@ -119,14 +119,9 @@ def steepest(lrs, smoothed, skip_begin: int = SKIP_BEGIN, skip_end: int = SKIP_E
     return skip_begin + int(np.argmin(slope))
 
 
-def batches(spec: JobSpec, n: int) -> Iterator:
-    """The trainer's batches: a fresh seeded order each epoch, n'_e from the spec's batch schedule."""
-    epoch = 0
-    while True:
-        bs, order = batch_size(spec.batch, n, epoch), epoch_order(spec.model.seed, epoch, n)
-        for i in range(math.ceil(n / bs)):
-            yield order[i * bs : (i + 1) * bs]
-        epoch += 1
+def batches(spec: JobSpec, n: int) -> Iterator[np.ndarray]:
+    """The trainer's batches, epoch after epoch (schedules.epoch_batches), without end."""
+    return itertools.chain.from_iterable(epoch_batches(spec.batch, spec.model.seed, e, n) for e in itertools.count())
 
 
 def range_test(spec: JobSpec, problem: Problem, W0, steps: int,
@@ -171,6 +166,15 @@ def fd_hvp(grad: Callable, W, h: float) -> Callable:
         return (grad(W + h * v) - grad(W - h * v)) / (2 * h)
 
     return hvp
+
+
+def fd_step(W, xp=np) -> float:
+    """The finite-difference step h of fd_hvp at W: 1e-6 (1 + ||W||).
+
+    Small: a wider h lets a relu's kinks fall inside +-h v for some rows, and their gradient jumps / h then add
+    curvature the a.e. Hessian (torch's) does not have, and a smooth loss's O(h^2) error grows; float64 keeps
+    rounding at ~1e-16 / h. (On a quadratic any h is exact: its gradient is linear.)"""
+    return 1e-6 * (1.0 + float(xp.linalg.norm(W)))
 
 
 def lanczos(hvp: Callable, v0, xp=np, max_iter: int = LANCZOS_MAX_ITER, tol: float = LANCZOS_TOL,
@@ -262,9 +266,7 @@ def curvature(spec: JobSpec, problem: Problem, W0, seed: int = 0) -> Curvature:
     """lambda_max of the loss's Hessian at W0 (and lambda_min, kappa, Polyak's parameters for a quadratic)."""
     xp = problem.mlp.xp
     W = xp.asarray(W0, dtype=np.float64)
-    # Small: a wider h lets a relu's kinks fall inside +-h v for some rows, and their gradient jumps / h then
-    # add curvature the a.e. Hessian (torch's) does not have; float64 keeps rounding at ~1e-16 / h.
-    h = 1e-6 * (1.0 + float(xp.linalg.norm(W)))
+    h = fd_step(W, xp)
     hvp = fd_hvp(lambda V: problem.grad(V)[0], W, h)
     v0 = xp.asarray(np.random.default_rng([seed, 17]).standard_normal(W.shape[0]))
     quadratic = is_quadratic(spec)

@@ -98,7 +98,7 @@ class Cluster:
         with self._lock:
             if self._connected:
                 return
-            from polyak.service.engine.ray_engine import connect
+            from polyak.service.engine.placement import connect
 
             try:
                 self._started_here = connect(self.address)

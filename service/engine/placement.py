@@ -1,0 +1,154 @@
+"""Where a Ray job runs: joining the cluster, where its actors go, which sync path that implies, lost nodes.
+
+The parameter server runs on the driver's node, so losing any other node never loses W; the workers are asked
+for that node too and go elsewhere when it is full. Where they land decides how a sync step travels
+(service/engine/sync_engine.py): a compiled graph when every actor shares the driver's node, ordinary actor
+calls when the job spans nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.exceptions import AuthenticationError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from polyak.contract.errors import RAY_AUTH_HINT
+from polyak.service.engine.engine import ClusterFault
+from polyak.workers.backend import worker_device
+
+log = logging.getLogger(__name__)
+
+
+# -- the cluster -----------------------------------------------------------------------------------------
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join or start Ray; True when this call started a local instance (the caller shuts it down).
+
+    No address (or "local") starts a single-node Ray on this machine, never joining a cluster that
+    happens to run here — except inside a Ray job's entrypoint, which joins the cluster running the job.
+    Any other address joins that cluster and ships the polyak package with the job.
+    """
+    if ray.is_initialized():
+        return False
+    in_ray_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if address is None and in_ray_job:
+        address = "auto"  # the entrypoint of a Ray job (`ray job submit`): join the job's own cluster
+    if address in (None, "", "local"):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+        return True
+    from polyak.shipping import shippable_package
+
+    # A Ray job's actors inherit the job's runtime_env, which already carries the code (its working_dir or
+    # py_modules); Ray refuses a second py_modules beside the job's own.
+    runtime_env = None if in_ray_job else {"py_modules": [shippable_package()]}
+    _join(address, runtime_env)
+    return False
+
+
+def _join(address: str, runtime_env: dict | None) -> None:
+    """ray.init of a running cluster; a refusal becomes a one-line ConnectionError saying what to do."""
+    # Workers' own output is not forwarded: an actor's error reaches the driver as an exception, and a worker
+    # on a dead node would otherwise print Ray's C++ stack trace into the job's output.
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+    except AuthenticationError as e:  # reached, but it wants a token (Ray 2.60's `ray start` turns auth on)
+        raise ConnectionError(f"the Ray cluster at {address} refused us ({_one_line(e)}): {RAY_AUTH_HINT}") from None
+    except ConnectionError as e:
+        # Without RAY_AUTH_MODE=token, Ray cannot even tell a cluster that wants a token from one that is not there.
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            raise ConnectionError(
+                f"cannot connect to the Ray cluster at {address} ({_one_line(e)}); a cluster started with "
+                f"`ray start` wants a token: {RAY_AUTH_HINT}"
+            ) from None
+        raise
+
+
+def _one_line(error: Exception) -> str:
+    """Ray's message of ``error`` on one line, cut to 200 characters."""
+    return " ".join(str(error).split())[:200]
+
+
+def cluster_summary() -> str:
+    """'Ray cluster at 10.0.0.1:6379: 2 nodes, 3 CPUs, 0 GPUs' — which cluster a run joined, in one line."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    address = ray.get_runtime_context().gcs_address
+    return (f"Ray cluster at {address}: {len(nodes)} node(s), {total.get('CPU', 0):g} CPU(s), "
+            f"{total.get('GPU', 0):g} GPU(s)")
+
+
+def resolve_device(device: str, num_workers: int) -> str:
+    """The workers' device on the connected cluster; gpu without a GPU per worker is an error."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "gpu" and gpus < num_workers:
+        raise ValueError(
+            f"cluster.device: gpu needs {num_workers} GPU(s) (one per worker) but the Ray cluster has {gpus:g}"
+        )
+    return worker_device(device, num_workers, gpus)
+
+
+# -- where the actors go ---------------------------------------------------------------------------------
+def worker_options(driver_node: str, device: str) -> dict:
+    """A gradient worker's actor options: asked for the driver's node, where its steps are cheapest, and
+    elsewhere when that is full. Restarted workers rebuild their shard and Ray retries the call they died in:
+    gradient() is pure."""
+    return dict(
+        num_cpus=1, num_gpus=1 if device == "gpu" else 0, max_restarts=-1, max_task_retries=-1,
+        # soft alone would wait for the driver's node to free up; spilling places the worker elsewhere now
+        scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=True, _spill_on_unavailable=True),
+    )
+
+
+def ps_options(driver_node: str) -> dict:
+    """The parameter server's actor options: on the driver's node, so losing another node never loses W. A
+    restarted server comes back empty: the engine puts W0 or the checkpoint back."""
+    return dict(num_cpus=0, max_restarts=-1, max_task_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=False))
+
+
+def choose_sync_path(driver_node: str, ps_node: str, worker_nodes: list[str]) -> tuple[str, str]:
+    """("compiled" | "actor_calls", why). A compiled graph only when every actor shares the driver's node:
+    Ray 2.60's compiled-graph channels between nodes hung and took a raylet down with them."""
+    nodes = {ps_node, *worker_nodes}
+    if nodes == {driver_node}:
+        return "compiled", "every actor is on the driver's node (shared-memory channels)"
+    return "actor_calls", f"the job spans {len(nodes | {driver_node})} nodes (W put once per step)"
+
+
+def describe_nodes(driver_node: str, ps_node: str, worker_nodes: list[str], ips: dict[str, str]) -> str:
+    """'parameter server on 1a2b3c4d (127.0.0.1, the driver's), workers 1-2 on 5e6f7a8b (10.0.0.2)'."""
+
+    def node(n: str) -> str:
+        return f"{n[:8]} ({ips.get(n, '?')}{', the driver' if n == driver_node else ''})"
+
+    by_node: dict[str, list[int]] = {}
+    for k, n in enumerate(worker_nodes, start=1):
+        by_node.setdefault(n, []).append(k)
+    workers = ", ".join(
+        f"worker{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))} on {node(n)}" for n, ks in by_node.items()
+    )
+    return f"parameter server on {node(ps_node)}; {workers}"
+
+
+# -- lost nodes --------------------------------------------------------------------------------------------
+def check_nodes(worker_nodes: list[str], ips: dict[str, str], device: str) -> None:
+    """Raise ClusterFault when a node holding workers of this job is dead and the cluster has no room to
+    restart them; with room, Ray restarts them and retries their calls, and the step goes on."""
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    lost = sorted({n for n in worker_nodes if n not in alive})
+    if not lost:
+        return
+    stranded = [k + 1 for k, n in enumerate(worker_nodes) if n in lost]
+    kind = "GPU" if device == "gpu" else "CPU"
+    have = ray.available_resources().get(kind, 0)
+    names = ", ".join(f"{n[:8]} ({ips.get(n, '?')})" for n in lost)
+    if have >= len(stranded):
+        log.warning("node %s lost: restarting worker(s) %s on the remaining nodes", names, stranded)
+        return
+    raise ClusterFault(
+        f"node {names} was lost with gradient worker(s) {', '.join(map(str, stranded))} of "
+        f"{len(worker_nodes)}; the cluster has {have:g} {kind}(s) free and they need {len(stranded)}"
+    )

@@ -1,0 +1,221 @@
+"""Sync on Ray: one exact step of (26) per round, over a compiled graph on one node or actor calls across nodes.
+
+Which path a job takes follows from where its actors landed (service/engine/placement.py; the job's first
+output line and ``/jobs/{id}`` say which, and why):
+
+- compiled — every actor on the driver's node: each step is a Ray Compiled Graph
+
+      rows_1..rows_K -> ps.current -> W -> worker_k.gradient(W, rows_k) -> ps.apply(parts) -> version
+
+  over shared-memory channels, never through the driver: well under a millisecond of overhead a step
+  instead of the several milliseconds of ordinary actor calls (bench/bench_ray.py).
+- actor calls — actors on several nodes: ``ps.current`` puts W into the object store once a step,
+  each node fetches that one copy, and ``ps.apply`` takes the K parts as ObjectRefs. Ray 2.60's
+  compiled-graph channels between nodes hung and took a raylet down with them, so they are never used.
+
+Both take the same exact step. The driver keeps a few steps in flight, which hides its own latency while
+cancel still takes effect within those few steps. A worker that dies is restarted by Ray and the steps the
+server has not applied are redone (the repair), so the trajectory is the one an undisturbed run takes; an
+epoch that needs more than MAX_REPAIRS_PER_EPOCH repairs fails the job (ClusterFault). A step later than a
+bound derived from the measured step time fails it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import numpy as np
+import ray
+from ray.dag import InputNode
+from ray.exceptions import (
+    GetTimeoutError,
+    RayActorError,
+    RayChannelError,
+    RayChannelTimeoutError,
+    RayError,
+    RaySystemError,
+)
+
+from polyak.contract.spec import JobSpec
+from polyak.service.engine.engine import ClusterFault, EpochFigures, ParameterServerLost
+from polyak.service.engine.placement import choose_sync_path
+from polyak.service.engine.ray_engine import FIRST_STEP_SECONDS, RayEngine, wait_until_alive
+from polyak.workers.data import DataInfo
+
+log = logging.getLogger(__name__)
+
+STEPS_IN_FLIGHT = 4
+MAX_REPAIRS_PER_EPOCH = 10
+STEP_TIMEOUT_FACTOR = 200  # a step may take this many times the measured step time (a few are queued) ...
+STEP_TIMEOUT_FLOOR = 20.0  # ... but never less: a GC pause or a busy machine is not a fault
+
+
+class Pace:
+    """The steady interval between finished steps: when the next one is due, and how late is too late."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.interval = 0.0
+
+    def done(self, now: float, consecutive: bool) -> None:
+        if consecutive and self.last is not None:
+            self.interval = 0.8 * self.interval + 0.2 * (now - self.last)
+        self.last = now if consecutive else None
+
+    def next_due(self) -> float:
+        return self.last + self.interval if self.last is not None else 0.0
+
+    def timeout(self) -> float:
+        """Seconds a step may take before it counts as hung."""
+        if self.interval <= 0:
+            return FIRST_STEP_SECONDS
+        return max(STEP_TIMEOUT_FLOOR, STEP_TIMEOUT_FACTOR * self.interval)
+
+    def sleep_until_due(self) -> None:
+        """Sleep through most of the wait for the oldest step: a compiled graph's reader spins while it
+        waits, and on a small machine that spinning takes the very cores the workers compute on."""
+        wait = self.next_due() - time.monotonic()
+        if self.interval > 0.005 and wait > 0.001:  # short steps: a sleep's wake-up costs more
+            time.sleep(0.9 * wait)
+
+
+def is_lost_actor(error: RayError) -> bool:
+    """A worker or the server died under the step (Ray wraps it in a task error's cause): a repair redoes it.
+    Anything else is an error in our own code, and re-running would fail the same way."""
+    return isinstance(getattr(error, "cause", None) or error, (RayActorError, RaySystemError, RayChannelError))
+
+
+class SyncRayEngine(RayEngine):
+    """One exact step of (26) per round; over a compiled graph or ordinary actor calls, by placement."""
+
+    mode = "sync"
+    drives_steps = False
+
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, sync_path: str = "auto"):
+        self.graph = None
+        self.forced_path = sync_path  # tests and benchmarks compare the two paths on one node
+        super().__init__(spec, info, W0)
+
+    def _choose_path(self) -> None:
+        self.sync_path, self.path_reason = choose_sync_path(self.driver_node, self.driver_node, self.worker_nodes)
+        if self.forced_path != "auto" and self.forced_path != self.sync_path:
+            if self.forced_path == "compiled":
+                raise ValueError(f"a compiled graph needs every actor on the driver's node: {self.path_reason}")
+            self.sync_path, self.path_reason = self.forced_path, "chosen by the caller"
+        log.info("sync path: %s (%s)", self.sync_path, self.path_reason)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; sync steps over {self.sync_path.replace('_', ' ')}: {self.path_reason}"
+
+    def _restore_ps(self, arrays: dict, counters: dict) -> None:
+        self._teardown()  # the server runs ordinary calls only while no step is in flight
+        super()._restore_ps(arrays, counters)
+        self.epoch_start_step = counters["step"]
+        self.epoch_rows: list[list[np.ndarray]] = []
+        self.repairs = 0
+        self.inflight: deque = deque()
+        self._pace = Pace()
+        if not hasattr(self, "sync_path"):
+            self._choose_path()
+        if self.sync_path == "compiled":
+            self._compile()
+
+    def _compile(self) -> None:
+        with InputNode() as rows:
+            W = self.ps.current.bind(rows[0])
+            parts = [w.gradient.bind(W, rows[k]) for k, w in enumerate(self.workers)]
+            graph = self.ps.apply.bind(*parts)
+        self.graph = graph.experimental_compile()
+        # The first round allocates the channels (over a second); an empty round pays that now, not in step 1.
+        no_rows = np.empty(0, dtype=np.int64)
+        try:
+            ray.get(self.graph.execute(*[no_rows] * len(self.workers)), timeout=FIRST_STEP_SECONDS)
+        except RayChannelTimeoutError:
+            raise ClusterFault(
+                f"the compiled step graph did not answer its first round within {FIRST_STEP_SECONDS} s"
+            ) from None
+
+    def _teardown(self) -> None:
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            graph.teardown()
+
+    def step(self, batch: np.ndarray) -> None:
+        """Split the batch's rows by shard (positions within each shard) and run one step."""
+        rows = self.layout.split_batch(batch)
+        self.epoch_rows.append(rows)
+        self._submit(rows)
+
+    def _submit(self, rows: list[np.ndarray]) -> None:
+        if self.graph is not None:
+            self.inflight.append(self.graph.execute(*rows))
+        else:
+            # W goes into the object store once; each node fetches that one copy for its workers. An actor
+            # runs one caller's calls in order, so step i+1 reads W only after step i's apply.
+            W = self.ps.current.remote(None)
+            parts = [w.gradient.remote(W, rows[k]) for k, w in enumerate(self.workers)]
+            self.inflight.append(self.ps.apply.remote(*parts))
+        if len(self.inflight) > STEPS_IN_FLIGHT:
+            self._settle(keep=STEPS_IN_FLIGHT)
+
+    def _settle(self, keep: int = 0) -> None:
+        try:
+            while len(self.inflight) > keep:
+                ref = self.inflight.popleft()
+                self._pace.sleep_until_due()
+                self._await(ref)
+                self._pace.done(time.monotonic(), consecutive=keep > 0)
+        except RayError as e:
+            if isinstance(e, GetTimeoutError | RayChannelTimeoutError) or not is_lost_actor(e):
+                raise  # _await turns timeouts into ClusterFault; never a repair loop
+            self._repair()
+
+    def _await(self, ref) -> None:
+        """The step's result, within the late-step bound; a dead node without room fails the job sooner."""
+        limit = self._pace.timeout()
+        if self.graph is not None:  # every actor is on this node: no node of the job can vanish alone
+            try:
+                ray.get(ref, timeout=limit)
+            except RayChannelTimeoutError:
+                raise ClusterFault(self.late_step_message(limit)) from None
+            return
+        self.watched_get([ref], limit)
+
+    def _repair(self) -> None:
+        """A worker or the server died mid-step: rebuild the graph and redo the steps not applied."""
+        self.repairs += 1
+        if self.repairs > MAX_REPAIRS_PER_EPOCH:
+            raise ClusterFault(f"gave up after {self.repairs} gradient worker failure(s) in one epoch "
+                               f"(at most {MAX_REPAIRS_PER_EPOCH} are repaired)")
+        self.inflight.clear()
+        self._teardown()
+        if ray.get(self.ps.ping.remote()) != self.incarnation:
+            raise ParameterServerLost("the parameter server restarted during the epoch")
+        self.worker_restarts += 1
+        for worker in self.workers:
+            wait_until_alive(worker)
+        applied = ray.get(self.ps.step_count.remote()) - self.epoch_start_step
+        log.warning("a gradient worker was lost; re-running the epoch from step %d of it", applied + 1)
+        if self.sync_path == "compiled":
+            self._compile()
+        for rows in self.epoch_rows[applied:]:
+            self._submit(rows)
+
+    def end_epoch(self) -> EpochFigures:
+        self._settle()
+        figures = super().end_epoch()
+        self.epoch_start_step, self.epoch_rows, self.repairs = figures.step, [], 0
+        return figures
+
+    def recover(self) -> None:
+        self.inflight.clear()
+        self._teardown()
+        super().recover()
+
+    def close(self) -> None:
+        try:
+            self._teardown()
+        finally:
+            super().close()
