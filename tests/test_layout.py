@@ -180,6 +180,17 @@ def test_one_cli_package_and_the_server_holds_no_commands():
     assert sorted(p.name for p in (ROOT / "service").glob("*.py")) == ["__init__.py"]
 
 
+def test_no_function_is_longer_than_one_screen():
+    """About 60 lines at most: a function longer than that does several things and gets split by them."""
+    long = sorted(
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in MODULES.values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    )
+    assert long == []
+
+
 def test_engine_and_server_hold_the_modules_design_names():
     engine = {p.stem for p in (ROOT / "service/engine").glob("*.py")}
     server = {p.stem for p in (ROOT / "service/server").glob("*.py")}
