@@ -7,15 +7,14 @@ needs neither. ``Model.to_torch()`` and ``Model.to_onnx()`` call these.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from polyak.contract.errors import ModelError, one_line
+from polyak.contract.onnx import Network, onnx_bytes
 
 _TORCH_ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # torch.nn module names
-_ONNX_ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # ONNX operator names
 
 
 def to_torch(model, dtype=None):
@@ -66,63 +65,16 @@ def to_torch(model, dtype=None):
 
 
 def to_onnx(model, path, opset: int = 17) -> str:
-    """Write the model as one ONNX graph (float32): input ``input`` [N, m_0] of RAW features; Sub/Div by
-    x_mean/x_std when the model standardizes; per layer Gemm (transB=1), then Relu/Tanh/Sigmoid on the hidden
-    layers; outputs ``logits`` [N, m_L] and, for cross_entropy, ``probabilities`` = Softmax(axis=1).
-    Checked with ``onnx.checker``. Needs polyak[onnx]. Returns the path written."""
-    try:
-        import onnx
-        from onnx import helper
-    except ImportError:
-        raise ModelError("to_onnx needs the onnx package: pip install 'polyak[onnx]'") from None
-    newest = onnx.defs.onnx_opset_version()
-    if not 13 <= int(opset) <= newest:
-        raise ModelError(f"opset must be in 13..{newest} (this onnx package), got {opset}")
-    opsets = [helper.make_opsetid("", int(opset))]
-    proto = helper.make_model(_onnx_graph(model), opset_imports=opsets, producer_name="polyak")
-    proto.ir_version = helper.find_min_ir_version_for(opsets)  # loadable by older runtimes too
-    proto.doc_string = model.describe()
-    meta = {"layers": json.dumps(list(model.layers)), "activation": model.activation, "loss": model.loss}
-    if model.spec is not None:
-        meta["spec"] = json.dumps(model.spec)
-    helper.set_model_props(proto, meta)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:  # a bug here, not the user's: say so plainly
-        raise ModelError(f"the ONNX graph failed onnx.checker: {one_line(e)}") from None
+    """Write the model as one ONNX graph (``polyak.contract.onnx``, which says what the graph is). Needs
+    polyak[onnx]. Returns the path written."""
+    net = Network(tuple(model.layers), model.activation, model.loss, model.weights,
+                  model.x_mean if model.standardizes else None, model.x_std if model.standardizes else None,
+                  model.spec, model.describe())
+    data = onnx_bytes(net, opset)
     path = os.fspath(path)
     try:
-        onnx.save(proto, path)
+        with open(path, "wb") as f:
+            f.write(data)
     except OSError as e:
         raise ModelError(f"cannot write {path}: {one_line(e)}") from None
     return path
-
-
-def _onnx_graph(model):
-    """The model's ONNX graph: its nodes, its float32 initializers, its input and outputs."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    f32 = np.float32
-    inits, nodes, h = [], [], "input"
-    if model.standardizes:
-        inits += [numpy_helper.from_array(model.x_mean.astype(f32), "x_mean"),
-                  numpy_helper.from_array(model.x_std.astype(f32), "x_std")]
-        nodes += [helper.make_node("Sub", ["input", "x_mean"], ["centered"], name="sub_mean"),
-                  helper.make_node("Div", ["centered", "x_std"], ["standardized"], name="div_std")]
-        h = "standardized"
-    weights, L = model.weights, len(model.layers) - 1
-    for l in range(1, L + 1):
-        inits += [numpy_helper.from_array(np.ascontiguousarray(weights[f"W{l}"], dtype=f32), f"W{l}"),
-                  numpy_helper.from_array(np.ascontiguousarray(weights[f"b{l}"], dtype=f32), f"b{l}")]
-        z = "logits" if l == L else f"z{l}"
-        nodes.append(helper.make_node("Gemm", [h, f"W{l}", f"b{l}"], [z], name=f"gemm{l}", transB=1))
-        if l < L:
-            nodes.append(helper.make_node(_ONNX_ACTIVATIONS[model.activation], [z], [f"h{l}"],
-                                          name=f"{model.activation}{l}"))
-            h = f"h{l}"
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", model.n_outputs])]
-    if model.loss == "cross_entropy":
-        nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1))
-        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", model.n_outputs]))
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", model.n_features])]
-    return helper.make_graph(nodes, "polyak_mlp", inputs, outputs, initializer=inits)

@@ -231,9 +231,10 @@ def _client(address: str, token: str | None):
 
 
 def _is_auth_failure(e: Exception) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return any(word in text for word in ("AuthenticationError", "Authentication required", "authentication token",
-                                          "Invalid authentication", "401", "403"))
+    """Ray's dashboard client raises AuthenticationError for a 401/403 (a missing or wrong token)."""
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(e, AuthenticationError)
 
 
 def _call(method, submission_id: str, address: str):

@@ -11,7 +11,8 @@ Parameters follow scikit-learn's ``MLPClassifier`` where it has a name for the s
 ``n_iter_no_change``, ``random_state``, ``warm_start``) and polyak's spec for the rest: ``method``, ``lr``,
 ``alpha`` (NOTE: heavy ball's alpha of MATH.md eq. (27), not scikit-learn's L2 penalty, which is
 ``weight_decay`` here), ``schedule``, ``batch_growth``, the lecture's two stopping rules (``weight_change_tol``,
-``grad_tol``), ``num_workers``, ``mode``, ``device``, ``dtype``, ``ray_address``, and ``server`` (a polyak
+``grad_tol``), ``num_workers``, ``mode``, ``device``, ``dtype``, ``ray_address``, ``tracking`` (the spec's
+section: TensorBoard and/or MLflow), and ``server`` (a polyak
 server's URL) with ``token``: the arrays are uploaded (``Client.upload``) and fit is a queued job there.
 
 Stopping as in scikit-learn: with ``early_stopping``, ``validation_fraction`` of the rows are held out and training
@@ -78,6 +79,7 @@ class _PolyakMLP(BaseEstimator):
         ray_address=None,
         server=None,
         token=None,
+        tracking=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -105,6 +107,7 @@ class _PolyakMLP(BaseEstimator):
         self.ray_address = ray_address
         self.server = server
         self.token = token
+        self.tracking = tracking
 
     # -- the job ------------------------------------------------------------------------------------------------
     def job_spec(self, n_rows: int, n_features: int, n_outputs: int, source: dict[str, str], *,
@@ -131,6 +134,7 @@ class _PolyakMLP(BaseEstimator):
             "cluster": {"num_workers": self.num_workers, "mode": self.mode, "device": self.device,
                         "dtype": self.dtype},
             "init_weights": init_weights,
+            "tracking": self.tracking or {},
         })
 
     def _seed(self) -> int:

@@ -195,6 +195,17 @@ class ClusterSpec(_Strict):
     dtype: Literal[DTYPES] = Field(default="float32", description="floating-point type")
 
 
+class TrackingSpec(_Strict):
+    tensorboard: str | None = Field(
+        default=None, description="folder for TensorBoard event files, weights.npz and model.onnx (one subfolder per "
+        "job); relative in a spec file: beside it"
+    )
+    mlflow: str | None = Field(
+        default=None, description="MLflow tracking URI (a local folder or file: URI is MLflow's file store)"
+    )
+    experiment: str = Field(default="polyak", min_length=1, max_length=200, description="MLflow experiment name")
+
+
 class JobSpec(_Strict):
     name: str | None = Field(default=None, description="optional label")
     group: str | None = Field(
@@ -208,6 +219,7 @@ class JobSpec(_Strict):
     stopping: StoppingSpec = Field(default_factory=StoppingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     init_weights: str | None = Field(default=None, description="optional .npz to start from instead of random init")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobSpec:
@@ -323,6 +335,8 @@ def _paths_beside(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         spec["data"] = {**spec["data"], "path": beside(spec["data"]["path"])}
     if "init_weights" in spec:
         spec["init_weights"] = beside(spec["init_weights"])
+    if isinstance(spec.get("tracking"), dict) and "tensorboard" in spec["tracking"]:
+        spec["tracking"] = {**spec["tracking"], "tensorboard": beside(spec["tracking"]["tensorboard"])}
     return spec
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from polyak.service.engine.checkpoint import load_npz, save_npz
 from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
 from polyak.service.engine.engine import Engine, EpochFigures, TrainerDrivenEngine, WorkerDrivenEngine
 from polyak.service.engine.schedules import batch_size, epoch_batches
+from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
 
@@ -318,9 +319,29 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
     """
     info = info if info is not None else prepare(spec.data, spec.model)
+    trackers = trackers_for(spec, job_id)  # a missing tracking package fails the job before any work
+    hooks = _tracked(hooks or Hooks(), trackers)
     engine = make_engine(spec, info, initial_weights(spec))
     try:
-        (hooks or Hooks()).on_start(engine.describe())
-        return run(spec, info, engine, job_id, hooks)
+        hooks.on_start(engine.describe())
+        result = run(spec, info, engine, job_id, hooks)
     finally:
         engine.close()
+    if trackers:
+        files = model_files(weights_file(result.weights, spec, info), spec)
+        for tracker in trackers:
+            tracker.finish(result.state, files)
+    return result
+
+
+def _tracked(hooks: Hooks, trackers: list) -> Hooks:
+    """``hooks`` whose ``on_epoch`` also logs the epoch to every tracker."""
+    if not trackers:
+        return hooks
+
+    def on_epoch(m: EpochMetrics) -> None:
+        hooks.on_epoch(m)
+        for tracker in trackers:
+            tracker.epoch(m)
+
+    return replace(hooks, on_epoch=on_epoch)
