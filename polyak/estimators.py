@@ -37,6 +37,8 @@ from polyak.contract.errors import PolyakError
 from polyak.contract.spec import JobSpec, parse_spec
 from polyak.contract.wire import EpochMetrics, JobState
 
+# Input dtypes kept as they come (a float32 X is not copied to float64); anything else becomes float64.
+FLOATS = (np.float64, np.float32)
 # scikit-learn's activation names, and polyak's own, to polyak's.
 ACTIVATION_NAMES = {"relu": "relu", "tanh": "tanh", "logistic": "sigmoid", "sigmoid": "sigmoid"}
 
@@ -156,7 +158,7 @@ class _PolyakMLP(BaseEstimator):
 
         with tempfile.TemporaryDirectory(prefix="polyak-fit-") as folder:
             data = Path(folder, "data.npy")
-            np.save(data, np.column_stack([X, targets]).astype(self.dtype, copy=False))
+            np.save(data, _table(X, targets, self.dtype))
             start = None
             if continuing:
                 start = str(Path(folder, "start.npz"))
@@ -241,7 +243,16 @@ class _PolyakMLP(BaseEstimator):
         return self.model_.to_onnx(path, opset)
 
     def _features(self, X, reset: bool) -> np.ndarray:
-        return validate_data(self, X, reset=reset, dtype=np.float64, ensure_all_finite=True)
+        return validate_data(self, X, reset=reset, dtype=FLOATS, ensure_all_finite=True)
+
+
+def _table(X: np.ndarray, targets: np.ndarray, dtype: str) -> np.ndarray:
+    """The one table the trainer reads: X's columns, then the target column(s), in the job's dtype (one copy)."""
+    y = targets.reshape(len(targets), -1)
+    table = np.empty((X.shape[0], X.shape[1] + y.shape[1]), dtype=dtype)
+    table[:, : X.shape[1]] = X
+    table[:, X.shape[1] :] = y
+    return table
 
 
 class _Plateau:
@@ -277,7 +288,7 @@ class PolyakClassifier(ClassifierMixin, _PolyakMLP):
 
     def fit(self, X, y):
         """Train on (X, y) from scratch, or from the current weights with ``warm_start``."""
-        X, y = validate_data(self, X, y, reset=True, dtype=np.float64, ensure_min_samples=2)
+        X, y = validate_data(self, X, y, reset=True, dtype=FLOATS, ensure_min_samples=2)
         check_classification_targets(y)
         classes = np.unique(y)
         if self.warm_start and hasattr(self, "classes_") and not np.array_equal(classes, self.classes_):
@@ -293,7 +304,7 @@ class PolyakClassifier(ClassifierMixin, _PolyakMLP):
         first = not hasattr(self, "model_")
         if first and classes is None:
             raise ValueError("the first partial_fit needs classes=: every class label the data will hold")
-        X, y = validate_data(self, X, y, reset=first, dtype=np.float64)
+        X, y = validate_data(self, X, y, reset=first, dtype=FLOATS)
         check_classification_targets(y)
         if first:
             self.classes_ = np.unique(classes)
@@ -340,14 +351,14 @@ class PolyakRegressor(RegressorMixin, _PolyakMLP):
 
     def fit(self, X, y):
         """Train on (X, y) from scratch, or from the current weights with ``warm_start``."""
-        X, y = validate_data(self, X, y, reset=True, dtype=np.float64, y_numeric=True, multi_output=True,
+        X, y = validate_data(self, X, y, reset=True, dtype=FLOATS, y_numeric=True, multi_output=True,
                              ensure_min_samples=2)
         self._train(X, y, 1 if y.ndim == 1 else y.shape[1])
         return self
 
     def partial_fit(self, X, y):
         """One epoch over this batch, from the current weights (online learning)."""
-        X, y = validate_data(self, X, y, reset=not hasattr(self, "model_"), dtype=np.float64, y_numeric=True,
+        X, y = validate_data(self, X, y, reset=not hasattr(self, "model_"), dtype=FLOATS, y_numeric=True,
                              multi_output=True)
         self._train(X, y, 1 if y.ndim == 1 else y.shape[1], epochs=1)
         return self
