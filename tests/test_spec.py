@@ -77,8 +77,8 @@ def only_error(source) -> dict:
 def test_empty_spec_gets_the_design_defaults():
     dumped = parse_spec({}).model_dump()
     # group: DESIGN's sweeps section; tracking: issue 21's section, which DESIGN.md (read-only here) predates
-    design = yaml.safe_load(DESIGN_EXAMPLE) | {"name": None, "group": None,
-                                               "tracking": {"tensorboard": None, "mlflow": None, "experiment": "polyak"}}
+    tracking = {"tensorboard": None, "mlflow": None, "experiment": "polyak"}
+    design = yaml.safe_load(DESIGN_EXAMPLE) | {"name": None, "group": None, "tracking": tracking}
     assert set(dumped) == set(design)
     for key, value in design.items():
         if isinstance(value, dict):  # DESIGN.md lists every field but the synthetic-data knobs
