@@ -4,7 +4,9 @@
 (``num_workers=0``) or on Ray (``num_workers=K``; a local Ray unless ``ray_address`` names a cluster), or as a job
 of a polyak server (``server=URL``). The arrays go to the trainer as a ``.npy`` file in a temporary folder
 (features, then the target column(s)), which every worker reads its own shard of, exactly as for a user's file;
-to a server, as an uploaded dataset.
+to a server, as an uploaded dataset. That folder is RAM-backed (/dev/shm) where the machine has one; on a Ray
+cluster whose workers run on other nodes, ``scratch_dir`` must name a folder every node reads (shared storage),
+or fit through a server.
 
 Parameters follow scikit-learn's ``MLPClassifier`` where it has a name for the same thing (``hidden_layer_sizes``,
 ``activation``, ``batch_size``, ``max_iter``, ``tol``, ``early_stopping``, ``validation_fraction``,
@@ -22,6 +24,7 @@ stops after ``n_iter_no_change`` epochs without a validation-loss drop of ``tol`
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,7 @@ class _PolyakMLP(BaseEstimator):
         server=None,
         token=None,
         tracking=None,
+        scratch_dir=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -110,6 +114,7 @@ class _PolyakMLP(BaseEstimator):
         self.server = server
         self.token = token
         self.tracking = tracking
+        self.scratch_dir = scratch_dir
 
     # -- the job ------------------------------------------------------------------------------------------------
     def job_spec(self, n_rows: int, n_features: int, n_outputs: int, source: dict[str, str], *,
@@ -156,7 +161,7 @@ class _PolyakMLP(BaseEstimator):
         from polyak.service.engine.trainer import Hooks, train_job, weights_file
         from polyak.workers.data import prepare
 
-        with tempfile.TemporaryDirectory(prefix="polyak-fit-") as folder:
+        with tempfile.TemporaryDirectory(prefix="polyak-fit-", dir=self.scratch_dir or _memory_folder()) as folder:
             data = Path(folder, "data.npy")
             np.save(data, _table(X, targets, self.dtype))
             start = None
@@ -244,6 +249,12 @@ class _PolyakMLP(BaseEstimator):
 
     def _features(self, X, reset: bool) -> np.ndarray:
         return validate_data(self, X, reset=reset, dtype=FLOATS, ensure_all_finite=True)
+
+
+def _memory_folder() -> str | None:
+    """Where the table for the trainer goes by default: a RAM-backed folder when the machine has one."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _table(X: np.ndarray, targets: np.ndarray, dtype: str) -> np.ndarray:
