@@ -7,8 +7,13 @@ tests/test_service.py drives the same API end to end, through a real ``polyak se
 from __future__ import annotations
 
 import json
+import threading
+import time
+from contextlib import ExitStack
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from test_scheduler import FakeCluster, FakeTrainer
 
@@ -227,3 +232,59 @@ def test_a_host_not_this_servers_is_a_400_unless_allowed(make_client):
     assert allowed.get("/jobs", headers={"Host": "polyak.internal:8765"}).status_code == 200
     assert allowed.get("/jobs", headers={"Host": "other.internal"}).status_code == 400
     assert make_client(allowed_hosts=["*"]).get("/jobs", headers={"Host": "any.where"}).status_code == 200
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """The app behind a real uvicorn in a thread (event streams need one: TestClient reads a response whole),
+    without its lifespan: nothing is dispatched, so a submitted job stays queued and its stream open."""
+    store = Store(tmp_path / "data")
+    app = create_app(Scheduler(store, FakeCluster(2), 1, train=FakeTrainer()), data_root=tmp_path, max_listeners=2)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    store.close()
+
+
+def first_event(lines) -> str:
+    return next(line for line in lines if line.startswith("event:"))
+
+
+def test_event_streams_beyond_max_listeners_are_a_503_and_the_open_ones_go_on(live_server):
+    with httpx.Client(base_url=live_server, timeout=10) as http, ExitStack() as streams:
+        job = http.post("/jobs", content=SPEC_YAML, headers={"Content-Type": "application/yaml"}).json()["id"]
+        open_lines = []
+        for _ in range(2):
+            response = streams.enter_context(http.stream("GET", f"/jobs/{job}/events"))
+            assert response.status_code == 200
+            open_lines.append(response.iter_lines())
+            assert first_event(open_lines[-1]) == "event: state"
+        refused = http.get(f"/jobs/{job}/events")
+        assert refused.status_code == 503
+        assert refused.json() == {"detail": f"too many event streams open (polyak serve --max-listeners 2): try "
+                                            f"again later, or poll GET /jobs/{job}"}
+        assert http.post(f"/jobs/{job}/cancel").json()["state"] == "cancelled"
+        for lines in open_lines:  # both still hear the job: its new state, then the end
+            assert [first_event(lines), first_event(lines)] == ["event: state", "event: end"]
+    # Ended and closed, the streams freed their slots.
+    with httpx.Client(base_url=live_server, timeout=10) as http:
+        job = http.post("/jobs", content=SPEC_YAML, headers={"Content-Type": "application/yaml"}).json()["id"]
+        with http.stream("GET", f"/jobs/{job}/events") as first, http.stream("GET", f"/jobs/{job}/events") as second:
+            assert (first.status_code, second.status_code) == (200, 200)
+            assert http.get(f"/jobs/{job}/events").status_code == 503
+        # Closed by their client while the job goes on: freed as well (once the server notices).
+        deadline = time.monotonic() + 10
+        while (status := stream_status(http, f"/jobs/{job}/events")) == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 200
+
+
+def stream_status(http: httpx.Client, path: str) -> int:
+    with http.stream("GET", path) as response:
+        return response.status_code
