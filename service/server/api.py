@@ -54,7 +54,7 @@ def create_app(
         docs_url=None,  # served by routes_pages from the package's own copy of Swagger UI, not from a CDN
         redoc_url=None,
         # Every route: the Host and Origin checks of guard.HostAndOrigin.
-        responses=errors(400, 403, s400="the Host header names another server"),
+        responses=errors(400, 403, why={400: "the Host header names another server"}),
     )
     datasets = DatasetStore(scheduler.store.data_dir / "datasets", max_dataset_bytes)
     app.state.service = Service(scheduler, datasets, token, data_root, Listeners(max_listeners))

@@ -50,13 +50,10 @@ _WHY: dict[int, str] = {
 }
 
 
-def errors(*codes: int, **why: str) -> Responses:
-    """The error statuses of a route for ``responses=``: each an ErrorBody, described by ``why["s404"]`` or the
-    common words for that status."""
-    return {code: {"model": ErrorBody, "description": why.get(f"s{code}") or _WHY[code]} for code in codes}
-
-
-NOT_FOUND = errors(404)
+def errors(*codes: int, why: dict[int, str] | None = None) -> Responses:
+    """The error statuses of a route for ``responses=``: each an ErrorBody, described by ``why`` or the common words
+    for that status."""
+    return {code: {"model": ErrorBody, "description": (why or {}).get(code) or _WHY[code]} for code in codes}
 
 
 DEFAULT_MAX_LISTENERS = 100

@@ -43,7 +43,12 @@ async def events(
     stream = job_events(service.scheduler.bus, job_id, start, partial(_snapshot, service, job_id))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(_holding(slot, stream), media_type="text/event-stream", headers=headers,
-                             background=BackgroundTask(slot.free))
+                             background=BackgroundTask(_free, slot))
+
+
+async def _free(slot: Slot) -> None:
+    """On the event loop, as every other change to the slots (a plain function would run in a worker thread)."""
+    slot.free()
 
 
 async def _holding(slot: Slot, stream: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -19,7 +19,7 @@ _NPZ = {"content": {"application/octet-stream": {}}, "description": "the .npz fi
 
 
 @router.get("/jobs/{job_id}/weights", response_class=Response, responses={
-    **errors(404, 422, s404="no such job, or it has no such weights (yet)"), 200: _NPZ})
+    **errors(404, 422, why={404: "no such job, or it has no such weights (yet)"}), 200: _NPZ})
 def weights(job_id: str, service: ServiceDep, which: Literal["last", "best"] = "last") -> Response:
     """The weights file (W1, b1, ..., WL, bL, x_mean/x_std, spec): ``last`` (a running job's latest epoch) or
     ``best`` (lowest validation loss; needs validation data)."""
