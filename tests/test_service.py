@@ -748,6 +748,42 @@ def test_token_protects_every_route_but_health(tmp_path, make_spec):
         server.stop()
 
 
+def test_serve_checks_host_and_origin_and_caps_event_streams(tmp_path, make_spec):
+    """polyak serve --allowed-host and --max-listeners, through a real server."""
+    server = Server(tmp_path / "data", "--allowed-host", "polyak.test", "--max-listeners", "1").start()
+    try:
+        jobs = f"{server.url}/jobs"
+        for host, status in [("localhost", 200), (f"127.0.0.1:{server.port}", 200), ("polyak.test", 200),
+                             (f"rebind.example:{server.port}", 400)]:
+            assert httpx.get(jobs, headers={"Host": host}).status_code == status, host
+        foreign = httpx.post(jobs, content="{}", headers={"Content-Type": "application/json",
+                                                          "Origin": "http://evil.example"})
+        assert foreign.status_code == 403
+        assert "cross-origin request from 'http://evil.example' refused" in foreign.json()["detail"]
+        own = httpx.get(jobs, headers={"Origin": server.url})
+        assert own.status_code == 200
+        assert httpx.post(jobs, content="stopping: {max_epochs: 1}", headers={"Content-Type": "text/plain"}
+                          ).status_code == 415
+        assert httpx.get(jobs).json() == []  # neither the foreign nor the text/plain one was queued
+
+        client = server.client()
+        running = client.submit(make_spec(SLOW))  # keeps the one slot busy: the next job stays queued
+        queued = client.submit(make_spec(QUICK))
+        with httpx.stream("GET", f"{jobs}/{queued.id}/events", timeout=30) as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "event: state"
+            refused = httpx.get(f"{jobs}/{running.id}/events")
+            assert refused.status_code == 503
+            assert "--max-listeners 1" in refused.json()["detail"]
+            client.cancel(queued.id)
+            assert [line for line in lines if line.startswith("event:")] == ["event: state", "event: end"]
+        client.cancel(running.id)
+        # The closed stream freed its slot (a stream of the cancelled job ends at once).
+        wait_for(lambda: httpx.get(f"{jobs}/{queued.id}/events", timeout=10).status_code == 200, 10, every=0.1)
+    finally:
+        server.stop()
+
+
 def test_a_second_server_on_the_same_data_dir_is_refused(server):
     result = subprocess.run(
         [sys.executable, "-m", "polyak", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],

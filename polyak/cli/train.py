@@ -195,8 +195,14 @@ def _print_json(m) -> None:
               help="data.path and init_weights must lie in this folder; relative ones resolve against it")
 @click.option("--max-dataset-bytes", type=click.IntRange(min=1), default=1 << 30, show_default=True,
               help="the largest upload POST /datasets stores (413 beyond it)")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="a Host name the server answers to besides the loopback names and --host (repeatable; '*': "
+                   "any); other Hosts get 400, which keeps DNS-rebinding pages out")
+@click.option("--max-listeners", type=click.IntRange(min=1), default=100, show_default=True,
+              help="event streams (GET /jobs/{id}/events) open at once; 503 beyond it")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
-          server_token: str | None, data_root: Path | None, max_dataset_bytes: int) -> None:
+          server_token: str | None, data_root: Path | None, max_dataset_bytes: int, allowed_hosts: tuple[str, ...],
+          max_listeners: int) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
@@ -206,6 +212,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
 
     from polyak.service.server.api import create_app
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
+    from polyak.service.server.guard import LOOPBACK_HOSTS
     from polyak.service.server.scheduler import Scheduler
     from polyak.service.server.store import Store
 
@@ -235,7 +242,8 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
-        app = create_app(scheduler, token=server_token, data_root=data_root, max_dataset_bytes=max_dataset_bytes)
+        app = create_app(scheduler, token=server_token, data_root=data_root, max_dataset_bytes=max_dataset_bytes,
+                         allowed_hosts=(*LOOPBACK_HOSTS, host, *allowed_hosts), max_listeners=max_listeners)
         app.state.data_dir_lock = lock
         logging.getLogger("polyak").info(
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,

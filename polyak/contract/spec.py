@@ -207,7 +207,7 @@ class TrackingSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(default=None, description="optional label")
+    name: str | None = Field(default=None, max_length=200, description="optional label")
     group: str | None = Field(
         default=None, max_length=200, description="label shared by related jobs (a sweep); GET /jobs?group= lists them"
     )

@@ -2,8 +2,9 @@
 the message's text.
 
 Errors are ``{"detail": message}``, plus ``"errors": [{field, message}]`` for a rejected spec and a bad query, path
-or header parameter (422). Bad input of any kind is a 4xx: a request never reaches the scheduler unvalidated, and
-the scheduler itself turns whatever a job raises into that job's ``failed`` state.
+or header parameter (422): ``context.ErrorBody``, as the OpenAPI schema publishes them. Bad input of any kind is a
+4xx: a request never reaches the scheduler unvalidated, and the scheduler itself turns whatever a job raises into
+that job's ``failed`` state.
 """
 
 from __future__ import annotations

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from polyak.contract.wire import DatasetInfo, JobState
-from polyak.service.server.context import ServiceDep
+from polyak.service.server.context import ServiceDep, errors
 from polyak.service.server.datasets import FORMATS
 
 router = APIRouter()
@@ -22,13 +20,14 @@ _UPLOAD = {
         "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in _MEDIA},
     }
 }
-_NO_DATASET: dict[int | str, dict[str, Any]] = {404: {"description": "no such dataset"}}
+_NO_DATASET = errors(404, 422, why={404: "no such dataset"})
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD,
              responses={200: {"model": DatasetInfo, "description": "the same bytes were stored already"},
-                        413: {"description": "over the server's --max-dataset-bytes"},
-                        422: {"description": "not a usable table"}})
+                        **errors(400, 413, 415, 422, why={400: "the upload was cut off",
+                                                          413: "over the server's --max-dataset-bytes",
+                                                          422: "not a usable table"})})
 async def upload(request: Request, service: ServiceDep,
                  format: str | None = Query(None, description="npy | parquet; default from the Content-Type")):
     """Store an upload under the SHA-256 of its bytes: 201 with its info, or 200 when it was there already."""
@@ -56,7 +55,7 @@ def get_dataset(dataset_id: str, service: ServiceDep) -> DatasetInfo:
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, responses={
-    **_NO_DATASET, 409: {"description": "a job that has not ended reads it"}})
+    **_NO_DATASET, **errors(409, why={409: "a job that has not ended reads it"})})
 def delete_dataset(dataset_id: str, service: ServiceDep) -> None:
     """Delete it, unless a queued or running job will read it (409 naming the job)."""
     try:

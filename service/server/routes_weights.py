@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from polyak.contract.wire import JobState
 from polyak.service.engine.trainer import BEST_WEIGHTS, LAST_WEIGHTS
-from polyak.service.server.context import NOT_FOUND, ServiceDep, job_or_404
+from polyak.service.server.context import ServiceDep, errors, job_or_404
 from polyak.service.server.job import JobRecord
 
 router = APIRouter()
@@ -18,7 +18,8 @@ router = APIRouter()
 _NPZ = {"content": {"application/octet-stream": {}}, "description": "the .npz file"}
 
 
-@router.get("/jobs/{job_id}/weights", response_class=Response, responses={**NOT_FOUND, 200: _NPZ})
+@router.get("/jobs/{job_id}/weights", response_class=Response, responses={
+    **errors(404, 422, why={404: "no such job, or it has no such weights (yet)"}), 200: _NPZ})
 def weights(job_id: str, service: ServiceDep, which: Literal["last", "best"] = "last") -> Response:
     """The weights file (W1, b1, ..., WL, bL, x_mean/x_std, spec): ``last`` (a running job's latest epoch) or
     ``best`` (lowest validation loss; needs validation data)."""

@@ -1,8 +1,8 @@
 """A request body as a job spec: read (1 MB at most), parsed by the contract's one spec parser (JSON or YAML, as its
 Content-Type says), its file paths resolved against the data root, and its data checked where that is cheap.
 
-A body that is no spec at all (empty, too big, not JSON/YAML) is a ``BadBody`` (400 or 413); a spec with bad
-fields is a ``SpecError`` (422) naming each.
+A body that is no spec at all (empty, too big, not JSON/YAML, sent as another media type) is a ``BadBody`` (400,
+413 or 415); a spec with bad fields is a ``SpecError`` (422) naming each.
 """
 
 from __future__ import annotations
@@ -19,14 +19,33 @@ from polyak.service.server.paths import resolve_paths
 from polyak.workers.data import check_cheaply
 
 MAX_BODY_BYTES = 1 << 20
+YAML_MEDIA = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
 class BadBody(Exception):
-    """A request body that is not a spec at all (empty, too big, not JSON/YAML): 400 or 413."""
+    """A request body that is not a spec at all (empty, too big, not JSON/YAML, another media type): 400, 413 or
+    415."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
+
+
+def check_media(content_type: str) -> None:
+    """Only JSON and YAML media types: a web page's form or text/plain POST (which a browser sends cross-site
+    without asking) is refused before its body is read."""
+    media = media_type(content_type)
+    if not (is_json(media) or media in YAML_MEDIA):
+        raise BadBody(415, f"Content-Type {media or '(none)'!r} is not a job spec's: send application/json or "
+                           f"{' or '.join(YAML_MEDIA)}")
 
 
 async def read_body(request: Request) -> bytes:
@@ -46,14 +65,11 @@ def job_spec(body: bytes, content_type: str, data_root: Path | None, datasets: D
 
 
 def _mapping(body: bytes, content_type: str) -> dict[str, Any]:
-    """The body as a mapping: JSON when the Content-Type says so, else YAML (a superset of JSON), so
-    ``application/yaml``, ``text/yaml`` and whatever ``curl -d`` sends all work."""
-    media = content_type.split(";")[0].strip().lower()
-    is_json = media == "application/json" or media.endswith("+json")
+    """The body as a mapping: JSON when the Content-Type says so, else (a YAML type: ``check_media``) YAML."""
     if not body.strip():
         raise BadBody(400, "request body is empty: send the job spec as JSON or YAML")
     try:
-        return spec_mapping(body.decode("utf-8"), is_json, "request body")
+        return spec_mapping(body.decode("utf-8"), is_json(media_type(content_type)), "request body")
     except UnicodeDecodeError as e:
         raise BadBody(400, f"request body is not UTF-8 text: {e}") from None
     except SpecSyntaxError as e:
