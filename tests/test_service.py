@@ -784,6 +784,21 @@ def test_serve_checks_host_and_origin_and_caps_event_streams(tmp_path, make_spec
         server.stop()
 
 
+def test_a_server_beyond_loopback_answers_to_any_host_unless_names_are_given(tmp_path):
+    """With --host 0.0.0.0 (and so a token) clients come by names the server cannot know (a Service, a load
+    balancer): any Host is served; --allowed-host makes the check strict again."""
+    token = {"Authorization": "Bearer " + "k" * 32}
+    for extra, status in (((), 200), (("--allowed-host", "polyak.internal"), 400)):
+        server = Server(tmp_path / f"data{len(extra)}", "--host", "0.0.0.0", "--token", "k" * 32, *extra).start()
+        try:
+            named = httpx.get(f"{server.url}/jobs", headers={**token, "Host": f"svc.example:{server.port}"})
+            assert named.status_code == status
+            foreign = httpx.get(f"{server.url}/jobs", headers={**token, "Origin": "http://evil.example"})
+            assert foreign.status_code == 403  # cross-origin pages stay out either way
+        finally:
+            server.stop()
+
+
 def test_a_second_server_on_the_same_data_dir_is_refused(server):
     result = subprocess.run(
         [sys.executable, "-m", "polyak", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],

@@ -197,7 +197,8 @@ def _print_json(m) -> None:
               help="the largest upload POST /datasets stores (413 beyond it)")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="a Host name the server answers to besides the loopback names and --host (repeatable; '*': "
-                   "any); other Hosts get 400, which keeps DNS-rebinding pages out")
+                   "any); other Hosts get 400, which keeps DNS-rebinding pages out. A server listening beyond "
+                   "loopback (it has a token) answers to any Host unless names are given")
 @click.option("--max-listeners", type=click.IntRange(min=1), default=100, show_default=True,
               help="event streams (GET /jobs/{id}/events) open at once; 503 beyond it")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
@@ -212,7 +213,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
 
     from polyak.service.server.api import create_app
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
-    from polyak.service.server.guard import LOOPBACK_HOSTS
+    from polyak.service.server.guard import ANY_HOST, LOOPBACK_HOSTS
     from polyak.service.server.scheduler import Scheduler
     from polyak.service.server.store import Store
 
@@ -242,8 +243,11 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
         scheduler = Scheduler(store, cluster, max_concurrent_jobs)
+        # Beyond loopback the token keeps pages out, and clients reach the server by names it cannot know (a
+        # Kubernetes Service, a load balancer): any Host, unless the operator names them.
+        hosts = allowed_hosts or ((ANY_HOST,) if not loopback else ())
         app = create_app(scheduler, token=server_token, data_root=data_root, max_dataset_bytes=max_dataset_bytes,
-                         allowed_hosts=(*LOOPBACK_HOSTS, host, *allowed_hosts), max_listeners=max_listeners)
+                         allowed_hosts=(*LOOPBACK_HOSTS, host, *hosts), max_listeners=max_listeners)
         app.state.data_dir_lock = lock
         logging.getLogger("polyak").info(
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
