@@ -14,9 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import LOCAL_IRIS, deep_merge
-from test_service import REPO, SLOW, Server, free_port, wait_for
+from test_service import REPO, SLOW, Server
 
 from polyak import JobState
 
@@ -390,53 +387,3 @@ def test_yaml_emitter_round_trips_through_pyyaml(watched):
     text = watched.page.evaluate(
         "async v => (await import('/dashboard/yaml.js')).toYaml(v)", value)
     assert yaml.safe_load(text) == value
-
-
-def test_wheel_ships_the_dashboard_and_its_licences(tmp_path):
-    """``pip install .`` (no -e) must serve the page: build the wheel from a copy of the sources."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    for package in ("polyak", "client", "service", "workers"):
-        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    build = ("from setuptools import build_meta; import sys; "
-             "print(build_meta.build_wheel(sys.argv[1]))")
-    out = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=source,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    wheel = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
-    names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"polyak/service/server/dashboard/{p.relative_to(DASHBOARD).as_posix()}"
-                for p in DASHBOARD.rglob("*") if p.is_file()}
-    assert {"polyak/service/server/dashboard/index.html", "polyak/service/server/dashboard/vendor/uplot/LICENSE",
-            "polyak/service/server/dashboard/vendor/uplot/uPlot.iife.min.js"} <= expected
-    assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
-    assert "polyak/service/server/static/swagger-ui/LICENSE" in names
-
-    # Installed from the wheel alone (its files unpacked as pip would, the checkout not on the path), the
-    # service serves the page and its assets.
-    installed = tmp_path / "installed"
-    zipfile.ZipFile(wheel).extractall(installed)
-    env = {**{k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}, "PYTHONPATH": str(installed)}
-    where = subprocess.run([sys.executable, "-c", "import polyak.service.server.api as a; print(a.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(installed)), where
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "polyak", "serve", "--port", str(port), "--data-dir",
-                               str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        def page() -> httpx.Response | None:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            except httpx.TransportError:
-                return None
-
-        assert wait_for(page, 60, every=0.1).status_code == 200
-        assert '<script type="module" src="dashboard/app.js">' in page().text
-        chart = httpx.get(f"http://127.0.0.1:{port}/dashboard/vendor/uplot/uPlot.iife.min.js", timeout=5)
-        assert chart.status_code == 200 and "uPlot" in chart.text
-    finally:
-        server.terminate()
-        server.wait(30)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import email
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import time
 import venv
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import httpx
 import pytest
 import yaml
 
@@ -130,3 +133,38 @@ def test_the_installed_wheel_runs(fresh, tmp_path):
     epochs = [line for line in trained.stdout.splitlines() if line.startswith("{")]
     assert len(epochs) == 2
     assert (tmp_path / "w.npz").stat().st_size > 0
+
+
+def test_the_installed_wheel_serves_the_dashboard_and_its_licences(wheel, fresh, tmp_path):
+    """``pip install`` (no -e) must serve the page: every file of dashboard/ and Swagger UI's licence are in the
+    wheel, and `polyak serve` from the fresh venv answers / and the vendored chart library."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    dashboard = REPO / "service" / "server" / "dashboard"
+    expected = {f"polyak/service/server/dashboard/{p.relative_to(dashboard).as_posix()}"
+                for p in dashboard.rglob("*") if p.is_file()}
+    assert {"polyak/service/server/dashboard/index.html", "polyak/service/server/dashboard/vendor/uplot/LICENSE",
+            "polyak/service/server/dashboard/vendor/uplot/uPlot.iife.min.js"} <= expected
+    assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+    assert "polyak/service/server/static/swagger-ui/LICENSE" in names
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PATH": f"{fresh / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    server = subprocess.Popen([str(fresh / "bin" / "polyak"), "serve", "--port", str(port), "--data-dir",
+                               str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        page = None
+        deadline = time.monotonic() + 60
+        while page is None and time.monotonic() < deadline:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert page is not None and page.status_code == 200
+        assert '<script type="module" src="dashboard/app.js">' in page.text
+        chart = httpx.get(f"http://127.0.0.1:{port}/dashboard/vendor/uplot/uPlot.iife.min.js", timeout=5)
+        assert chart.status_code == 200 and "uPlot" in chart.text
+    finally:
+        server.terminate()
+        server.wait(30)
