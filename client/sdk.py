@@ -403,28 +403,20 @@ def _error_from(response: httpx.Response, missing: type[NotFound] = JobNotFound)
 
 
 def _detail(response: httpx.Response) -> tuple[str, list[dict[str, str]]] | None:
-    """The error body's message and field errors; None when the body is not polyak's JSON error."""
+    """The error body's message and field errors; None when the body is not polyak's JSON error
+    (``{"detail": message, "errors": [{field, message}]}``)."""
     try:
         body = response.json()
     except ValueError:
         return None
     if not isinstance(body, dict) or "detail" not in body:
         return None
-    detail = body["detail"]
-    if isinstance(detail, list):
-        # FastAPI's own request validation (a bad query parameter) puts pydantic's error list here.
-        errors = [_field_error(e) for e in detail if isinstance(e, dict)]
-        return "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors
+    # The server's one error shape (its ErrorBody): the field errors are the contract's field_errors, already
+    # translated there; nothing is translated again here.
     errors = body.get("errors")
-    errors = [_field_error(e) for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
-    return str(detail), errors
-
-
-def _field_error(error: dict[str, Any]) -> dict[str, str]:
-    if "field" in error:
-        return {"field": str(error["field"]), "message": str(error.get("message", ""))}
-    loc = [str(p) for p in error.get("loc", []) if p not in ("body", "query", "path")]
-    return {"field": ".".join(loc) or "(request)", "message": str(error.get("msg", ""))}
+    errors = [{"field": str(e.get("field", "(request)")), "message": str(e.get("message", ""))}
+              for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+    return str(body["detail"]), errors
 
 
 def _read_npz(content: bytes) -> dict[str, np.ndarray]:

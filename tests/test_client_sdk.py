@@ -324,13 +324,14 @@ def test_rejected_spec_carries_the_field_errors():
     assert e.value.errors == errors
 
 
-def test_fastapi_validation_detail_becomes_field_errors():
-    detail = [{"loc": ["query", "which"], "msg": "Input should be 'last' or 'best'", "type": "literal_error"}]
-    server = Server(httpx.Response(422, json={"detail": detail}))
+def test_a_bad_parameter_answer_carries_its_field():
+    """A bad query parameter comes in the server's one error shape, as a bad spec does."""
+    errors = [{"field": "which", "message": "must be one of 'last', 'best', got 'worst'"}]
+    server = Server(httpx.Response(422, json={"detail": "invalid request: which: must be one of 'last', 'best', "
+                                                        "got 'worst'", "errors": errors}))
     with pytest.raises(SpecError) as e:
         server.client().weights(JOB, which="worst")
-    assert e.value.errors == [{"field": "which", "message": "Input should be 'last' or 'best'"}]
-    assert "which: Input should be 'last' or 'best'" in e.value.message
+    assert e.value.errors == errors and "which: must be one of" in e.value.message
 
 
 def test_unreadable_error_body_is_a_server_error():
