@@ -315,11 +315,12 @@ class Job:
             _sleep(self.client.backoff * 2 ** (failures - 1), deadline)
 
 
-def upload_table(X: Any, y: Any = None) -> np.ndarray:
-    """The one 2-D table ``upload`` sends: X's columns then y's (class ids or targets), float32 when X is
-    float32, else float64; BadInput when they are not numeric or do not line up."""
+def upload_table(X: Any, y: Any = None, dtype: Any = None) -> np.ndarray:
+    """The one 2-D table polyak's trainer reads and ``upload`` sends: X's columns then y's (class ids or targets),
+    in ``dtype`` (default float32 when X is float32, else float64), built in one copy; BadInput when they are not
+    numeric or do not line up."""
     X = np.asarray(X)
-    dtype = np.float32 if X.dtype == np.float32 else np.float64
+    dtype = dtype or (np.float32 if X.dtype == np.float32 else np.float64)
     parts = [X] if y is None else [X, np.asarray(y).reshape(len(np.asarray(y)), -1)]
     for name, part in zip(("X", "y"), parts, strict=False):
         if not (np.issubdtype(part.dtype, np.number) or part.dtype == bool):
@@ -329,7 +330,11 @@ def upload_table(X: Any, y: Any = None) -> np.ndarray:
         raise BadInput(f"X must be 2-D (rows, features), got shape {X.shape}")
     if y is not None and len(parts[1]) != len(X):
         raise BadInput(f"X has {len(X)} rows but y has {len(parts[1])}")
-    return np.ascontiguousarray(np.column_stack(parts), dtype=dtype)
+    table = np.empty((len(X), sum(part.shape[1] for part in parts)), dtype=dtype)
+    table[:, : X.shape[1]] = X
+    if y is not None:
+        table[:, X.shape[1] :] = parts[1]
+    return table
 
 
 def _npy_chunks(table: np.ndarray, rows: int = 65536) -> Iterator[bytes]:

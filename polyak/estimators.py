@@ -36,6 +36,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from polyak.client.model import Model
+from polyak.client.sdk import upload_table
 from polyak.contract.errors import PolyakError
 from polyak.contract.spec import JobSpec, parse_spec
 from polyak.contract.wire import EpochMetrics, JobState
@@ -163,7 +164,7 @@ class _PolyakMLP(BaseEstimator):
 
         with tempfile.TemporaryDirectory(prefix="polyak-fit-", dir=self.scratch_dir or _memory_folder()) as folder:
             data = Path(folder, "data.npy")
-            np.save(data, _table(X, targets, self.dtype))
+            np.save(data, upload_table(X, targets, self.dtype))
             start = None
             if continuing:
                 start = str(Path(folder, "start.npz"))
@@ -255,15 +256,6 @@ def _memory_folder() -> str | None:
     """Where the table for the trainer goes by default: a RAM-backed folder when the machine has one."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-
-
-def _table(X: np.ndarray, targets: np.ndarray, dtype: str) -> np.ndarray:
-    """The one table the trainer reads: X's columns, then the target column(s), in the job's dtype (one copy)."""
-    y = targets.reshape(len(targets), -1)
-    table = np.empty((X.shape[0], X.shape[1] + y.shape[1]), dtype=dtype)
-    table[:, : X.shape[1]] = X
-    table[:, X.shape[1] :] = y
-    return table
 
 
 class _Plateau:

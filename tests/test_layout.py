@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from polyak.shipping import MOUNTED
+
 ROOT = Path(__file__).resolve().parents[1]
 # folder in the checkout -> the package it is in the namespace
-MOUNTS = {"polyak": "polyak", "client": "polyak.client", "service": "polyak.service", "workers": "polyak.workers"}
+MOUNTS = {"polyak": "polyak", **{folder: f"polyak.{folder}" for folder in MOUNTED}}
 
 # Each layer and the packages it must never import: cli -> client (SDK) -> contract on one side,
 # service.server -> service.engine -> workers -> contract on the other.
@@ -129,7 +131,7 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
 
 def test_every_module_imports_through_the_polyak_namespace():
     """No module or test imports the checkout's folders by their own names (`import client` would collide)."""
-    bare = ("client", "service", "workers")
+    bare = MOUNTED
     files = [*MODULES.values(), *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
     offences = [f"{path.relative_to(ROOT)} imports {m}" for path in files for m in imported_modules(path)
                 if m.split(".")[0] in bare]

@@ -21,8 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from polyak.shipping import MOUNTED
+
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "polyak", "client", "service", "workers")
+SOURCES = ("pyproject.toml", "README.md", "polyak", *MOUNTED)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_the_wheel_claims_one_import_name(wheel):
     record = zipfile.ZipFile(wheel).read(f"{dist_info}/RECORD").decode().splitlines()
     assert {line.split("/")[0] for line in record} == {"polyak", dist_info}
     # Every package of the checkout is in the wheel (pyproject lists them), mounted where the namespace says.
-    mounts = {"polyak": "polyak", "client": "polyak/client", "service": "polyak/service", "workers": "polyak/workers"}
+    mounts = {"polyak": "polyak", **{folder: f"polyak/{folder}" for folder in MOUNTED}}
     packages = {(PurePosixPath(mounts[folder]) / init.relative_to(REPO / folder).as_posix()).as_posix()
                 for folder in mounts for init in (REPO / folder).rglob("__init__.py")}
     assert packages <= set(names), sorted(packages - set(names))
