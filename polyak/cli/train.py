@@ -35,6 +35,32 @@ from polyak.contract.spec import optimizer_summary
 from polyak.contract.wire import JobState, StopReason
 
 
+class MemorySize(click.ParamType):
+    """A number of bytes, with an optional unit: 512M, 16G, 1.5GiB, 1000000."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = text.rstrip("kmgt"), text[len(text.rstrip("kmgt")):]
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except (ValueError, KeyError):
+            size = 0
+        if size < 1:
+            self.fail(f"{value!r} is no memory size: a positive number of bytes, or with a unit (512M, 16G)", param,
+                      ctx)
+        return size
+
+
+MAX_JOB_MEMORY_HELP = ("refuse a job whose estimated memory (weights, optimizer buffers, each worker's gradient and "
+                       "batch activations; README: Limits) is above this, e.g. 16G  [default: half this machine's "
+                       "memory]")
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("-o", "--output", default="weights.npz", show_default=True,
@@ -47,12 +73,13 @@ from polyak.contract.wire import JobState, StopReason
 @click.option("--ray-address", default=None, help="Ray cluster to join; default: start a local Ray")
 @click.option("--job-dir", type=click.Path(path_type=Path), default=None,
               help="checkpoint folder; a run pointed at an existing one resumes from its checkpoint")
+@click.option("--max-job-memory", type=MemorySize(), default=None, help=MAX_JOB_MEMORY_HELP)
 def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_address: str | None,
-          job_dir: Path | None) -> None:
+          job_dir: Path | None, max_job_memory: int | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
     from polyak.service.engine.trainer import weights_file
 
-    job_spec, info = prepare_run(spec, output)
+    job_spec, info = prepare_run(spec, output, max_job_memory=max_job_memory)
     display = None
     if not as_json:
         title = f"{job_spec.name or spec} · {optimizer_summary(job_spec.optimizer)}"
@@ -201,9 +228,10 @@ def _print_json(m) -> None:
                    "loopback (it has a token) answers to any Host unless names are given")
 @click.option("--max-listeners", type=click.IntRange(min=1), default=100, show_default=True,
               help="event streams (GET /jobs/{id}/events) open at once; 503 beyond it")
+@click.option("--max-job-memory", type=MemorySize(), default=None, help=MAX_JOB_MEMORY_HELP + "; 422 at submit")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
           server_token: str | None, data_root: Path | None, max_dataset_bytes: int, allowed_hosts: tuple[str, ...],
-          max_listeners: int) -> None:
+          max_listeners: int, max_job_memory: int | None) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
@@ -242,7 +270,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             cluster.connect()  # a wrong address should fail now, not with the first job
             cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
-        scheduler = Scheduler(store, cluster, max_concurrent_jobs)
+        scheduler = Scheduler(store, cluster, max_concurrent_jobs, max_job_memory=max_job_memory)
         # Beyond loopback the token keeps pages out, and clients reach the server by names it cannot know (a
         # Kubernetes Service, a load balancer): any Host, unless the operator names them.
         hosts = allowed_hosts or ((ANY_HOST,) if not loopback else ())

@@ -318,10 +318,14 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
     """
+    hooks = hooks or Hooks()
     info = info if info is not None else prepare(spec.data, spec.model)
+    W0 = initial_weights(spec)
+    if hooks.should_cancel():  # during the data's pass: ended before the engine (its actors, their shards) is built
+        return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, W0)
     trackers = trackers_for(spec, job_id)  # a missing tracking package fails the job before any work
-    hooks = _tracked(hooks or Hooks(), trackers)
-    engine = make_engine(spec, info, initial_weights(spec))
+    hooks = _tracked(hooks, trackers)
+    engine = make_engine(spec, info, W0)
     try:
         hooks.on_start(engine.describe())
         result = run(spec, info, engine, job_id, hooks)

@@ -26,6 +26,7 @@ from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint
+from polyak.service.engine.memory import check_memory, default_limit
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
 from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from polyak.service.server.events import Bus
@@ -95,10 +96,14 @@ class Scheduler:
         cluster: Cluster,
         max_concurrent: int = 1,
         train: Callable = train_job,
+        max_job_memory: int | None = None,
     ):
         self.store = store
         self.cluster = cluster
         self.max_concurrent = max_concurrent
+        # A job's estimated memory (engine/memory.py) above this is refused at submit, and failed at dispatch (a job
+        # queued before the limit was lowered, or resumed after a restart): default, half the machine's memory.
+        self.max_job_memory = default_limit() if max_job_memory is None else max_job_memory
         self.bus = Bus()
         self._train = train  # tests hand in a stand-in for train_job
         self._lock = threading.Lock()  # one decision at a time about who runs: dispatch, cancel
@@ -141,8 +146,9 @@ class Scheduler:
     # -- the API's verbs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobInfo:
         """Queue a job and describe it as queued; ClusterTooSmallFor if the cluster (or, for a job without workers,
-        this process) is known to be too small for it ever to run. Never waits for Ray: before Ray is up the job
-        is queued, and dispatch checks it."""
+        this process) is known to be too small for it ever to run, SpecError if its estimated memory is over
+        ``max_job_memory``. Never waits for Ray: before Ray is up the job is queued, and dispatch checks it."""
+        check_memory(spec, self.max_job_memory)
         capacity = self.cluster.known_capacity()
         if spec.cluster.num_workers > 0 and capacity is None:
             self.cluster.start_background(self._wake.set)
@@ -255,6 +261,9 @@ class Scheduler:
             behind = None  # the waiting reason of every job after the first that lacks resources
             for job in self.queue():
                 need = needs(job.spec, capacity)
+                if (too_big := self._too_big(job.spec)) is not None:
+                    self._set_state(job.id, FAILED, StopReason.ERROR, too_big, note="over --max-job-memory")
+                    continue
                 if behind is not None:
                     reason = behind
                 elif len(self._running) >= self.max_concurrent:
@@ -275,6 +284,13 @@ class Scheduler:
                     continue
                 if reason != job.waiting_reason:
                     self.store.set_waiting_reason(job.id, reason)
+
+    def _too_big(self, spec: JobSpec) -> str | None:
+        try:
+            check_memory(spec, self.max_job_memory)
+        except SpecError as e:
+            return e.message
+        return None
 
     def _start(self, job: JobRecord, need: Resources) -> None:
         job = self._set_state(job.id, RUNNING)
