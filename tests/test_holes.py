@@ -5,12 +5,29 @@ sources that time out."""
 
 from __future__ import annotations
 
+import errno
+import io
+import sqlite3
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
 import yaml
+from fastapi.testclient import TestClient
+from test_scheduler import FakeCluster, FakeTrainer, wait_until
 from test_service import Server, wait_for
+
+from polyak.contract.spec import JobSpec
+from polyak.contract.wire import JobState, StopReason
+from polyak.service.engine.checkpoint import save_checkpoint
+from polyak.service.engine.trainer import CHECKPOINT, Hooks, train_job
+from polyak.service.server import datasets
+from polyak.service.server.api import create_app
+from polyak.service.server.job import JobRecord, utcnow
+from polyak.service.server.scheduler import Scheduler
+from polyak.service.server.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +52,193 @@ def test_posts_while_ray_starts_in_the_background_never_wait_for_it(tmp_path):
             wait_for(lambda: all(j["state"] == "cancelled" for j in http.get("/jobs").json()), timeout=120)
     finally:
         server.stop()
+
+
+# -- store writes that fail --------------------------------------------------------------------------------------
+class FaultyConnection:
+    """A SQLite connection whose statements fail (as SQLite fails them) while a fault is armed for them: a fault
+    names fragments that must all be in the statement or its parameters."""
+
+    def __init__(self, db: sqlite3.Connection, faults: dict[tuple[str, ...], int], error: str):
+        self._db, self._faults, self._error = db, faults, error
+
+    def execute(self, sql: str, params=()):
+        text = f"{sql} {params!r}"
+        for fragments, left in self._faults.items():
+            if left > 0 and all(f in text for f in fragments):
+                self._faults[fragments] = left - 1
+                raise sqlite3.OperationalError(self._error)
+        return self._db.execute(sql, params)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+class FaultyStore(Store):
+    """A real store whose writes fail where ``faults`` says (fragment of SQL -> how many times), with ``error``."""
+
+    def __init__(self, data_dir: Path, error: str = "disk I/O error"):
+        self.faults: dict[tuple[str, ...], int] = {}
+        self.error = error
+        super().__init__(data_dir)
+
+    def _connect(self):
+        return FaultyConnection(super()._connect(), self.faults, self.error)
+
+
+class ReadOnlyStore(Store):
+    """A real store on a database SQLite opens read-only (as it does a file it may not write) while
+    ``read_only``: every write is refused by SQLite itself (even for root, who may write any file)."""
+
+    read_only = True
+
+    def _connect(self):
+        if not self.read_only:
+            return super()._connect()
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def one_job_spec() -> JobSpec:
+    return JobSpec(cluster={"num_workers": 0, "device": "cpu"})
+
+
+def test_a_job_whose_epoch_and_end_cannot_be_stored_ends_failed_in_one_line_and_cancel_moves_it(tmp_path):
+    store = FaultyStore(tmp_path)
+    trainer = FakeTrainer()
+    scheduler = Scheduler(store, FakeCluster(2), 1, train=trainer)
+    scheduler.start()
+    try:
+        # The epoch's write fails, then the end's (by the job's thread and by the next scheduling pass).
+        store.faults.update({("INSERT INTO metrics",): 1, ("UPDATE jobs SET state", "'failed'"): 2})
+        job = scheduler.submit(one_job_spec())
+        wait_until(lambda: store.faults["UPDATE jobs SET state", "'failed'"] == 0, timeout=30)
+        assert store.get(job.id).state == JobState.RUNNING  # the store holds no end: only the cancel can write it
+        scheduler.cancel(job.id)
+        ended = store.get(job.id)
+        assert store.metrics(job.id) == []  # the epoch that was not stored is not history
+    finally:
+        scheduler.stop()
+        store.close()
+    assert (ended.state, ended.stop_reason) == (JobState.FAILED, StopReason.ERROR)
+    assert ended.error == f"the job database {store.path} cannot be written: disk I/O error"
+
+
+def test_an_end_the_store_refused_is_written_by_the_next_pass_once_it_takes_writes(tmp_path):
+    store = FaultyStore(tmp_path)
+    scheduler = Scheduler(store, FakeCluster(2), 1, train=FakeTrainer())
+    scheduler.start()
+    try:
+        store.faults.update({("INSERT INTO metrics",): 1, ("UPDATE jobs SET state", "'failed'"): 1})
+        job = scheduler.submit(one_job_spec())
+        ended = wait_until(lambda: (j := store.get(job.id)).state.is_terminal() and j)
+    finally:
+        scheduler.stop()
+        store.close()
+    assert ended.state == JobState.FAILED and "cannot be written: disk I/O error" in ended.error
+
+
+@pytest.fixture
+def api_on(tmp_path):
+    """api_on(store) -> a TestClient of the API over a scheduler (nothing dispatched) on that store."""
+    made = []
+
+    def make(store: Store) -> TestClient:
+        app = create_app(Scheduler(store, FakeCluster(2), 1, train=FakeTrainer()), data_root=tmp_path)
+        client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
+        made.append((client, store))
+        return client
+
+    yield make
+    for client, store in made:
+        client.close()
+        store.close()
+
+
+SPEC = {"data": {"source": "sklearn", "name": "iris"}, "model": {"layers": [4, 8, 3]}, "cluster": {"num_workers": 0}}
+
+
+def test_a_read_only_database_is_reported_by_health_and_every_write_is_a_503_until_it_is_writable(tmp_path, api_on):
+    first = Store(tmp_path / "data")
+    job = first.add(JobRecord(id="a" * 12, spec=one_job_spec(), state=JobState.QUEUED, created_at=utcnow()))
+    first.close()
+    store = ReadOnlyStore(tmp_path / "data")
+    api = api_on(store)
+    health = api.get("/health").json()
+    assert health["status"] == "degraded" and health["database"]["writable"] is False
+    assert str(store.path) in health["database"]["error"] and "readonly" in health["database"]["error"]
+    for r in (api.post("/jobs", json=SPEC), api.post(f"/jobs/{job.id}/cancel")):
+        assert r.status_code == 503
+        assert r.json()["detail"] == f"the job database {store.path} cannot be written: attempt to write a " \
+                                     "readonly database"
+    assert [j["id"] for j in api.get("/jobs").json()] == [job.id]  # reads go on
+    store.read_only = False  # the permission comes back
+    assert api.get("/health").json()["status"] == "ok"
+    assert api.post("/jobs", json=SPEC).status_code == 201
+    assert api.post(f"/jobs/{job.id}/cancel").json()["state"] == "cancelled"
+
+
+def test_a_full_disk_is_a_503_that_leaves_nothing_half_written_and_the_service_recovers(tmp_path, api_on,
+                                                                                       monkeypatch):
+    store = FaultyStore(tmp_path / "data", error="database or disk is full")
+    api = api_on(store)
+    # The job's row went in; the transaction's second write fails, and so does /health's probe: then space returns.
+    store.faults.update({("INSERT INTO state_changes",): 1, ("UPDATE jobs SET seq = seq",): 1})
+    r = api.post("/jobs", json=SPEC)
+    assert (r.status_code, r.json()["detail"]) == (503, f"the job database {store.path} cannot be written: "
+                                                        "database or disk is full")
+    assert api.get("/jobs").json() == [] and api.get("/health").json()["status"] == "degraded"
+    assert api.post("/jobs", json=SPEC).status_code == 201
+    assert api.get("/health").json()["status"] == "ok"
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("SELECT COUNT(*) FROM state_changes").fetchall() == [(1,)]
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    table = io.BytesIO()
+    np.save(table, np.arange(12.0).reshape(4, 3))
+    monkeypatch.setattr(datasets.os, "fsync", no_space)
+    r = api.post("/datasets", content=table.getvalue(), headers={"Content-Type": "application/x-npy"})
+    assert r.status_code == 503
+    assert r.json()["detail"] == f"cannot store the upload in {store.data_dir / 'datasets'}: No space left on device"
+    assert list((store.data_dir / "datasets").iterdir()) == []  # no temporary file, no dataset
+    monkeypatch.undo()
+    assert api.post("/datasets", content=table.getvalue(), headers={"Content-Type": "application/x-npy"}
+                    ).status_code == 201
+
+
+# -- unreadable checkpoints -------------------------------------------------------------------------------------
+def corruptions(good: bytes) -> dict[str, bytes]:
+    objects = io.BytesIO()
+    np.savez(objects, W=np.array([{"a": 1}], dtype=object))
+    return {"garbage": b"not a checkpoint at all\n" * 10, "truncated": good[: len(good) // 2],
+            "object arrays": objects.getvalue()}
+
+
+def test_resubmitting_a_job_whose_checkpoint_is_unreadable_is_a_409_naming_the_file(tmp_path, api_on):
+    store = Store(tmp_path / "data")
+    api = api_on(store)
+    job = store.add(JobRecord(id="b" * 12, spec=one_job_spec(), state=JobState.QUEUED, created_at=utcnow()))
+    store.transition(job.id, JobState.CANCELLED)
+    checkpoint = store.job_dir(job.id) / "checkpoint.npz"
+    checkpoint.parent.mkdir(parents=True)
+    save_checkpoint(checkpoint, {"W": np.ones(3)}, {"epoch": 1})
+    for kind, data in corruptions(checkpoint.read_bytes()).items():
+        checkpoint.write_bytes(data)
+        r = api.post(f"/jobs/{job.id}/resubmit")
+        assert r.status_code == 409, kind
+        assert str(checkpoint) in r.json()["detail"] and "pickle" not in r.json()["detail"], (kind, r.json())
+    assert len(api.get("/jobs").json()) == 1  # no job was made
+
+
+def test_a_corrupt_checkpoint_at_resume_fails_the_job_naming_the_file_never_suggesting_pickle(tmp_path, make_spec,
+                                                                                               train_local):
+    spec = make_spec({"stopping": {"max_epochs": 2}})
+    train_local(spec, Hooks(job_dir=tmp_path))
+    checkpoint = tmp_path / CHECKPOINT
+    for kind, data in corruptions(checkpoint.read_bytes()).items():
+        checkpoint.write_bytes(data)
+        with pytest.raises(ValueError) as failed:
+            train_job(spec, "t", Hooks(job_dir=tmp_path))
+        assert str(checkpoint) in str(failed.value) and "pickle" not in str(failed.value), kind

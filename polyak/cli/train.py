@@ -235,7 +235,6 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
-    import sqlite3
 
     import uvicorn
 
@@ -243,7 +242,6 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
     from polyak.service.server.guard import ANY_HOST, LOOPBACK_HOSTS
     from polyak.service.server.scheduler import Scheduler
-    from polyak.service.server.store import Store
 
     server_token = server_token or None
     try:
@@ -259,11 +257,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     # and the local Ray left running.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     _quiet_ray()
-    try:
-        lock = _lock_data_dir(data_dir)  # held until the process exits, however it exits
-        store = Store(data_dir)
-    except (OSError, sqlite3.Error) as e:
-        fail(f"cannot open the job database in {data_dir}: {e}")
+    lock, store = _open_data_dir(data_dir)
     cluster = Cluster(ray_address)
     try:
         if ray_address:
@@ -289,6 +283,24 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port taken meanwhile)
         cluster.shutdown()
         store.close()
+
+
+def _open_data_dir(data_dir: Path):
+    """(the data dir's lock, held until the process exits however it exits; the job database). A database that
+    takes no writes is said in one line: the server still serves its jobs and results."""
+    import sqlite3
+
+    from polyak.service.server.store import Store
+
+    try:
+        lock = _lock_data_dir(data_dir)
+        store = Store(data_dir)
+    except (OSError, sqlite3.Error) as e:
+        fail(f"cannot open the job database in {data_dir}: {e}")
+    if store.write_error:
+        logging.getLogger("polyak").warning("%s: serving reads only; every write is a 503 until it can be written "
+                                            "(/health says when)", store.write_error)
+    return lock, store
 
 
 def _check_port(host: str, port: int) -> None:
