@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import io
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,15 +21,17 @@ from fastapi.testclient import TestClient
 from test_scheduler import FakeCluster, FakeTrainer, wait_until
 from test_service import Server, wait_for
 
+from polyak.contract.network import from_dict
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import JobState, StopReason
-from polyak.service.engine.checkpoint import save_checkpoint
-from polyak.service.engine.trainer import CHECKPOINT, Hooks, train_job
+from polyak.service.engine.checkpoint import load_checkpoint, load_npz, save_checkpoint
+from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, settle_best, train_job
 from polyak.service.server import datasets
 from polyak.service.server.api import create_app
 from polyak.service.server.job import JobRecord, utcnow
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
+from polyak.workers.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,3 +246,53 @@ def test_a_corrupt_checkpoint_at_resume_fails_the_job_naming_the_file_never_sugg
         with pytest.raises(ValueError) as failed:
             train_job(spec, "t", Hooks(job_dir=tmp_path))
         assert str(checkpoint) in str(failed.value) and "pickle" not in str(failed.value), kind
+
+
+# -- best.npz and the checkpoint, committed together -------------------------------------------------------------
+# A subprocess trains in-process and dies (os._exit) at the named point of epoch 3's commit.
+CRASH = """
+import json, os, sys
+from polyak.contract.spec import parse_spec
+from polyak.service.engine import trainer
+from polyak.service.engine.local_engine import LocalEngine
+point, job_dir, spec = sys.argv[1], sys.argv[2], parse_spec(json.loads(sys.argv[3]))
+checkpoint, commit = LocalEngine.checkpoint, trainer.commit_best
+def checkpoint_then_maybe_die(self, path, meta):
+    if point == "before the checkpoint" and meta["epoch"] == 3:
+        os._exit(17)
+    checkpoint(self, path, meta)
+def commit_or_die(pending):
+    if point == "after the checkpoint" and pending.name == "best.epoch3.npz":
+        os._exit(17)
+    commit(pending)
+LocalEngine.checkpoint, trainer.commit_best = checkpoint_then_maybe_die, commit_or_die
+trainer.train_job(spec, "t", trainer.Hooks(job_dir=job_dir))
+"""
+
+
+@pytest.mark.parametrize("point", ["before the checkpoint", "after the checkpoint"])
+def test_a_crash_between_best_weights_and_checkpoint_leaves_them_consistent(tmp_path, point, make_spec, torch_ref):
+    overrides = {"data": {"validation_fraction": 0.3}, "stopping": {"max_epochs": 5}, "batch": {"size": 16}}
+    spec = make_spec(overrides)
+    crashed = subprocess.run([sys.executable, "-c", CRASH, point, str(tmp_path), spec.model_dump_json()], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == 17, crashed.stderr
+    assert len(list(tmp_path.glob("best.epoch*.npz"))) == 1  # the crash left epoch 3's commit half done
+
+    _, meta = load_checkpoint(tmp_path / CHECKPOINT)
+    settle_best(tmp_path, meta["epoch"])  # what a resume does first
+    assert meta["epoch"] == (2 if point == "before the checkpoint" else 3)
+    assert not list(tmp_path.glob("best.epoch*.npz"))
+    best = load_npz(tmp_path / BEST_WEIGHTS)
+    data = load_dataset(spec.data, spec.model)
+    W = from_dict(best, spec.model.layers, np.float64)
+    val_loss = torch_ref.mean_loss(spec.model.layers, spec.model.activation, spec.model.loss, W, data.X_val,
+                                   data.y_val)
+    # best.npz holds the weights whose validation loss the checkpoint's stopper calls the best so far.
+    assert val_loss == pytest.approx(meta["stopper"]["best_val_loss"], rel=1e-9, abs=1e-12)
+
+    resumed = train_job(spec, "t", Hooks(job_dir=tmp_path))
+    reference = train_job(spec, "t", Hooks(job_dir=tmp_path / "reference"))
+    np.testing.assert_array_equal(resumed.best_weights, reference.best_weights)
+    np.testing.assert_array_equal(from_dict(load_npz(tmp_path / BEST_WEIGHTS), spec.model.layers, np.float64),
+                                  reference.best_weights)
