@@ -21,8 +21,9 @@ from fastapi.testclient import TestClient
 from test_scheduler import FakeCluster, FakeTrainer, wait_until
 from test_service import Server, wait_for
 
+from polyak.contract.errors import DataError
 from polyak.contract.network import from_dict
-from polyak.contract.spec import JobSpec
+from polyak.contract.spec import DataSpec, JobSpec, ModelSpec
 from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint, load_npz, save_checkpoint
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, settle_best, train_job
@@ -32,6 +33,7 @@ from polyak.service.server.job import JobRecord, utcnow
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
 from polyak.workers.data import load_dataset
+from polyak.workers.readers import DATA_ROOTS, confine_data, open_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -296,3 +298,56 @@ def test_a_crash_between_best_weights_and_checkpoint_leaves_them_consistent(tmp_
     np.testing.assert_array_equal(resumed.best_weights, reference.best_weights)
     np.testing.assert_array_equal(from_dict(load_npz(tmp_path / BEST_WEIGHTS), spec.model.layers, np.float64),
                                   reference.best_weights)
+
+
+# -- data paths checked where they are opened ------------------------------------------------------------------
+def test_a_data_file_swapped_for_a_symlink_out_of_the_root_is_refused_where_it_is_opened(tmp_path, monkeypatch):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    table = np.column_stack([np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 2])
+    np.save(root / "t.npy", table)
+    np.save(outside / "secret.npy", table)
+    data = DataSpec(source="file", path=str(root / "t.npy"))
+    model = ModelSpec(layers=[3, 2])
+    monkeypatch.setenv(DATA_ROOTS, "")  # restored after the test: confine_data sets the process's environment
+    confine_data([root])  # as polyak serve --data-root does, for itself and the Ray it starts
+    assert open_source(data, model).n == 20
+    (root / "t.npy").unlink()
+    (root / "t.npy").symlink_to(outside / "secret.npy")  # swapped after the server's checks
+    with pytest.raises(DataError) as refused:
+        open_source(data, model)
+    assert refused.value.message == (f"data.path: {root / 't.npy'} leads to {outside / 'secret.npy'}, outside the "
+                                     f"server's data root {root}: refused where it was opened")
+    (root / "parts").mkdir()
+    (root / "parts" / "part-0.parquet").symlink_to(outside / "secret.npy")  # a folder's member leading out
+    with pytest.raises(DataError, match="outside the server's data root"):
+        open_source(DataSpec(source="file", path=str(root / "parts")), model)
+    monkeypatch.setenv(DATA_ROOTS, "")  # unconfined (polyak train, a server without --data-root): followed
+    assert open_source(data, model).n == 20
+
+
+# -- data errors name file, column, row and kind, never a value --------------------------------------------------
+SECRET = "hunter2-SECRET"
+
+
+def test_data_errors_name_the_place_and_the_kind_but_never_quote_the_files_contents(tmp_path):
+    model = ModelSpec(layers=[2, 3])
+    rows = "\n".join(f"{i},{i % 3},{i % 3}" for i in range(5000))
+    (tmp_path / "late_text.csv").write_text(f"a,b,y\n{rows}\n1,{SECRET},0\n")
+    header = f"{{'descr': '{SECRET}', 'fortran_order': False, 'shape': (4, 3), }}".encode().ljust(117) + b"\n"
+    (tmp_path / "bad_header.npy").write_bytes(np.lib.format.magic(1, 0) + len(header).to_bytes(2, "little")
+                                               + header + bytes(96))
+    negative = np.column_stack([np.ones((6, 2)), [0, 1, 2, -31337, 1, 0]])
+    np.save(tmp_path / "negative.npy", negative)
+    expected = {
+        "late_text.csv": "column 'b' holds text, not numbers",
+        "bad_header.npy": "not a readable .npy file (ValueError)",
+        "negative.npy": "labels must be in 0..k-1, found a negative one (first in row 3)",
+    }
+    for name, words in expected.items():
+        path = str(tmp_path / name)
+        with pytest.raises(DataError) as refused:
+            open_source(DataSpec(source="file", path=path), model).read(np.arange(6))
+        message = refused.value.message
+        assert path in message and words in message, message
+        assert SECRET not in message and "31337" not in message, message

@@ -257,7 +257,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     # and the local Ray left running.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     _quiet_ray()
-    lock, store = _open_data_dir(data_dir)
+    lock, store = _open_data_dir(data_dir, data_root)
     cluster = Cluster(ray_address)
     try:
         if ray_address:
@@ -285,12 +285,17 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
         store.close()
 
 
-def _open_data_dir(data_dir: Path):
+def _open_data_dir(data_dir: Path, data_root: Path | None):
     """(the data dir's lock, held until the process exits however it exits; the job database). A database that
-    takes no writes is said in one line: the server still serves its jobs and results."""
+    takes no writes is said in one line: the server still serves its jobs and results. With a data root, files are
+    checked where they are opened too, by this process and the workers of the Ray it starts."""
     import sqlite3
 
     from polyak.service.server.store import Store
+    from polyak.workers.readers import confine_data
+
+    if data_root is not None:
+        confine_data([data_root, data_dir / "datasets"])
 
     try:
         lock = _lock_data_dir(data_dir)
