@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import io
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -351,3 +352,42 @@ def test_data_errors_name_the_place_and_the_kind_but_never_quote_the_files_conte
         message = refused.value.message
         assert path in message and words in message, message
         assert SECRET not in message and "31337" not in message, message
+
+
+# -- connections that send nothing, half a request, or stop mid-body are dropped --------------------------------
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """True when the server closes the connection (EOF or reset) before ``within`` seconds pass."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_idle_half_open_and_stalled_connections_are_dropped_and_the_server_answers_on(tmp_path):
+    server = Server(tmp_path / "data", "--request-timeout", "1").start()
+    try:
+        host = ("127.0.0.1", server.port)
+        stalls = {
+            "nothing": b"",
+            "half a header": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1",
+            "part of a body": b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{\"model\":",
+            "idle after an answer": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        }
+        sockets = {}
+        for name, sent in stalls.items():
+            for i in range(25):  # a hundred connections held open for nothing
+                sockets[name, i] = socket.create_connection(host)
+                sockets[name, i].sendall(sent)
+        assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+        for (name, _), sock in sockets.items():
+            with sock:  # each within a generous bound (1 s deadline; 5 s keep-alive)
+                assert closed_by_server(sock, within=30), name
+        assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        server.stop()

@@ -229,9 +229,12 @@ def _print_json(m) -> None:
 @click.option("--max-listeners", type=click.IntRange(min=1), default=100, show_default=True,
               help="event streams (GET /jobs/{id}/events) open at once; 503 beyond it")
 @click.option("--max-job-memory", type=MemorySize(), default=None, help=MAX_JOB_MEMORY_HELP + "; 422 at submit")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="seconds a connection has for a request's headers, and between two reads of its body; then it "
+                   "is closed (an idle keep-alive connection: at most 5 s)")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
           server_token: str | None, data_root: Path | None, max_dataset_bytes: int, allowed_hosts: tuple[str, ...],
-          max_listeners: int, max_job_memory: int | None) -> None:
+          max_listeners: int, max_job_memory: int | None, request_timeout: float) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
@@ -240,6 +243,7 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
 
     from polyak.service.server.api import create_app
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
+    from polyak.service.server.connections import with_deadline
     from polyak.service.server.guard import ANY_HOST, LOOPBACK_HOSTS
     from polyak.service.server.scheduler import Scheduler
 
@@ -275,7 +279,8 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
             data_dir.resolve(), max_concurrent_jobs, ", token required" if server_token else "")
         # Open event streams would otherwise hold a shutdown until their jobs end.
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
+                    http=with_deadline(request_timeout), timeout_keep_alive=min(5.0, request_timeout))
     except ClusterUnavailable as e:
         fail(str(e), 3)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down on
