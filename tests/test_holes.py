@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from polyak.service.server.job import JobRecord, utcnow
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
 from polyak.workers.data import load_dataset
-from polyak.workers.readers import DATA_ROOTS, confine_data, open_source
+from polyak.workers.readers import DATA_ROOTS, confine_data, open_source, remote
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,3 +392,57 @@ def test_idle_half_open_and_stalled_connections_are_dropped_and_the_server_answe
         assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
     finally:
         server.stop()
+
+
+# -- remote sources that never answer ---------------------------------------------------------------------------
+@pytest.fixture
+def stalled_gs():
+    """A gs:// URI whose endpoint (a local socket) accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"gs://bucket/table.parquet?endpoint_override=127.0.0.1:{listener.getsockname()[1]}&scheme=http"
+    stop.set()
+    thread.join(5)
+    for sock in [*held, listener]:
+        sock.close()
+
+
+def test_opening_a_remote_source_that_never_answers_fails_within_the_bound(stalled_gs, monkeypatch):
+    monkeypatch.setattr(remote, "OPEN_SECONDS", 1.0)
+    started = time.monotonic()
+    with pytest.raises(DataError) as refused:
+        open_source(DataSpec(source="file", path=stalled_gs), ModelSpec(layers=[4, 3]))
+    assert refused.value.message == f"data.path: {stalled_gs} did not answer within 1 s (the storage endpoint, or " \
+                                    "its credentials' lookup, does not respond); check the URI and the network"
+    assert time.monotonic() - started < 30  # generous: the bound is 1 s; without it the open never returns
+
+
+def test_a_job_opening_a_silent_remote_source_is_cancelled_and_the_queue_goes_on(stalled_gs, tmp_path, make_spec):
+    store = Store(tmp_path)
+    scheduler = Scheduler(store, FakeCluster(2), 1)  # the real train_job, one job at a time
+    scheduler.start()
+    try:
+        stuck = scheduler.submit(make_spec({"data": {"source": "file", "path": stalled_gs}}))
+        behind = scheduler.submit(make_spec({"stopping": {"max_epochs": 2}}))
+        wait_until(lambda: store.get(stuck.id).state == JobState.RUNNING)
+        time.sleep(0.5)  # inside the open, which would wait OPEN_SECONDS (60)
+        scheduler.cancel(stuck.id)
+        ended = [wait_until(lambda j=j: (r := store.get(j.id)).state.is_terminal() and r, timeout=30)
+                 for j in (stuck, behind)]
+    finally:
+        scheduler.stop()
+        store.close()
+    assert [(j.state, j.stop_reason) for j in ended] == [(JobState.CANCELLED, StopReason.CANCELLED),
+                                                          (JobState.SUCCEEDED, StopReason.MAX_EPOCHS)]

@@ -28,6 +28,7 @@ from polyak.service.engine.schedules import batch_size, epoch_batches
 from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
+from polyak.workers.readers.remote import OpenCancelled, cancellable
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
@@ -352,7 +353,11 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
     """
     hooks = hooks or Hooks()
-    info = info if info is not None else prepare(spec.data, spec.model)
+    try:
+        with cancellable(hooks.should_cancel):  # a remote source that does not answer must not hold a cancel
+            info = info if info is not None else prepare(spec.data, spec.model)
+    except OpenCancelled:
+        return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, initial_weights(spec))
     W0 = initial_weights(spec)
     if hooks.should_cancel():  # during the data's pass: ended before the engine (its actors, their shards) is built
         return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, W0)

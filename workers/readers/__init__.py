@@ -25,6 +25,7 @@ from polyak.workers.readers.in_memory import open_generated
 from polyak.workers.readers.npy import open_npy
 from polyak.workers.readers.npz import open_npz
 from polyak.workers.readers.parquet import open_parquet, pyarrow_modules
+from polyak.workers.readers.remote import within_bound
 from polyak.workers.readers.source import Source, check_n
 
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
@@ -127,6 +128,11 @@ def _open_file(origin: str, target, n_targets: int, classification: bool) -> Sou
 
 
 def _open_uri(uri: str, target, n_targets: int, classification: bool) -> Source:
+    """Metadata only, within remote.OPEN_SECONDS (and given up on a cancel): an endpoint may never answer."""
+    return within_bound(lambda: _open_uri_now(uri, target, n_targets, classification), uri)
+
+
+def _open_uri_now(uri: str, target, n_targets: int, classification: bool) -> Source:
     pa, _, pafs = pyarrow_modules(uri)
     try:
         filesystem, root = pafs.FileSystem.from_uri(uri)
