@@ -307,7 +307,7 @@ def test_bad_values_are_reported_by_their_global_row(fmt, tmp_path):
             source.read(np.arange(20, 50))
     with pytest.raises(DataError, match=r"cross_entropy needs integer class ids in y, found fractional .* row 41\)"):
         source.read(np.arange(35, 50))
-    with pytest.raises(DataError, match=r"labels must be in 0..k-1, found -2 \(in row 45\)"):
+    with pytest.raises(DataError, match=r"labels must be in 0..k-1, found a negative one \(first in row 45\)"):
         source.read(np.array([44, 45, 46]))
 
 

@@ -136,14 +136,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def prepare_run(spec: Path, output: str | None):
-    """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong."""
+def prepare_run(spec: Path, output: str | None, max_job_memory: int | None = None):
+    """The spec and its data's shape, checked before Ray starts; a bad one exits 2 naming what is wrong, and so
+    does one whose estimated memory is over ``max_job_memory`` (default: half the machine's), before any data is
+    read."""
+    from polyak.service.engine.memory import check_memory, default_limit
     from polyak.workers.data import prepare
 
     try:
         if output is not None:
             check_output(output)
         job_spec = parse_spec(spec)
+        check_memory(job_spec, default_limit() if max_job_memory is None else max_job_memory)
         if job_spec.data.source != "file":
             require("train", "sklearn")  # scikit-learn's bundled datasets and its make_classification
         return job_spec, prepare(job_spec.data, job_spec.model)

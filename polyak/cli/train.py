@@ -35,6 +35,32 @@ from polyak.contract.spec import optimizer_summary
 from polyak.contract.wire import JobState, StopReason
 
 
+class MemorySize(click.ParamType):
+    """A number of bytes, with an optional unit: 512M, 16G, 1.5GiB, 1000000."""
+
+    name = "size"
+    _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = text.rstrip("kmgt"), text[len(text.rstrip("kmgt")):]
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except (ValueError, KeyError):
+            size = 0
+        if size < 1:
+            self.fail(f"{value!r} is no memory size: a positive number of bytes, or with a unit (512M, 16G)", param,
+                      ctx)
+        return size
+
+
+MAX_JOB_MEMORY_HELP = ("refuse a job whose estimated memory (weights, optimizer buffers, each worker's gradient and "
+                       "batch activations; README: Limits) is above this, e.g. 16G  [default: half this machine's "
+                       "memory]")
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("-o", "--output", default="weights.npz", show_default=True,
@@ -47,12 +73,13 @@ from polyak.contract.wire import JobState, StopReason
 @click.option("--ray-address", default=None, help="Ray cluster to join; default: start a local Ray")
 @click.option("--job-dir", type=click.Path(path_type=Path), default=None,
               help="checkpoint folder; a run pointed at an existing one resumes from its checkpoint")
+@click.option("--max-job-memory", type=MemorySize(), default=None, help=MAX_JOB_MEMORY_HELP)
 def train(spec: Path, output: str, emit_weights: bool, as_json: bool, ray_address: str | None,
-          job_dir: Path | None) -> None:
+          job_dir: Path | None, max_job_memory: int | None) -> None:
     """Train one job on Ray without the service (local mode, and the `ray job submit` entrypoint)."""
     from polyak.service.engine.trainer import weights_file
 
-    job_spec, info = prepare_run(spec, output)
+    job_spec, info = prepare_run(spec, output, max_job_memory=max_job_memory)
     display = None
     if not as_json:
         title = f"{job_spec.name or spec} · {optimizer_summary(job_spec.optimizer)}"
@@ -201,21 +228,24 @@ def _print_json(m) -> None:
                    "loopback (it has a token) answers to any Host unless names are given")
 @click.option("--max-listeners", type=click.IntRange(min=1), default=100, show_default=True,
               help="event streams (GET /jobs/{id}/events) open at once; 503 beyond it")
+@click.option("--max-job-memory", type=MemorySize(), default=None, help=MAX_JOB_MEMORY_HELP + "; 422 at submit")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="seconds a connection has for a request's headers, and between two reads of its body; then it "
+                   "is closed (an idle keep-alive connection: at most 5 s)")
 def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_concurrent_jobs: int,
           server_token: str | None, data_root: Path | None, max_dataset_bytes: int, allowed_hosts: tuple[str, ...],
-          max_listeners: int) -> None:
+          max_listeners: int, max_job_memory: int | None, request_timeout: float) -> None:
     """Run the job service: HTTP API, durable job queue and scheduler."""
     require("server", "fastapi", "uvicorn", "ray")
     import ipaddress
-    import sqlite3
 
     import uvicorn
 
     from polyak.service.server.api import create_app
     from polyak.service.server.cluster import Cluster, ClusterUnavailable
+    from polyak.service.server.connections import with_deadline
     from polyak.service.server.guard import ANY_HOST, LOOPBACK_HOSTS
     from polyak.service.server.scheduler import Scheduler
-    from polyak.service.server.store import Store
 
     server_token = server_token or None
     try:
@@ -231,18 +261,14 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     # and the local Ray left running.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     _quiet_ray()
-    try:
-        lock = _lock_data_dir(data_dir)  # held until the process exits, however it exits
-        store = Store(data_dir)
-    except (OSError, sqlite3.Error) as e:
-        fail(f"cannot open the job database in {data_dir}: {e}")
+    lock, store = _open_data_dir(data_dir, data_root)
     cluster = Cluster(ray_address)
     try:
         if ray_address:
             cluster.connect()  # a wrong address should fail now, not with the first job
             cluster.capacity()  # read now: from the first request on, submit refuses a job too big for it
             logging.getLogger("polyak").info("joined the %s", _cluster_summary())
-        scheduler = Scheduler(store, cluster, max_concurrent_jobs)
+        scheduler = Scheduler(store, cluster, max_concurrent_jobs, max_job_memory=max_job_memory)
         # Beyond loopback the token keeps pages out, and clients reach the server by names it cannot know (a
         # Kubernetes Service, a load balancer): any Host, unless the operator names them.
         hosts = allowed_hosts or ((ANY_HOST,) if not loopback else ())
@@ -253,7 +279,8 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
             "starting polyak on http://%s:%d (data dir %s, up to %d job(s) at once%s)", host, port,
             data_dir.resolve(), max_concurrent_jobs, ", token required" if server_token else "")
         # Open event streams would otherwise hold a shutdown until their jobs end.
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
+                    http=with_deadline(request_timeout), timeout_keep_alive=min(5.0, request_timeout))
     except ClusterUnavailable as e:
         fail(str(e), 3)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has already shut down on
@@ -261,6 +288,29 @@ def serve(host: str, port: int, data_dir: Path, ray_address: str | None, max_con
     finally:  # the app's lifespan stops Ray; this covers failing before it ran (a port taken meanwhile)
         cluster.shutdown()
         store.close()
+
+
+def _open_data_dir(data_dir: Path, data_root: Path | None):
+    """(the data dir's lock, held until the process exits however it exits; the job database). A database that
+    takes no writes is said in one line: the server still serves its jobs and results. With a data root, files are
+    checked where they are opened too, by this process and the workers of the Ray it starts."""
+    import sqlite3
+
+    from polyak.service.server.store import Store
+    from polyak.workers.readers import confine_data
+
+    if data_root is not None:
+        confine_data([data_root, data_dir / "datasets"])
+
+    try:
+        lock = _lock_data_dir(data_dir)
+        store = Store(data_dir)
+    except (OSError, sqlite3.Error) as e:
+        fail(f"cannot open the job database in {data_dir}: {e}")
+    if store.write_error:
+        logging.getLogger("polyak").warning("%s: serving reads only; every write is a 503 until it can be written "
+                                            "(/health says when)", store.write_error)
+    return lock, store
 
 
 def _check_port(host: str, port: int) -> None:

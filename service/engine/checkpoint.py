@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,24 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+class UnreadableFile(ValueError):
+    """A checkpoint or weights file that is no .npz polyak can read (truncated, overwritten, another format)."""
+
+
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    """The arrays of an .npz file; UnreadableFile naming it when it is none. Never numpy's advice to allow pickle:
+    a file that needs it is not one polyak wrote, and loading it could run code."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise UnreadableFile(f"{path} is not an .npz archive (truncated, or not written by polyak)")
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        why = "it holds object arrays" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise UnreadableFile(f"{path} is not a readable .npz archive ({why})") from None
 
 
 def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -29,5 +45,8 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict)
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     arrays = load_npz(path)
-    meta = json.loads(str(arrays.pop("__meta__")))
+    try:
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (KeyError, ValueError):
+        raise UnreadableFile(f"{path} is no polyak checkpoint (its __meta__ record is missing or broken)") from None
     return arrays, meta

@@ -10,6 +10,7 @@ stopped by a criterion, or checkpointed for the next one.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -27,10 +28,30 @@ from polyak.service.engine.schedules import batch_size, epoch_batches
 from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
+from polyak.workers.readers.remote import OpenCancelled, cancellable
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
 LAST_WEIGHTS = "weights.npz"
+# best.npz and the checkpoint are committed together: an epoch's new best weights are written to best.epoch<E>.npz,
+# then the checkpoint of epoch E (the commit), then renamed to best.npz. A crash leaves at most that one pending
+# file, and ``settle_best`` decides by the checkpoint: committed (E <= its epoch) or to be redone (E after it).
+PENDING_BEST = "best.epoch{epoch}.npz"
+
+
+def settle_best(job_dir: Path, checkpoint_epoch: int) -> None:
+    """Finish or undo the commit a crash cut short, so that best.npz is the best of the epochs the checkpoint
+    holds."""
+    pending = sorted((int(p.name[len("best.epoch"):-len(".npz")]), p) for p in job_dir.glob("best.epoch*.npz"))
+    for epoch, path in pending:
+        if epoch <= checkpoint_epoch:
+            commit_best(path)
+        else:
+            path.unlink()
+
+
+def commit_best(pending: Path) -> None:
+    os.replace(pending, pending.with_name(BEST_WEIGHTS))
 
 
 @dataclass
@@ -157,7 +178,10 @@ class Training:
         self.checkpoint = self.job_dir / CHECKPOINT if self.job_dir else None
         self.best_file = self.job_dir / BEST_WEIGHTS if self.job_dir else None
         self.metrics: list[EpochMetrics] = []
+        self.pending_best: Path | None = None  # this epoch's best weights, until its checkpoint commits them
         self.resume()
+        if self.job_dir:
+            settle_best(self.job_dir, self.progress.epoch)
         self.best_W = (from_dict(load_npz(self.best_file), spec.model.layers, self.W_prev.dtype)
                        if self.best_file and self.best_file.exists() else None)
 
@@ -207,9 +231,15 @@ class Training:
         if self.checkpoint:
             self.progress.stopper = self.stopper.state()
             self.engine.checkpoint(self.checkpoint, asdict(self.progress))
+            self.commit_best()
             save_npz(self.job_dir / LAST_WEIGHTS, weights_file(epoch.W, self.spec, self.info))  # GET /weights
         self.W_prev = epoch.W
         return None
+
+    def commit_best(self) -> None:
+        if self.pending_best is not None:
+            commit_best(self.pending_best)
+            self.pending_best = None
 
     def record(self, epoch: EpochResult) -> EpochMetrics:
         """Count the epoch in, keep its weights if they are the best so far, and check the stopping criteria."""
@@ -223,7 +253,8 @@ class Training:
         if not epoch.cancelled and self.stopper.observe_validation(progress.epoch, epoch.val_loss):
             self.best_W = epoch.W.copy()
             if self.best_file:
-                save_npz(self.best_file, weights_file(epoch.W, self.spec, self.info))
+                self.pending_best = self.job_dir / PENDING_BEST.format(epoch=progress.epoch)
+                save_npz(self.pending_best, weights_file(epoch.W, self.spec, self.info))
         outcome = EpochOutcome(progress.epoch, progress.step, train_loss, epoch.val_loss,
                                relative_change(epoch.W, self.W_prev), figures.grad_avg_norm)
         criteria, stop = self.stopper.check(outcome)
@@ -233,6 +264,9 @@ class Training:
         return m
 
     def finish(self, state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
+        # The job ends here, with no checkpoint after its last epoch: the end commits that epoch's best weights (a
+        # crash before it resumes from the checkpoint before, and that epoch is redone).
+        self.commit_best()
         if self.job_dir:
             save_npz(self.job_dir / LAST_WEIGHTS, weights_file(W, self.spec, self.info))
         return TrainResult(state, reason, W, self.best_W, error, self.metrics)
@@ -318,10 +352,18 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
     """
-    info = info if info is not None else prepare(spec.data, spec.model)
+    hooks = hooks or Hooks()
+    try:
+        with cancellable(hooks.should_cancel):  # a remote source that does not answer must not hold a cancel
+            info = info if info is not None else prepare(spec.data, spec.model)
+    except OpenCancelled:
+        return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, initial_weights(spec))
+    W0 = initial_weights(spec)
+    if hooks.should_cancel():  # during the data's pass: ended before the engine (its actors, their shards) is built
+        return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, W0)
     trackers = trackers_for(spec, job_id)  # a missing tracking package fails the job before any work
-    hooks = _tracked(hooks or Hooks(), trackers)
-    engine = make_engine(spec, info, initial_weights(spec))
+    hooks = _tracked(hooks, trackers)
+    engine = make_engine(spec, info, W0)
     try:
         hooks.on_start(engine.describe())
         result = run(spec, info, engine, job_id, hooks)

@@ -50,7 +50,8 @@ class ClusterUnavailable(RuntimeError):
 class Cluster:
     def __init__(self, address: str | None = None):
         self.address = address
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while Ray starts (seconds): never by a request
+        self._start_lock = threading.Lock()  # guards _starting alone, so start_background never waits for Ray
         self._connected = False
         self._started_here = False
         self._last_capacity: Resources | None = None  # for /health and submit, which never wait on Ray
@@ -64,8 +65,9 @@ class Cluster:
 
     def start_background(self, when_done=lambda: None) -> None:
         """Connect and read the capacity in a thread of its own (once); failures are reported by status().
-        ``when_done`` runs after either."""
-        with self._lock:
+        ``when_done`` runs after either. Returns at once, also while Ray is starting: every request that brings a
+        job needing Ray calls it."""
+        with self._start_lock:
             if self._starting:
                 return
             self._starting = True
@@ -76,7 +78,7 @@ class Cluster:
                 self.capacity()
             except ClusterUnavailable as e:
                 self._error = str(e)
-                with self._lock:
+                with self._start_lock:
                     self._starting = False  # the next job that needs Ray tries again
                 when_done()
                 return

@@ -46,7 +46,7 @@ _WHY: dict[int, str] = {
     413: "the body is too large",
     415: "a Content-Type the route does not accept",
     422: "a bad parameter or spec, naming each bad field",
-    503: "over the server's --max-listeners event streams",
+    503: "the job database or the data dir cannot be written now (read-only, disk full); nothing was changed",
 }
 
 

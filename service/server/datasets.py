@@ -20,6 +20,7 @@ import numpy as np
 
 from polyak.contract.errors import BadInput
 from polyak.contract.wire import DatasetInfo
+from polyak.service.server.store import StoreUnavailable
 
 FORMATS = {"npy": ".npy", "parquet": ".parquet"}
 
@@ -46,8 +47,9 @@ class DatasetStore:
         """Store the upload; its info, and whether it was new (False: the same bytes were there already)."""
         if fmt not in FORMATS:
             raise BadDataset(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".upload-")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".upload-")
             digest = await self._receive(chunks, fd)
             info = describe(Path(tmp), fmt, digest)
             target = self.path(digest, fmt)
@@ -56,8 +58,11 @@ class DatasetStore:
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
             return info, True
+        except OSError as e:  # a full or read-only data dir: the temporary file goes, no dataset is named
+            raise StoreUnavailable(f"cannot store the upload in {self.folder}: {e.strerror or e}") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     async def _receive(self, chunks: AsyncIterator[bytes], fd: int) -> str:
         digest, size = hashlib.sha256(), 0
@@ -97,7 +102,11 @@ class DatasetStore:
                       reverse=True)
 
     def delete(self, dataset_id: str) -> None:
-        self.path(dataset_id).unlink()
+        path = self.path(dataset_id)
+        try:
+            path.unlink()
+        except OSError as e:
+            raise StoreUnavailable(f"cannot delete {path}: {e.strerror or e}") from None
 
 
 def describe(path: Path, fmt: str, dataset_id: str) -> DatasetInfo:

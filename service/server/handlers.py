@@ -22,13 +22,14 @@ from polyak.contract.spec import field_errors
 from polyak.service.server.cluster import ClusterUnavailable
 from polyak.service.server.datasets import BadDataset, DatasetTooLarge
 from polyak.service.server.scheduler import ClusterTooSmallFor, JobNotResumable
+from polyak.service.server.store import StoreUnavailable
 from polyak.service.server.submission import BadBody
 
 log = logging.getLogger("polyak")
 
 # Errors answered with their message alone.
 _STATUS: dict[type[Exception], int] = {
-    JobNotResumable: 409, ClusterUnavailable: 503, DatasetTooLarge: 413, BadDataset: 422,
+    JobNotResumable: 409, ClusterUnavailable: 503, DatasetTooLarge: 413, BadDataset: 422, StoreUnavailable: 503,
     ClientDisconnect: 400,  # an upload cut off: nobody reads the answer, and the store kept nothing
 }
 

@@ -25,7 +25,7 @@ _NO_DATASET = errors(404, 422, why={404: "no such dataset"})
 
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD,
              responses={200: {"model": DatasetInfo, "description": "the same bytes were stored already"},
-                        **errors(400, 413, 415, 422, why={400: "the upload was cut off",
+                        **errors(400, 413, 415, 422, 503, why={400: "the upload was cut off",
                                                           413: "over the server's --max-dataset-bytes",
                                                           422: "not a usable table"})})
 async def upload(request: Request, service: ServiceDep,
@@ -55,7 +55,7 @@ def get_dataset(dataset_id: str, service: ServiceDep) -> DatasetInfo:
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, responses={
-    **_NO_DATASET, **errors(409, why={409: "a job that has not ended reads it"})})
+    **_NO_DATASET, **errors(409, 503, why={409: "a job that has not ended reads it"})})
 def delete_dataset(dataset_id: str, service: ServiceDep) -> None:
     """Delete it, unless a queued or running job will read it (409 naming the job)."""
     try:

@@ -26,7 +26,7 @@ _SPEC_BODY = {
 
 
 @router.post("/jobs", status_code=201, response_model=JobInfo, openapi_extra=_SPEC_BODY,
-             responses=errors(400, 413, 415, 422, why={400: "the body is empty, not UTF-8, or not JSON/YAML"}))
+             responses=errors(400, 413, 415, 422, 503, why={400: "the body is empty, not UTF-8, or not JSON/YAML"}))
 async def submit(request: Request, service: ServiceDep) -> JobInfo:
     """Queue a job: 201 with its JobInfo (queued); 422 naming every bad field of the spec."""
     content_type = request.headers.get("content-type", "")
@@ -59,7 +59,7 @@ def get_job(job_id: str, service: ServiceDep) -> JobInfo:
     return service.scheduler.info(job_or_404(service.store, job_id).id)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobInfo, responses=errors(404, 422))
+@router.post("/jobs/{job_id}/cancel", response_model=JobInfo, responses=errors(404, 422, 503))
 def cancel(job_id: str, service: ServiceDep) -> JobInfo:
     """A queued job is cancelled at once; a running one stops at its next step, keeping its last
     weights and metrics. Cancelling a finished job changes nothing."""
@@ -69,7 +69,7 @@ def cancel(job_id: str, service: ServiceDep) -> JobInfo:
 
 
 @router.post("/jobs/{job_id}/resubmit", status_code=201, response_model=JobInfo, responses=errors(
-    404, 409, 422, why={409: "the job has not ended, or ended before its first checkpoint"}))
+    404, 409, 422, 503, why={409: "the job has not ended, or its checkpoint is missing or unreadable"}))
 def resubmit(job_id: str, service: ServiceDep) -> JobInfo:
     """A new job with the same spec, starting from this finished job's last checkpoint (its epochs so far
     are copied into the new job's history): how a job that failed with its cluster goes on."""

@@ -24,7 +24,9 @@ def get_metrics(job_id: str, service: ServiceDep) -> list[EpochMetrics]:
     return service.store.metrics(job_or_404(service.store, job_id).id)
 
 
-@router.get("/jobs/{job_id}/events", responses={**errors(404, 422, 503), 200: {"content": {"text/event-stream": {}}}})
+@router.get("/jobs/{job_id}/events", responses={
+    **errors(404, 422, 503, why={503: "over the server's --max-listeners event streams"}),
+    200: {"content": {"text/event-stream": {}}}})
 async def events(
     job_id: str,
     service: ServiceDep,

@@ -26,12 +26,13 @@ from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint
+from polyak.service.engine.memory import check_memory, default_limit
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, LAST_WEIGHTS, Hooks, train_job
 from polyak.service.server.cluster import Cluster, ClusterUnavailable, Resources, needs
 from polyak.service.server.events import Bus
 from polyak.service.server.job import CANCELLED, FAILED, QUEUED, RUNNING, JobRecord, new_job_id, utcnow
 from polyak.service.server.paths import recheck
-from polyak.service.server.store import Store
+from polyak.service.server.store import Store, StoreUnavailable
 from polyak.workers.backend import gpu_available
 
 log = logging.getLogger("polyak")
@@ -95,14 +96,21 @@ class Scheduler:
         cluster: Cluster,
         max_concurrent: int = 1,
         train: Callable = train_job,
+        max_job_memory: int | None = None,
     ):
         self.store = store
         self.cluster = cluster
         self.max_concurrent = max_concurrent
+        # A job's estimated memory (engine/memory.py) above this is refused at submit, and failed at dispatch (a job
+        # queued before the limit was lowered, or resumed after a restart): default, half the machine's memory.
+        self.max_job_memory = default_limit() if max_job_memory is None else max_job_memory
         self.bus = Bus()
         self._train = train  # tests hand in a stand-in for train_job
         self._lock = threading.Lock()  # one decision at a time about who runs: dispatch, cancel
         self._running: dict[str, _Run] = {}
+        # Ends of jobs whose thread is over but whose final state the store refused: written by the next pass that
+        # can (or by a cancel), so that no job stays "running" with nothing running it.
+        self._unrecorded: dict[str, tuple[JobState, StopReason, str | None]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._dispatcher: threading.Thread | None = None
@@ -141,8 +149,9 @@ class Scheduler:
     # -- the API's verbs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobInfo:
         """Queue a job and describe it as queued; ClusterTooSmallFor if the cluster (or, for a job without workers,
-        this process) is known to be too small for it ever to run. Never waits for Ray: before Ray is up the job
-        is queued, and dispatch checks it."""
+        this process) is known to be too small for it ever to run, SpecError if its estimated memory is over
+        ``max_job_memory``. Never waits for Ray: before Ray is up the job is queued, and dispatch checks it."""
+        check_memory(spec, self.max_job_memory)
         capacity = self.cluster.known_capacity()
         if spec.cluster.num_workers > 0 and capacity is None:
             self.cluster.start_background(self._wake.set)
@@ -172,13 +181,20 @@ class Scheduler:
         source = self.store.job_dir(job_id)
         if not (source / CHECKPOINT).is_file():
             raise JobNotResumable(f"job {job_id} has no checkpoint to resume from: it ended before its first epoch")
-        _, meta = load_checkpoint(source / CHECKPOINT)
+        try:
+            _, meta = load_checkpoint(source / CHECKPOINT)
+        except (OSError, ValueError) as e:  # UnreadableFile names the file
+            raise JobNotResumable(f"job {job_id} cannot be resumed: {e}") from None
         new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
         target = self.store.job_dir(new.id)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, target / name)
+        except OSError as e:  # a full or read-only data dir: no half-copied job is left behind
+            shutil.rmtree(target, ignore_errors=True)
+            raise StoreUnavailable(f"cannot copy job {job_id}'s checkpoint into {target}: {e.strerror or e}") from None
         with self._lock:
             job = self.store.add(new)
         self.store.copy_metrics(job_id, job.id, meta["epoch"])
@@ -198,6 +214,10 @@ class Scheduler:
                 self.store.request_cancel(job_id)
                 self._running[job_id].cancel.set()
                 log.info("job %s: cancel requested; it stops at its next step", job_id)
+            elif job.state == RUNNING:  # its run is over, but the store refused its end: write that now
+                end = self._unrecorded.get(job_id, (CANCELLED, StopReason.CANCELLED, None))
+                job = self._set_state(job_id, *end, note="its end recorded when it was cancelled")
+                self._unrecorded.pop(job_id, None)
         self._wake.set()
         return job
 
@@ -227,10 +247,21 @@ class Scheduler:
                 return
             try:
                 self._dispatch()
+            except StoreUnavailable as e:
+                log.warning("scheduling pass skipped: %s; retrying in %g s", e, POLL_SECONDS)
             except Exception:
                 log.exception("scheduling pass failed; retrying in %g s", POLL_SECONDS)
 
+    def _record_ends(self) -> None:
+        """The ends the store refused, written now (StoreUnavailable again: the next pass tries again)."""
+        with self._lock:
+            for job_id, end in list(self._unrecorded.items()):
+                if self.store.get(job_id).state == RUNNING:
+                    self._set_state(job_id, *end, note="its end recorded once the job database took writes again")
+                del self._unrecorded[job_id]
+
     def _dispatch(self) -> None:
+        self._record_ends()
         # Ray starts in the background (seconds; a minute to fail): until it is up, in-process jobs still start
         # and jobs that need Ray wait. Its size is asked before taking the lock cancel() needs.
         capacity, no_ray = None, "waiting for Ray to start"
@@ -255,6 +286,9 @@ class Scheduler:
             behind = None  # the waiting reason of every job after the first that lacks resources
             for job in self.queue():
                 need = needs(job.spec, capacity)
+                if (too_big := self._too_big(job.spec)) is not None:
+                    self._set_state(job.id, FAILED, StopReason.ERROR, too_big, note="over --max-job-memory")
+                    continue
                 if behind is not None:
                     reason = behind
                 elif len(self._running) >= self.max_concurrent:
@@ -275,6 +309,13 @@ class Scheduler:
                     continue
                 if reason != job.waiting_reason:
                     self.store.set_waiting_reason(job.id, reason)
+
+    def _too_big(self, spec: JobSpec) -> str | None:
+        try:
+            check_memory(spec, self.max_job_memory)
+        except SpecError as e:
+            return e.message
+        return None
 
     def _start(self, job: JobRecord, need: Resources) -> None:
         job = self._set_state(job.id, RUNNING)
@@ -297,7 +338,7 @@ class Scheduler:
                 self.cluster.connect()
             result = self._train(job.spec, job.id, hooks)
             state, reason, error = result.state, result.stop_reason, result.error
-        except (ValueError, SpecError) as e:  # bad data, weights or spec: the message says which
+        except (ValueError, SpecError, StoreUnavailable) as e:  # bad data, weights, spec; an epoch not stored
             state, reason, error = FAILED, StopReason.ERROR, str(e)
         except Exception as e:
             log.exception("job %s raised", job.id)
@@ -307,8 +348,10 @@ class Scheduler:
                 log.info("job %s interrupted by shutdown: resumes from its checkpoint at next start", job.id)
             else:
                 self._set_state(job.id, state, reason, error)
-        except Exception:
-            log.exception("job %s: could not record its end", job.id)
+        except Exception as e:
+            log.error("job %s: could not record its end (%s); retried until the store takes it", job.id, e)
+            with self._lock:
+                self._unrecorded[job.id] = (state, reason, error)
         finally:
             with self._lock:
                 self._running.pop(job.id, None)

@@ -67,23 +67,47 @@ _ADDED_COLUMNS = {"placement": "TEXT", "resumed_from": "TEXT"}
 _QUEUE_ORDER = "started_at IS NULL, json_extract(spec, '$.priority') DESC, seq"
 
 
+class StoreUnavailable(RuntimeError):
+    """The job database cannot be written (read-only, disk full, an I/O error): the API answers 503, reads go on,
+    and the next write tries again."""
+
+
 class Store:
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are opened explicitly in _write, never implicitly by sqlite3.
-        self._db = sqlite3.connect(self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None)
+        self.path = self.data_dir / DB_NAME
+        self.write_error: str | None = None  # why the last write failed; None once one succeeds
         self._lock = threading.Lock()
+        self._reconnect = False
         with self._lock:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # In WAL mode NORMAL survives a killed process; only a power cut can lose the last commits.
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.executescript(_SCHEMA)
+            self._db = self._connect()
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
+                self._db.executescript(_SCHEMA)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in have:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        self.check_writable()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit mode: transactions are opened explicitly in _write, never implicitly by sqlite3.
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL survives a killed process; only a power cut can lose the last commits.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    def check_writable(self) -> str | None:
+        """Try a write that changes nothing: None when the database takes writes, else why not (also kept in
+        ``write_error``, for /health)."""
+        try:
+            with self._write() as db:
+                db.execute("UPDATE jobs SET seq = seq WHERE 0")
+        except StoreUnavailable:
+            pass
+        return self.write_error
 
     def close(self) -> None:
         with self._lock:
@@ -254,15 +278,28 @@ class Store:
     # -- plumbing ------------------------------------------------------------------------------------
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; StoreUnavailable naming the database when SQLite or the disk refuses it. After such a
+        failure the next write opens the database again: SQLite keeps a file it could only open read-only so for
+        the connection's life, and a permission given back would never be seen."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # a failed COMMIT (disk full) must not leave it open
-                    self._db.execute("ROLLBACK")
-                raise
+                if self._reconnect:
+                    fresh = self._connect()
+                    self._db.close()
+                    self._db, self._reconnect = fresh, False
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # a failed COMMIT (disk full) must not leave it open
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.OperationalError, OSError) as e:
+                self._reconnect = True
+                self.write_error = f"the job database {self.path} cannot be written: {e}"
+                raise StoreUnavailable(self.write_error) from None
+            self.write_error = None
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -49,12 +49,22 @@ def check_media(content_type: str) -> None:
 
 
 async def read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it is known to be over MAX_BODY_BYTES: by its Content-Length before a
+    byte is read, or, sent chunked, at the chunk that passes the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise BadBody(413, f"request body is over {MAX_BODY_BYTES} bytes: a job spec is a few hundred")
+            raise _too_large()
     return bytes(body)
+
+
+def _too_large() -> BadBody:
+    return BadBody(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes (1 MiB): a job spec is a few "
+                        "hundred")
 
 
 def job_spec(body: bytes, content_type: str, data_root: Path | None, datasets: DatasetStore | None = None) -> JobSpec:

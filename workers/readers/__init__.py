@@ -25,9 +25,32 @@ from polyak.workers.readers.in_memory import open_generated
 from polyak.workers.readers.npy import open_npy
 from polyak.workers.readers.npz import open_npz
 from polyak.workers.readers.parquet import open_parquet, pyarrow_modules
+from polyak.workers.readers.remote import within_bound
 from polyak.workers.readers.source import Source, check_n
 
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
+# The folders a server confines data to (``polyak serve --data-root``, and its uploads' folder), os.pathsep
+# between them. In the environment: the local Ray the server starts, and so every worker, inherits it.
+DATA_ROOTS = "POLYAK_DATA_ROOTS"
+
+
+def confine_data(roots: list[Path]) -> None:
+    """From now on this process and the processes it starts open data files only inside ``roots``."""
+    os.environ[DATA_ROOTS] = os.pathsep.join(str(Path(r).resolve()) for r in roots)
+
+
+def check_confined(path: Path) -> None:
+    """Where a file is opened: a path that leads out of the data roots (a symlink swapped in on its way since the
+    server checked it at submit, seconds before a worker gets here) is refused, naming the path and the roots."""
+    roots = [Path(r) for r in os.environ.get(DATA_ROOTS, "").split(os.pathsep) if r]
+    if not roots:
+        return
+    real = path.resolve()
+    leads = [real] + ([m.resolve() for m in real.iterdir()] if real.is_dir() else [])
+    for target in leads:
+        if not any(target.is_relative_to(root) for root in roots):
+            raise DataError(f"data.path: {path} leads to {target}, outside the server's data root "
+                            f"{os.pathsep.join(map(str, roots))}: refused where it was opened")
 
 
 def open_source(data: DataSpec, model: ModelSpec) -> Source:
@@ -79,6 +102,7 @@ def _open_file(origin: str, target, n_targets: int, classification: bool) -> Sou
     path = Path(origin)
     if not path.exists():
         raise DataError(f"data.path: {os.path.abspath(path)} does not exist")
+    check_confined(path)
     if path.is_dir() or path.suffix == ".parquet":
         _, _, pafs = pyarrow_modules(origin)
         return open_parquet(pafs.LocalFileSystem(), os.path.abspath(path), origin, target, n_targets, classification)
@@ -97,12 +121,18 @@ def _open_file(origin: str, target, n_targets: int, classification: bool) -> Sou
             return open_csv(path, origin, target, n_targets, classification)
     except DataError:
         raise
-    except Exception as e:  # numpy raises many types for a corrupt file; the message is what matters
-        raise DataError(f"{origin}: cannot read data ({type(e).__name__}: {e})") from None
+    except Exception as e:  # numpy raises many types for a corrupt file; their messages quote its bytes
+        raise DataError(f"{origin}: cannot read data: not a readable {path.suffix} file ({type(e).__name__})") \
+            from None
     raise DataError(f"{origin}: unsupported file type {path.suffix!r}; {_UNSUPPORTED}")
 
 
 def _open_uri(uri: str, target, n_targets: int, classification: bool) -> Source:
+    """Metadata only, within remote.OPEN_SECONDS (and given up on a cancel): an endpoint may never answer."""
+    return within_bound(lambda: _open_uri_now(uri, target, n_targets, classification), uri)
+
+
+def _open_uri_now(uri: str, target, n_targets: int, classification: bool) -> Source:
     pa, _, pafs = pyarrow_modules(uri)
     try:
         filesystem, root = pafs.FileSystem.from_uri(uri)

@@ -71,10 +71,8 @@ class Source:
         self._first_bad(
             labels != np.round(labels), rows, "cross_entropy needs integer class ids in y, found fractional values"
         )
-        negative = labels < 0
-        if negative.any():
-            i = negative.argmax()
-            raise DataError(f"{self.origin}: labels must be in 0..k-1, found {labels[i]:g} (in row {rows[i]})")
+        # Named by row and kind, never by value: an error message must not carry the file's contents.
+        self._first_bad(labels < 0, rows, "labels must be in 0..k-1, found a negative one")
         return X, labels.astype(np.int64)
 
     def _first_bad(self, bad: np.ndarray, rows: np.ndarray, what: str) -> None:
