@@ -430,6 +430,7 @@ METRICS = [  # key, title, format, what the ratio against the baseline means
     ("startup", "s from launch to the first step", "{:.2f}", "lower is faster"),
     ("epochs", "epochs to 0.97", "{:.0f}", ""),
     ("rss", "peak RSS of the process tree, MB", "{:,.0f}", "lower is leaner"),
+    ("processes", "processes in the tree at that peak", "{:.0f}", ""),
 ]
 
 
@@ -440,7 +441,8 @@ def spread(values) -> tuple[float, float, float] | None:
 
 
 def stats_of(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple | None]]:
-    return {system: {key: spread(r[key] for r in rs) for key, *_ in METRICS} for system, rs in runs.items() if rs}
+    """Each metric's spread per system; a system whose every run failed has None throughout."""
+    return {system: {key: spread(r.get(key) for r in rs) for key, *_ in METRICS} for system, rs in runs.items()}
 
 
 def table(stats: dict, baseline: str = BASELINE) -> list[str]:
@@ -506,11 +508,13 @@ def machine() -> str:
             f"ray {ray.__version__}; {framework_info('numpy')}")
 
 
-def run_all(systems: list[str], rounds: int, folder: Path, timeout: float) -> dict[str, list[dict]]:
+def run_all(systems: list[str], rounds: int, folder: Path, timeout: float) -> tuple[dict[str, list[dict]], list[str]]:
+    """Every system ``rounds`` times, interleaved: each system's runs, and a line for each run that failed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     runs: dict[str, list[dict]] = {system: [] for system in systems}
+    failures: list[str] = []
     plan = plan_of(systems, rounds)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
@@ -522,6 +526,7 @@ def run_all(systems: list[str], rounds: int, folder: Path, timeout: float) -> di
                 f = run_system(system, folder, timeout)
             except RuntimeError as e:
                 bar.console.print(f"round {r + 1}: {e}")
+                failures.append(f"round {r + 1}: {str(e).splitlines()[0]} {str(e).splitlines()[-1]}")
             else:
                 runs[system].append(f)
                 tta = f"{f['tta']:.2f} s" if f["tta"] else "not reached"
@@ -530,7 +535,7 @@ def run_all(systems: list[str], rounds: int, folder: Path, timeout: float) -> di
                                   f"{f['processes']} processes")
             bar.advance(task)
             time.sleep(2)  # the previous run's processes gone, its threads asleep
-    return runs
+    return runs, failures
 
 
 def main() -> None:
@@ -555,10 +560,11 @@ def main() -> None:
         folder.mkdir(exist_ok=True)
         write_data(folder)
         print(f"CPU pressure before: {cpu_pressure()}", flush=True)
-        runs = run_all(args.systems, args.rounds or (1 if args.quick else 3), folder, args.timeout)
+        runs, failures = run_all(args.systems, args.rounds or (1 if args.quick else 3), folder, args.timeout)
     print(f"CPU pressure after: {cpu_pressure()} (other processes on these cores skew every figure)\n")
     stats = stats_of(runs)
-    print("\n".join([*table(stats), *splits(runs), "", *goals(stats)]))
+    failed = ["", "failed:", *failures] if failures else []
+    print("\n".join([*table(stats), *splits(runs), "", *goals(stats), *failed]))
 
 
 if __name__ == "__main__":
