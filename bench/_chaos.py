@@ -469,6 +469,7 @@ class Chain:
     errors: list[str] = field(default_factory=list)  # each failure's error line
     fresh: int = 0  # failures before any checkpoint: submitted again from the start
     settled: bool = False
+    seen: tuple = ()  # (id, state, epoch) last seen: a round none of whose jobs moves for long is given up
     problems: list[str] = field(default_factory=list)
     evidence: dict = field(default_factory=dict)  # what the checks were given: spec, history, W (best W or trace)
 
@@ -513,7 +514,7 @@ class Config:
     methods: tuple[str, ...] = ("heavy_ball",)  # x (sync, async): the sweep
     pause: tuple[float, float] = (0.5, 4.0)  # seconds between faults, drawn uniformly
     target_wait: float = 1200.0  # a fault with no target this long after its moment is missed
-    job_timeout: float = 900.0  # a job not settled this long after its round started is lost
+    job_timeout: float = 900.0  # a round none of whose jobs changed state or epoch this long is given up (lost)
     base: dict = field(default_factory=lambda: json.loads(json.dumps(BASE)))
 
     def kinds(self) -> tuple[str, ...]:
@@ -670,17 +671,19 @@ class Run:
 
     def follow(self, chains: list[Chain]) -> None:
         """Until every job of the round succeeded or is given up on; failures are resubmitted."""
-        deadline = time.monotonic() + self.config.job_timeout
+        moved = time.monotonic()
         while not all(c.settled for c in chains):
             for chain in (c for c in chains if not c.settled):
                 info = self.call(self.client.get, chain.ids[-1])
+                if (info.id, info.state, info.epoch) != chain.seen:
+                    chain.seen, moved = (info.id, info.state, info.epoch), time.monotonic()
                 if info.state == JobState.SUCCEEDED:
                     chain.settled = True
                     self.log.write("job_done", ids=chain.ids, epochs=info.epoch)
                 elif info.state.is_terminal():
                     self.resubmit(chain, info)
-                elif time.monotonic() > deadline:
-                    self.give_up(chain, f"job {info.id} still {info.state.value} after "
+                elif time.monotonic() - moved > self.config.job_timeout:
+                    self.give_up(chain, f"job {info.id} {info.state.value} at epoch {info.epoch} for "
                                         f"{self.config.job_timeout:.0f} s: {info.waiting_reason or ''}")
             time.sleep(0.3)
 
