@@ -25,6 +25,7 @@ from polyak.service.engine.checkpoint import load_npz, save_npz
 from polyak.service.engine.criteria import EpochOutcome, Stopper, relative_change
 from polyak.service.engine.engine import Engine, EpochFigures, TrainerDrivenEngine, WorkerDrivenEngine
 from polyak.service.engine.schedules import batch_size, epoch_batches
+from polyak.service.engine.trace_file import tracing_requested, write_part
 from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
@@ -107,7 +108,7 @@ def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenE
     if spec.cluster.mode == "async":
         from polyak.service.engine.async_engine import AsyncRayEngine
 
-        return AsyncRayEngine(spec, info, W0)
+        return AsyncRayEngine(spec, info, W0, trace=tracing_requested())
     from polyak.service.engine.sync_engine import SyncRayEngine
 
     return SyncRayEngine(spec, info, W0)
@@ -179,6 +180,7 @@ class Training:
         self.best_file = self.job_dir / BEST_WEIGHTS if self.job_dir else None
         self.metrics: list[EpochMetrics] = []
         self.pending_best: Path | None = None  # this epoch's best weights, until its checkpoint commits them
+        self.trace_written = 0  # engine.trace records already in the job dir (POLYAK_ASYNC_TRACE)
         self.resume()
         if self.job_dir:
             settle_best(self.job_dir, self.progress.epoch)
@@ -224,6 +226,7 @@ class Training:
         if epoch.cancelled and len(epoch.figures.step_losses) == 0:
             return self.finish(JobState.CANCELLED, StopReason.CANCELLED, epoch.W)
         m = self.record(epoch)
+        self.write_trace()
         self.hooks.on_epoch(m)
         if m.stop is not None:
             state = JobState.CANCELLED if m.stop == StopReason.CANCELLED else JobState.SUCCEEDED
@@ -262,6 +265,13 @@ class Training:
                           StopReason.CANCELLED if epoch.cancelled else stop)
         self.metrics.append(m)
         return m
+
+    def write_trace(self) -> None:
+        """The trace records not yet in the job dir, before the epoch's checkpoint (service/engine/trace_file.py)."""
+        trace = getattr(self.engine, "trace", None)
+        if trace is not None and self.job_dir:
+            write_part(self.job_dir, trace[self.trace_written :])
+            self.trace_written = len(trace)
 
     def finish(self, state: JobState, reason: StopReason, W: np.ndarray, error: str | None = None) -> TrainResult:
         # The job ends here, with no checkpoint after its last epoch: the end commits that epoch's best weights (a
