@@ -185,7 +185,7 @@ class RayEngine:
         self._reset()
 
     def close(self) -> None:
-        for actor in (*self.workers, *getattr(self, "servers", ())):  # servers: none yet if a worker failed first
+        for actor in (*self.workers, *self.servers):
             ray.kill(actor, no_restart=True)
 
     # -- when a step is late ---------------------------------------------------------------------------
