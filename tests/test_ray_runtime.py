@@ -307,11 +307,11 @@ def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp
 
 
 def test_the_sync_path_follows_the_placement():
-    assert choose_sync_path("a", "a", ["a", "a"])[0] == "compiled"
-    path, why = choose_sync_path("a", "a", ["a", "b"])
+    assert choose_sync_path("a", ["a"], ["a", "a"])[0] == "compiled"
+    path, why = choose_sync_path("a", ["a"], ["a", "b"])
     assert path == "actor_calls" and "2 nodes" in why
-    assert choose_sync_path("a", "b", ["b"])[0] == "actor_calls"  # the driver elsewhere: no shared memory
-    line = describe_nodes("aaaaaaaa1", "aaaaaaaa1", ["aaaaaaaa1", "bbbbbbbb2", "bbbbbbbb2"],
+    assert choose_sync_path("a", ["b"], ["b"])[0] == "actor_calls"  # the driver elsewhere: no shared memory
+    line = describe_nodes("aaaaaaaa1", ["aaaaaaaa1"], ["aaaaaaaa1", "bbbbbbbb2", "bbbbbbbb2"],
                           {"aaaaaaaa1": "10.0.0.1", "bbbbbbbb2": "10.0.0.2"})
     assert line == ("parameter server on aaaaaaaa (10.0.0.1, the driver); worker 1 on aaaaaaaa (10.0.0.1, the driver), "
                     "workers 2,3 on bbbbbbbb (10.0.0.2)")

@@ -4,6 +4,9 @@ It reads its own shard of the training rows and its slice of the validation rows
 shipped through the driver), holds them in the spec's dtype, on the GPU when the device is gpu, and returns
 (gradient sum, loss sum, count) for the rows it is given, and (loss sum, correct, count) of its validation
 slice. A restarted worker reads the same rows again: they are a function of the spec alone.
+
+With a sharded parameter server (``bounds``: server shard s owns W[bounds[s]:bounds[s + 1]]) a worker takes W as
+the shards' slices and hands server shard s only its slice of the gradient sum: each shard moves p/S floats a step.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ TIMINGS_KEPT = 100_000  # the latest calls' timings a worker or the parameter se
 
 
 class GradientWorker:
-    def __init__(self, spec_json: str, shard: int, num_shards: int, stats=None):
+    def __init__(self, spec_json: str, shard: int, num_shards: int, stats=None, bounds: list[int] | None = None):
         spec = JobSpec.model_validate_json(spec_json)
         self.backend = get_backend(spec.cluster.device)
         if self.backend.device == "cpu":
@@ -43,6 +46,8 @@ class GradientWorker:
         self.dtype = dtype
         self.seed = spec.model.seed
         self.shard = shard
+        bounds = bounds or [0, self.mlp.p]
+        self.key_ranges = list(zip(bounds[:-1], bounds[1:], strict=True))  # of the server shards, in order
         # (start, end) wall-clock times of each gradient() call, for benchmarks to split a step's time from
         # timestamps (comparable with the parameter server's on one machine); bounded, as nobody may take them.
         self.compute_spans: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
@@ -67,14 +72,24 @@ class GradientWorker:
 
         return os.getpid()
 
-    def gradient(self, W: np.ndarray, rows: np.ndarray):
-        """(gradient sum (p,), loss sum, count) over these rows of the shard, at weights W."""
+    def gradient(self, *args):
+        """(gradient sum (p,), loss sum, count) over these rows of the shard; args: W (or its slices, one per server
+        shard), then rows. Sharded, one such triple per server shard, with its slice of the gradient sum (the
+        method then has num_returns = S, and each slice goes to its own shard)."""
+        *W, rows = args
+        grad_sum, loss_sum, count = self._gradient(W, rows)
+        parts = tuple((grad_sum[lo:hi], loss_sum, count) for lo, hi in self.key_ranges)
+        return parts if len(parts) > 1 else parts[0]
+
+    def _gradient(self, W_slices: list, rows: np.ndarray):
+        """(gradient sum (p,) on the host, loss sum, count) at the W these slices make up."""
         xp = self.backend.xp
         started = time.time()
         if len(rows) == 0:  # this step's random batch drew nothing from this shard
             out = np.zeros(self.mlp.p, dtype=self.dtype), 0.0, 0
         else:
             idx = xp.asarray(rows)
+            W = W_slices[0] if len(W_slices) == 1 else np.concatenate(W_slices)
             grad_sum, loss_sum, count = self.mlp.loss_and_grad(xp.asarray(W), self.X[idx], self.y[idx], self.grad)
             out = to_numpy(grad_sum), loss_sum, count
         self.compute_spans.append((started, time.time()))
@@ -91,27 +106,48 @@ class GradientWorker:
         xp = self.backend.xp
         return self.mlp.evaluate(xp.asarray(W), self.X_val, self.y_val)
 
-    def run_async_epoch(self, server, epoch: int, batch_size: int, traced: bool = False) -> int:
+    def run_async_epoch(self, servers: list, epoch: int, batch_size: int, traced: bool = False) -> int:
         """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.
 
-        A stale gradient is recomputed at fresh weights. After a restart the worker skips the batches
-        the server already applied this epoch (its order is a function of the spec and epoch alone), and the
-        server turns away any late push of the pass it replaces. A push carries its rows only when the server
-        ``traced`` (keeps a record of every update). Returns the number of pushes that were applied.
+        ``servers``: the server shards, in key order; shard s gets slice s of each gradient and judges it by its own
+        version. A gradient a shard turns away as stale is recomputed at fresh weights and pushed again to the shards
+        that turned it away, so each shard applies each batch once. After a restart the worker skips, per shard,
+        the batches that shard already applied this epoch (its order is a function of the spec and epoch alone),
+        and each shard turns away any late push of the pass it replaces. A shard that answers STOP gets no more
+        pushes; the pass ends when all have. A push carries its rows and read versions only when ``traced``.
+        Returns the number of batches at least one shard applied.
         """
         n = self.X.shape[0]
         order = np.random.default_rng([self.seed, 3, epoch, self.shard]).permutation(n)
-        done, pass_id, version, (w_ref,) = ray.get(server.join_epoch.remote(self.shard))
+        joined = ray.get([server.join_epoch.remote(self.shard) for server in servers])
+        done = [j[0] for j in joined]
+        self._pass = {"ids": [j[1] for j in joined], "versions": [j[2] for j in joined],
+                      "refs": [j[3][0] for j in joined], "stopped": set()}
         applied = 0
-        for start in range(done * batch_size, n, batch_size):
+        for batch, start in enumerate(range(min(done) * batch_size, n, batch_size), start=min(done)):
             rows = order[start : start + batch_size]
-            while True:
-                g, loss_sum, count = self.gradient(ray.get(w_ref), rows)
-                push = server.push.remote(g, loss_sum, count, version, self.shard, pass_id, rows if traced else None)
-                status, version, (w_ref,) = ray.get(push)
-                if status != STALE:
-                    break
-            if status == STOP:
+            todo = [s for s in range(len(servers)) if done[s] <= batch and s not in self._pass["stopped"]]
+            applied += self._push_until_taken(servers, todo, rows, traced)
+            if len(self._pass["stopped"]) == len(servers):
                 break
-            applied += 1
+        return applied
+
+    def _push_until_taken(self, servers: list, todo: list[int], rows: np.ndarray, traced: bool) -> bool:
+        """Push this batch's gradient to the shards in ``todo`` until none of them answers STALE; whether any
+        applied it."""
+        state, applied = self._pass, False
+        while todo:
+            g, loss_sum, count = self._gradient(ray.get(state["refs"]), rows)
+            traced_args = (rows, tuple(state["versions"])) if traced else (None, None)
+            answers = ray.get([
+                servers[s].push.remote(g[lo:hi], loss_sum, count, state["versions"][s], self.shard, state["ids"][s],
+                                       *traced_args)
+                for s, (lo, hi) in ((s, self.key_ranges[s]) for s in todo)
+            ])
+            for s, (status, version, (w_ref,)) in zip(todo, answers, strict=True):
+                state["versions"][s], state["refs"][s] = version, w_ref
+                applied |= status == APPLIED
+                if status == STOP:
+                    state["stopped"].add(s)
+            todo = [s for s, answer in zip(todo, answers, strict=True) if answer[0] == STALE]
         return applied

@@ -29,6 +29,7 @@ from polyak.contract.choices import (
     SYNTHETIC_DATASETS,
 )
 from polyak.contract.errors import SpecError, SpecSyntaxError
+from polyak.contract.network import param_count
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DATASET_ID = re.compile(r"[0-9a-f]{64}")
@@ -193,6 +194,10 @@ class ClusterSpec(_Strict):
     )
     device: Literal[DEVICES] = Field(default="auto", description="auto | cpu | gpu (error if none)")
     dtype: Literal[DTYPES] = Field(default="float32", description="floating-point type")
+    num_servers: int = Field(
+        default=1, ge=1, description="parameter server shards: W and the optimizer's buffers split into this many "
+        "contiguous key ranges, one actor each (at most the number of parameters; needs num_workers >= 1)"
+    )
 
 
 class TrackingSpec(_Strict):
@@ -225,6 +230,13 @@ class JobSpec(_Strict):
     def _check_cross_fields(self) -> JobSpec:
         if self.cluster.mode == "async" and self.cluster.num_workers == 0:
             raise ValueError("cluster.mode: async needs num_workers >= 1")
+        servers = self.cluster.num_servers
+        if servers > 1 and self.cluster.num_workers == 0:
+            raise ValueError(f"cluster.num_servers: {servers} needs num_workers >= 1 (num_workers 0 trains in this "
+                             "process, with no parameter server to shard); use num_servers 1")
+        if servers > (p := param_count(self.model.layers)):
+            raise ValueError(f"cluster.num_servers: must be <= the model's {p} parameters (one per shard at least), "
+                             f"got {servers}")
         if self.stopping.patience is not None and self.data.validation_fraction == 0.0:
             raise ValueError("stopping.patience: needs validation data (data.validation_fraction > 0)")
         return self

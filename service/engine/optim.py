@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polyak.contract.network import layer_slices
+from polyak.contract.network import layer_slices, param_count
 from polyak.contract.spec import OptimizerSpec
 from polyak.service.engine.schedules import make_schedule
 
@@ -118,7 +118,8 @@ class OptState:
 class Optimizer:
     """Binds a rule, a schedule and weight decay; ``apply`` advances an OptState by one gradient."""
 
-    def __init__(self, spec: OptimizerSpec, layers):
+    def __init__(self, spec: OptimizerSpec, layers, key_range: tuple[int, int] | None = None):
+        """``key_range`` (lo, hi): the rule acts on W[lo:hi] only, one shard of a sharded parameter server."""
         self.spec = spec
         self.method = spec.method
         self.rule = RULES[spec.method]
@@ -126,7 +127,7 @@ class Optimizer:
         self.alpha = spec.alpha
         self.schedule = make_schedule(spec)
         self.weight_decay = spec.weight_decay
-        self._weight_slices = [ws for ws, _ in layer_slices(layers)]
+        self._weight_slices = decayed_slices(layers, key_range)
         self._scratch = None  # the adaptive rules' one work array, made on first use
 
     def lr(self, step: int) -> float:
@@ -156,6 +157,17 @@ class Optimizer:
         state.step += 1
         state.version += 1
         return state
+
+
+def decayed_slices(layers, key_range: tuple[int, int] | None = None) -> list[slice]:
+    """The weights' (not the biases') slices of W[lo:hi], relative to lo: what weight decay acts on there."""
+    lo, hi = key_range or (0, param_count(layers))
+    out = []
+    for ws, _ in layer_slices(layers):
+        start, stop = max(ws.start, lo), min(ws.stop, hi)
+        if start < stop:
+            out.append(slice(start - lo, stop - lo))
+    return out
 
 
 def new_state(W0, xp=np, buffers: tuple[str, ...] = ("u",)) -> OptState:

@@ -6,6 +6,11 @@ W goes to the K workers, their gradient sums come back, and ``apply`` takes one 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
 answers with the current version and a reference to W, put in the object store once per version.
 
+Sharded (``cluster.num_servers`` S > 1): S of these actors, server shard s holding W[lo:hi] and the same range of
+every buffer. Each takes the K workers' slices of its range in sync mode, and in async mode judges each push by
+its own version alone; records name the shard (``server``), and an update records the versions of every shard
+its gradient's W was read at.
+
 Asked for (``trace=True``, a debugging and testing aid, off by default), the server records what it did in
 async mode: every applied update with the version its W was read at and its rows, each worker joining an
 epoch, a cancel reaching it. The engine fetches the records with each epoch's figures; they are enough to
@@ -27,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.engine import EpochFigures
-from polyak.service.engine.ps_core import ServerCore
+from polyak.service.engine.ps_core import EpochPart, ServerCore, combine_parts
 from polyak.workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
 
 
@@ -40,10 +45,12 @@ class Update:
     shard: int
     rows: np.ndarray  # the batch: positions in the shard here; training-set rows once the engine has it
     count: int
-    read_version: int
+    read_version: int  # of this server shard
     version: int  # the version this update produced
     step: int  # t before the update: eta_t
     lr: float
+    read_versions: tuple[int, ...] = ()  # of every server shard, when the gradient's W was read
+    server: int = 0  # the server shard that applied it (to its key range)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Join:
     shard: int
     skipped: int
     version: int
+    server: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,36 +69,46 @@ class Stop:
     """A cancel reached the server at ``version``: every push after it is turned away."""
 
     version: int
+    server: int = 0
 
 
 @dataclass(frozen=True)
 class Restore:
-    """The engine put the server back at ``version`` (0: W0; else a checkpoint's W and buffers)."""
+    """The engine put the server (every shard) back at ``version`` (0: W0; else a checkpoint's W and buffers)."""
 
     version: int
 
 
 @dataclass(frozen=True)
 class EpochHandover:
-    """What the server hands the engine at the end of an epoch: the epoch's figures, the state a checkpoint of
-    it holds, and the evidence of faults the engine checks."""
+    """What the server hands the engine at the end of an epoch: its part of the epoch's figures, the state a
+    checkpoint of it holds, and the evidence of faults the engine checks."""
 
-    figures: EpochFigures
-    arrays: dict[str, np.ndarray]  # W and the method's buffers
+    part: EpochPart  # the engine combines the shards' parts (combine_parts)
+    arrays: dict[str, np.ndarray]  # W and the method's buffers (this shard's key range of them)
     counters: dict[str, int]  # step, version
     incarnation: str  # the actor's life that ran the epoch: not the one at its start means it restarted
     rejoins: int  # gradient workers that joined the epoch again after a restart (async)
     trace: list[Update | Join | Stop]  # the epoch's records; empty unless tracing
 
+    @property
+    def figures(self) -> EpochFigures:
+        """The epoch's figures as this shard alone saw them (a whole server's when S = 1)."""
+        return combine_parts([self.part])
+
 
 class ParameterServer:
-    def __init__(self, spec_json: str, num_params: int, trace: bool = False):
+    def __init__(self, spec_json: str, num_params: int, trace: bool = False, key_range: tuple[int, int] | None = None,
+                 index: int = 0):
+        """The whole W of ``num_params``, or server shard ``index`` over W[lo:hi] when ``key_range`` is (lo, hi)."""
         # Weights arrive by restore(): a restarted actor then holds nothing stale, and no constructor
         # argument has to outlive its object-store reference.
         spec = JobSpec.model_validate_json(spec_json)
         # One BLAS thread: idle OpenBLAS threads spin, and would take the cores the workers compute on.
         self._blas_limits = threadpool_limits(limits=1)
-        self.core = ServerCore(spec, np.zeros(num_params, dtype=spec.cluster.dtype))
+        lo, hi = key_range or (0, num_params)
+        self.index = index
+        self.core = ServerCore(spec, np.zeros(hi - lo, dtype=spec.cluster.dtype), key_range=(lo, hi))
         self.max_staleness = spec.cluster.max_staleness
         self._published: tuple[int, ray.ObjectRef] | None = None
         # A restarted actor runs __init__ again with the initial weights: the driver notices by this id.
@@ -138,7 +156,7 @@ class ParameterServer:
 
     def stop(self) -> None:
         self.stopped = True
-        self._record(Stop(self.core.state.version))
+        self._record(Stop(self.core.state.version, self.index))
 
     def _record(self, item) -> None:
         if self.tracing:
@@ -156,13 +174,13 @@ class ParameterServer:
             self.rejoins += 1
         self.passes[shard] = uuid.uuid4().hex
         done = self.applied_by_shard.get(shard, 0)
-        self._record(Join(self.epoch, shard, done, self.core.state.version))
+        self._record(Join(self.epoch, shard, done, self.core.state.version, self.index))
         return (done, self.passes[shard], *self._current())
 
     def push(self, grad_sum: np.ndarray, loss_sum: float, count: int, version: int, shard: int, pass_id: str,
-             rows: np.ndarray | None):
-        """Apply a worker's gradient of ``rows`` (sent only when tracing) computed at ``version``, unless stale; answers
-        (status, version, [W ref])."""
+             rows: np.ndarray | None, read_versions: tuple[int, ...] | None = None):
+        """Apply a worker's gradient of ``rows`` computed at ``version`` of this shard (and ``read_versions`` of every
+        shard; both sent only when tracing), unless stale; answers (status, version, [W ref])."""
         state = self.core.state
         started = time.time()
         if (self.stopped or (self.step_limit is not None and state.step >= self.step_limit)
@@ -179,21 +197,15 @@ class ParameterServer:
         self.update_spans.append((shard, started, time.time()))
         self.staleness.append(staleness)
         self.applied_by_shard[shard] = self.applied_by_shard.get(shard, 0) + 1
-        self._record(Update(self.epoch, shard, np.asarray(rows), count, version, self.core.state.version, step, lr))
+        self._record(Update(self.epoch, shard, np.asarray(rows), count, version, self.core.state.version, step, lr,
+                            tuple(read_versions or (version,)), self.index))
         return (APPLIED, *self._current())
 
     # -- both --------------------------------------------------------------------------------------
     def end_epoch(self) -> EpochHandover:
         """The epoch's figures and the whole state a checkpoint of it holds; the next epoch starts afresh."""
-        figures = self.core.end_epoch()
-        if self.staleness or self.dropped:  # async only: sync steps are never stale
-            figures = dataclasses.replace(
-                figures,
-                staleness_mean=float(np.mean(self.staleness)) if self.staleness else None,
-                staleness_max=int(max(self.staleness)) if self.staleness else None,
-                dropped_gradients=self.dropped,
-            )
-        handover = EpochHandover(figures, *self.core.snapshot(), self.incarnation, self.rejoins, self.trace)
+        part = dataclasses.replace(self.core.take_part(), staleness=tuple(self.staleness), dropped=self.dropped)
+        handover = EpochHandover(part, *self.core.snapshot(), self.incarnation, self.rejoins, self.trace)
         self.trace = []
         self._begin_epoch(None, -1)
         return handover
@@ -206,6 +218,10 @@ class ParameterServer:
 
     def ping(self) -> str:
         return self.incarnation
+
+    def node(self) -> str:
+        """The node this shard runs on: where it landed decides how a sync step travels."""
+        return ray.get_runtime_context().get_node_id()
 
     def take_timings(self) -> list[tuple[int | None, float, float]]:
         """(shard or None, start, end) of each update since the last take, in time.time() seconds."""

@@ -1,7 +1,9 @@
 """Where a Ray job runs: joining the cluster, where its actors go, which sync path that implies, lost nodes.
 
 The parameter server runs on the driver's node, so losing any other node never loses W; the workers are asked
-for that node too and go elsewhere when it is full. Where they land decides how a sync step travels
+for that node too and go elsewhere when it is full. A sharded server (``cluster.num_servers`` S > 1) keeps shard 0
+there and spreads the others over the cluster's nodes, so no one node carries every shard's traffic; a lost shard
+is restored from the checkpoint like a lost server. Where the actors land decides how a sync step travels
 (service/engine/sync_engine.py): a compiled graph when every actor shares the driver's node, ordinary actor
 calls when the job spans nodes.
 """
@@ -102,35 +104,70 @@ def worker_options(driver_node: str, device: str) -> dict:
     )
 
 
-def ps_options(driver_node: str) -> dict:
-    """The parameter server's actor options: on the driver's node, so losing another node never loses W. A
-    restarted server comes back empty: the engine puts W0 or the checkpoint back."""
+def server_nodes(driver_node: str, num_servers: int) -> list[str]:
+    """Where each parameter server shard is asked to run: shard 0 on the driver's node, the others spread in turn
+    over the alive nodes, the driver's first (on one node, all of them there)."""
+    others = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != driver_node)
+    nodes = [driver_node, *others]
+    return [nodes[s % len(nodes)] for s in range(num_servers)]
+
+
+def ps_options(node: str, soft: bool = False) -> dict:
+    """A parameter server (shard)'s actor options. Shard 0 (or the one server) is held to the driver's node, so
+    losing another node never loses it; the other shards only ask for theirs (``soft``), so a shard whose node
+    is lost restarts elsewhere. A restarted server comes back empty: the engine puts W0 or the checkpoint back."""
     return dict(num_cpus=0, max_restarts=-1, max_task_retries=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=False))
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=soft))
 
 
-def choose_sync_path(driver_node: str, ps_node: str, worker_nodes: list[str]) -> tuple[str, str]:
+def choose_sync_path(driver_node: str, server_nodes: list[str], worker_nodes: list[str]) -> tuple[str, str]:
     """("compiled" | "actor_calls", why). A compiled graph only when every actor shares the driver's node:
     Ray 2.60's compiled-graph channels between nodes hung and took a raylet down with them."""
-    nodes = {ps_node, *worker_nodes}
+    nodes = {*server_nodes, *worker_nodes}
     if nodes == {driver_node}:
         return "compiled", "every actor is on the driver's node (shared-memory channels)"
     return "actor_calls", f"the job spans {len(nodes | {driver_node})} nodes (W put once per step)"
 
 
-def describe_nodes(driver_node: str, ps_node: str, worker_nodes: list[str], ips: dict[str, str]) -> str:
-    """'parameter server on 1a2b3c4d (127.0.0.1, the driver's), workers 1-2 on 5e6f7a8b (10.0.0.2)'."""
+def describe_nodes(driver_node: str, server_nodes: list[str], worker_nodes: list[str], ips: dict[str, str],
+                   bounds: list[int] | None = None) -> str:
+    """'parameter server on 1a2b3c4d (127.0.0.1, the driver); workers 1,2 on 5e6f7a8b (10.0.0.2)'; sharded,
+    'parameter server shards 1-2 (W[0:25445], W[25445:50890]) on 1a2b3c4d (...); ...'."""
 
     def node(n: str) -> str:
         return f"{n[:8]} ({ips.get(n, '?')}{', the driver' if n == driver_node else ''})"
 
-    by_node: dict[str, list[int]] = {}
-    for k, n in enumerate(worker_nodes, start=1):
-        by_node.setdefault(n, []).append(k)
     workers = ", ".join(
-        f"worker{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))} on {node(n)}" for n, ks in by_node.items()
+        f"worker{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))} on {node(n)}"
+        for n, ks in _by_node(worker_nodes).items()
     )
-    return f"parameter server on {node(ps_node)}; {workers}"
+    if len(server_nodes) == 1:
+        return f"parameter server on {node(server_nodes[0])}; {workers}"
+    shards = ", ".join(
+        f"shard{'s' if len(ss) > 1 else ''} {_numbers(ss)} "
+        f"({', '.join(f'W[{bounds[s - 1]}:{bounds[s]}]' for s in ss)}) on {node(n)}"
+        for n, ss in _by_node(server_nodes).items()
+    )
+    return f"parameter server {shards}; {workers}"
+
+
+def _by_node(nodes: list[str]) -> dict[str, list[int]]:
+    """Node -> the (1-based) numbers of the actors on it, in order."""
+    out: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes, start=1):
+        out.setdefault(n, []).append(k)
+    return out
+
+
+def _numbers(ks: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3,5'."""
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k == runs[-1][-1] + 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 # -- lost nodes --------------------------------------------------------------------------------------------

@@ -2,11 +2,17 @@
 
 The Ray actor (service/engine/parameter_server.py) and the in-process engine (service/engine/local_engine.py) are thin
 shells over this class, so both compute exactly the same step.
+
+A sharded server (``cluster.num_servers`` S > 1) is S of these, each over one contiguous key range W[lo:hi] and the
+same range of every buffer (``shard_bounds``). Every rule, weight decay included, acts coordinate by coordinate, so
+S shards fed the slices of one gradient take exactly the step one server takes. The epoch's figures combine
+exactly too (``combine_parts``): squared norms add over disjoint ranges.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,11 +23,63 @@ from polyak.service.engine.optim import Optimizer, OptState, new_state
 from polyak.workers.backend import to_numpy
 
 
+def shard_bounds(p: int, num_servers: int) -> list[int]:
+    """S + 1 offsets: shard s owns W[bounds[s]:bounds[s + 1]]; the ranges' sizes differ by at most one."""
+    return [s * p // num_servers for s in range(num_servers + 1)]
+
+
+@dataclass(frozen=True)
+class EpochPart:
+    """One server shard's share of an epoch's figures: what its key range saw, in sums that add over shards."""
+
+    step_losses: np.ndarray  # (steps,): the same in every shard of a sync job, but NaN where its slice was not finite
+    samples: int
+    step: int
+    last_lr: float
+    total_sq: float  # ||sum over the epoch's steps of g_B||^2, over this range
+    sq_norms: float  # sum over the epoch's steps of ||g_B||^2, over this range
+    count: int  # steps this shard applied
+    staleness: tuple[int, ...] = ()  # async: of each applied update
+    dropped: int = 0  # async: pushes turned away as stale
+
+
+def combine_parts(parts: list[EpochPart]) -> EpochFigures:
+    """The epoch's figures from every shard's part (one part: a whole server's)."""
+    first = parts[0]
+    losses = np.array(first.step_losses, dtype=np.float64)
+    for part in parts[1:]:  # a step diverged when any slice of its gradient did
+        n = min(len(losses), len(part.step_losses))
+        losses[:n][np.isnan(part.step_losses[:n])] = np.nan
+    grad_avg_norm, grad_noise = gradient_summary(parts)
+    staleness = [s for part in parts for s in part.staleness]
+    dropped = sum(part.dropped for part in parts)
+    asynchronous = bool(staleness or dropped)  # sync steps are never stale
+    return EpochFigures(
+        step_losses=losses, samples=first.samples, step=first.step, last_lr=first.last_lr,
+        grad_avg_norm=grad_avg_norm, grad_noise=grad_noise,
+        staleness_mean=float(np.mean(staleness)) if staleness else None,
+        staleness_max=int(max(staleness)) if staleness else None,
+        dropped_gradients=dropped if asynchronous else None,
+    )
+
+
+def gradient_summary(parts: list[EpochPart]) -> tuple[float | None, float | None]:
+    """(||g-bar||, sqrt(mean_t ||g_B^t - g-bar||^2)) of GradientStats, over every shard's range: both squared
+    norms are sums over coordinates, so each adds over disjoint ranges. None before any step."""
+    counted = [part for part in parts if part.count]
+    if not counted:
+        return None, None
+    mean_sq_norm = sum(part.total_sq / part.count**2 for part in counted)
+    noise_sq = sum(part.sq_norms / part.count for part in counted) - mean_sq_norm  # E||g_B||^2 - ||g-bar||^2
+    return math.sqrt(mean_sq_norm), math.sqrt(max(noise_sq, 0.0))
+
+
 class ServerCore:
-    def __init__(self, spec: JobSpec, W0: np.ndarray, xp=np):
+    def __init__(self, spec: JobSpec, W0: np.ndarray, xp=np, key_range: tuple[int, int] | None = None):
+        """Over W0 = W[lo:hi] when ``key_range`` is (lo, hi): one shard of a sharded server."""
         self.xp = xp
         self.dtype = np.dtype(spec.cluster.dtype)
-        self.optimizer = Optimizer(spec.optimizer, spec.model.layers)
+        self.optimizer = Optimizer(spec.optimizer, spec.model.layers, key_range)
         self.state = new_state(xp.asarray(W0, dtype=self.dtype), xp, self.optimizer.buffers)
         self.stats = GradientStats(self.state.W.shape[0], xp)
         self.step_losses: list[float] = []
@@ -54,18 +112,23 @@ class ServerCore:
 
     def end_epoch(self) -> EpochFigures:
         """The epoch's figures; resets the running sums for the next epoch."""
-        grad_avg_norm, grad_noise = self.stats.summary()
-        figures = EpochFigures(
+        return combine_parts([self.take_part()])
+
+    def take_part(self) -> EpochPart:
+        """This range's share of the epoch's figures; resets the running sums for the next epoch."""
+        total = self.stats.total
+        part = EpochPart(
             step_losses=np.asarray(self.step_losses, dtype=np.float64),
             samples=self.samples,
             step=self.state.step,
             last_lr=self.optimizer.lr(max(self.state.step - 1, 0)),
-            grad_avg_norm=grad_avg_norm,
-            grad_noise=grad_noise,
+            total_sq=float(self.xp.dot(total, total)),
+            sq_norms=self.stats.sq_norms,
+            count=self.stats.count,
         )
         self.stats.reset()
         self.step_losses, self.samples = [], 0
-        return figures
+        return part
 
     def weights(self) -> np.ndarray:
         """A host copy of W that later steps cannot change."""

@@ -1,5 +1,10 @@
-"""What the two Ray engines share: one parameter server, K gradient workers, their state between epochs, and
-the watch that keeps a step from hanging.
+"""What the two Ray engines share: the parameter server (S shards), K gradient workers, their state between
+epochs, and the watch that keeps a step from hanging.
+
+The server is ``self.servers``: S actors, shard s holding W[bounds[s]:bounds[s + 1]] (``self.bounds``) and the same
+range of every optimizer buffer (S = ``cluster.num_servers``, 1 by default). The engine joins the shards' ranges
+back into the whole W and buffers for checkpoints, which look the same whatever S wrote them, and cuts a
+checkpoint into ranges again when restoring it, whatever S the new job has.
 
 SyncRayEngine (service/engine/sync_engine.py) takes one exact step of (26) per round; AsyncRayEngine
 (service/engine/async_engine.py) lets each worker push its own gradients. Where the actors go, and how a sync
@@ -7,7 +12,7 @@ step travels because of it, is service/engine/placement.py's.
 
 Nothing waits forever: answers later than a bound, or a lost node whose workers have no room to restart, fail
 the job with a message naming the node and actor (ClusterFault, the trainer's fatal path). A parameter server
-that restarted is noticed by its incarnation (ParameterServerLost): the trainer restores the last checkpoint.
+shard that restarted is noticed by its incarnation (ParameterServerLost): the trainer restores the last checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +29,16 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
 from polyak.service.engine.engine import ClusterFault, EpochFigures, ParameterServerLost
-from polyak.service.engine.parameter_server import ParameterServer, Restore, Update
-from polyak.service.engine.placement import check_nodes, describe_nodes, ps_options, resolve_device, worker_options
+from polyak.service.engine.parameter_server import EpochHandover, ParameterServer, Restore, Update
+from polyak.service.engine.placement import (
+    check_nodes,
+    describe_nodes,
+    ps_options,
+    resolve_device,
+    server_nodes,
+    worker_options,
+)
+from polyak.service.engine.ps_core import combine_parts, shard_bounds
 from polyak.workers.data import DataInfo, ShardLayout
 from polyak.workers.gradient_worker import GradientWorker
 
@@ -59,33 +72,57 @@ class RayEngine:
         self.server_recoveries = 0
         self.trace: list | None = [] if trace else None  # the server's records, fetched each epoch; each Restore
         self._shard_rows = shard_rows(self.layout) if trace else None
+        self.bounds = shard_bounds(self.W0.size, spec.cluster.num_servers)
         worker = ray.remote(GradientWorker).options(**worker_options(self.driver_node, self.device))
-        self.workers = [worker.remote(spec_json, k, K, info.stats) for k in range(K)]
-        self.ps = ray.remote(ParameterServer).options(**ps_options(self.driver_node)).remote(
-            spec_json, self.W0.size, trace)
+        self.workers = [worker.remote(spec_json, k, K, info.stats, self.bounds) for k in range(K)]
+        self.servers = self._start_servers(spec_json, trace)
         try:
             self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
             self.worker_nodes = [info["node"] for info in self.worker_info]
-            ips = {info["node"]: info["ip"] for info in self.worker_info}
-            ips.setdefault(self.driver_node, ray.util.get_node_ip_address())
-            self.node_ips = ips
+            self.server_nodes = ray.get([server.node.remote() for server in self.servers])
+            self.node_ips = node_ips(self.worker_info, self.driver_node)
             self._reset()
         except BaseException:
             self.close()
             raise
 
+    def _start_servers(self, spec_json: str, trace: bool) -> list:
+        """One actor per key range: shard 0 on the driver's node, the others spread over the cluster."""
+        server = ray.remote(ParameterServer)
+        return [
+            server.options(**ps_options(node, soft=s > 0)).remote(
+                spec_json, self.W0.size, trace, (self.bounds[s], self.bounds[s + 1]), s)
+            for s, node in enumerate(server_nodes(self.driver_node, len(self.bounds) - 1))
+        ]
+
+    @property
+    def ps(self):
+        """Server shard 0: the whole parameter server when num_servers is 1."""
+        return self.servers[0]
+
     def describe(self) -> str:
         """One line: where the job's actors run and how its steps travel."""
-        nodes = describe_nodes(self.driver_node, self.driver_node, self.worker_nodes, self.node_ips)
+        nodes = describe_nodes(self.driver_node, self.server_nodes, self.worker_nodes, self.node_ips, self.bounds)
         return f"{self.mode} on Ray, {len(self.workers)} {self.device} worker(s): {nodes}"
+
+    def _slices(self, array: np.ndarray) -> list[np.ndarray]:
+        """The servers' key ranges of a whole (p,) array."""
+        return [array[lo:hi] for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+
+    def _incarnations(self) -> tuple[str, ...]:
+        return tuple(ray.get([server.ping.remote() for server in self.servers]))
 
     def _reset(self) -> None:
         """Back to the initial weights and an empty momentum buffer."""
         self._restore_ps({"W": self.W0}, {"step": 0, "version": 0})  # the method's buffers start at zero
 
     def _restore_ps(self, arrays: dict, counters: dict) -> None:
-        ray.get(self.ps.restore.remote(arrays, counters))
-        self.incarnation = ray.get(self.ps.ping.remote())
+        """Every shard back to its key range of these arrays (whole W and buffers)."""
+        by_shard = [dict(zip(arrays, ranges, strict=True))
+                    for ranges in zip(*(self._slices(np.asarray(a)) for a in arrays.values()), strict=True)]
+        ray.get([server.restore.remote(part, counters)
+                 for server, part in zip(self.servers, by_shard, strict=True)])
+        self.incarnation = self._incarnations()
         self.W = np.array(arrays["W"])
         self._state = arrays, counters
         if self.trace is not None:
@@ -93,20 +130,24 @@ class RayEngine:
 
     # -- the trainer's interface (service/engine/engine.py) -------------------------------------------------
     def end_epoch(self) -> EpochFigures:
-        handover = ray.get(self.ps.end_epoch.remote())
-        if handover.incarnation != self.incarnation:
-            raise ParameterServerLost("the parameter server restarted during the epoch")
+        handovers: list[EpochHandover] = ray.get([server.end_epoch.remote() for server in self.servers])
+        lost = [s + 1 for s, h in enumerate(handovers) if h.incarnation != self.incarnation[s]]
+        if lost:
+            raise ParameterServerLost(f"the parameter server{lost_shards(lost, len(handovers))} restarted during the "
+                                      "epoch")
         # What checkpoint() writes: asking the server again later could reach one restarted since, whose
         # zeros would be saved as the epoch's state.
-        self._state = handover.arrays, handover.counters
-        if handover.rejoins:
+        arrays = {name: np.concatenate([h.arrays[name] for h in handovers]) for name in handovers[0].arrays}
+        self._state = arrays, handovers[0].counters  # sync shards step together; async: shard 0's count
+        # Workers join every shard: a restart shows in each, and shard 0's count is the number of restarts.
+        if handovers[0].rejoins:
             log.warning("%d gradient worker(s) restarted during the epoch; they resumed after their applied batches",
-                        handover.rejoins)
-            self.worker_restarts += handover.rejoins
+                        handovers[0].rejoins)
+            self.worker_restarts += handovers[0].rejoins
         if self.trace is not None:
-            self.trace.extend(self._in_training_rows(r) for r in handover.trace)
-        self.W = np.array(handover.arrays["W"])
-        return handover.figures
+            self.trace.extend(self._in_training_rows(r) for h in handovers for r in h.trace)
+        self.W = arrays["W"]
+        return combine_parts([h.part for h in handovers])
 
     def _in_training_rows(self, record):
         """An Update's rows as indices into the training set (the server knows positions in a shard)."""
@@ -135,14 +176,16 @@ class RayEngine:
         return meta
 
     def recover(self) -> None:
-        """Wait for the restarted server, then put it back at the initial weights (a checkpoint may follow)."""
-        wait_until_alive(self.ps)
+        """Wait for the restarted server shard(s), then put every shard back at the initial weights (a checkpoint
+        may follow)."""
+        for server in self.servers:
+            wait_until_alive(server)
         log.warning("parameter server lost; restored and resuming from the last checkpoint")
         self.server_recoveries += 1
         self._reset()
 
     def close(self) -> None:
-        for actor in (*self.workers, self.ps):
+        for actor in (*self.workers, *self.servers):
             ray.kill(actor, no_restart=True)
 
     # -- when a step is late ---------------------------------------------------------------------------
@@ -166,10 +209,26 @@ class RayEngine:
         suspects = [f"gradient worker {k + 1} on node {node[:8]} ({self.node_ips.get(node, '?')})"
                     for k, (worker, node) in enumerate(zip(self.workers, self.worker_nodes, strict=True))
                     if not answers(worker)]
-        if not answers(self.ps):
-            suspects.append(f"the parameter server on node {self.driver_node[:8]}")
+        suspects += [f"the parameter server{lost_shards([s + 1], len(self.servers))} on node {node[:8]}"
+                     for s, (server, node) in enumerate(zip(self.servers, self.server_nodes, strict=True))
+                     if not answers(server)]
         who = "; no answer from " + ", ".join(suspects) if suspects else " (every actor still answers)"
         return f"a step did not finish within {waited:.0f} s{who}"
+
+
+def node_ips(worker_info: list[dict], driver_node: str) -> dict[str, str]:
+    """Node id -> IP of every alive node: the workers' and servers' nodes, named in messages."""
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    ips.update({info["node"]: info["ip"] for info in worker_info})
+    ips.setdefault(driver_node, ray.util.get_node_ip_address())
+    return ips
+
+
+def lost_shards(shards: list[int], num_servers: int) -> str:
+    """' shard 2 of 3' (1-based), or nothing for an unsharded server: how messages name a server shard."""
+    if num_servers == 1:
+        return ""
+    return f" shard{'s' if len(shards) > 1 else ''} {','.join(map(str, shards))} of {num_servers}"
 
 
 def answers(actor) -> bool:

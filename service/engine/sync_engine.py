@@ -13,6 +13,11 @@ output line and ``/jobs/{id}`` say which, and why):
   each node fetches that one copy, and ``ps.apply`` takes the K parts as ObjectRefs. Ray 2.60's
   compiled-graph channels between nodes hung and took a raylet down with them, so they are never used.
 
+With S server shards (``cluster.num_servers``) each shard's ``current`` gives its slice of W, a worker's
+``gradient`` takes the S slices and returns S outputs (num_returns = S: compiled graphs take such a node's
+outputs as separate channels), and shard s's ``apply`` takes the K workers' slices s: a shard moves p/S floats
+per worker a step, in both paths.
+
 Both take the same exact step. The driver keeps a few steps in flight, which hides its own latency while
 cancel still takes effect within those few steps. A worker that dies is restarted by Ray and the steps the
 server has not applied are redone (the repair), so the trajectory is the one an undisturbed run takes; an
@@ -28,7 +33,7 @@ from collections import deque
 
 import numpy as np
 import ray
-from ray.dag import InputNode
+from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import (
     GetTimeoutError,
     RayActorError,
@@ -81,6 +86,11 @@ class Pace:
             time.sleep(0.9 * wait)
 
 
+def by_server(grads: list, num_servers: int) -> list[list]:
+    """The workers' gradient outputs regrouped per server shard: shard s gets every worker's output s."""
+    return [[g if num_servers == 1 else g[s] for g in grads] for s in range(num_servers)]
+
+
 def is_lost_actor(error: RayError) -> bool:
     """A worker or the server died under the step (Ray wraps it in a task error's cause): a repair redoes it.
     Anything else is an error in our own code, and re-running would fail the same way."""
@@ -99,7 +109,7 @@ class SyncRayEngine(RayEngine):
         super().__init__(spec, info, W0)
 
     def _choose_path(self) -> None:
-        self.sync_path, self.path_reason = choose_sync_path(self.driver_node, self.driver_node, self.worker_nodes)
+        self.sync_path, self.path_reason = choose_sync_path(self.driver_node, self.server_nodes, self.worker_nodes)
         if self.forced_path != "auto" and self.forced_path != self.sync_path:
             if self.forced_path == "compiled":
                 raise ValueError(f"a compiled graph needs every actor on the driver's node: {self.path_reason}")
@@ -123,10 +133,13 @@ class SyncRayEngine(RayEngine):
             self._compile()
 
     def _compile(self) -> None:
+        S = len(self.servers)
         with InputNode() as rows:
-            W = self.ps.current.bind(rows[0])
-            parts = [w.gradient.bind(W, rows[k]) for k, w in enumerate(self.workers)]
-            graph = self.ps.apply.bind(*parts)
+            W = [server.current.bind(rows[0]) for server in self.servers]
+            grads = [w.gradient.options(num_returns=S).bind(*W, rows[k]) for k, w in enumerate(self.workers)]
+            applies = [server.apply.bind(*parts)
+                       for server, parts in zip(self.servers, by_server(grads, S), strict=True)]
+            graph = applies[0] if S == 1 else MultiOutputNode(applies)
         self.graph = graph.experimental_compile()
         # The first round allocates the channels (over a second); an empty round pays that now, not in step 1.
         no_rows = np.empty(0, dtype=np.int64)
@@ -150,13 +163,16 @@ class SyncRayEngine(RayEngine):
 
     def _submit(self, rows: list[np.ndarray]) -> None:
         if self.graph is not None:
-            self.inflight.append(self.graph.execute(*rows))
+            refs = self.graph.execute(*rows)
+            self.inflight.append(refs if isinstance(refs, list) else [refs])
         else:
-            # W goes into the object store once; each node fetches that one copy for its workers. An actor
-            # runs one caller's calls in order, so step i+1 reads W only after step i's apply.
-            W = self.ps.current.remote(None)
-            parts = [w.gradient.remote(W, rows[k]) for k, w in enumerate(self.workers)]
-            self.inflight.append(self.ps.apply.remote(*parts))
+            # Each shard's slice of W goes into the object store once; each node fetches that one copy for its
+            # workers. An actor runs one caller's calls in order, so step i+1 reads W only after step i's apply.
+            S = len(self.servers)
+            W = [server.current.remote(None) for server in self.servers]
+            grads = [w.gradient.options(num_returns=S).remote(*W, rows[k]) for k, w in enumerate(self.workers)]
+            self.inflight.append([server.apply.remote(*parts)
+                                  for server, parts in zip(self.servers, by_server(grads, S), strict=True)])
         if len(self.inflight) > STEPS_IN_FLIGHT:
             self._settle(keep=STEPS_IN_FLIGHT)
 
@@ -172,16 +188,17 @@ class SyncRayEngine(RayEngine):
                 raise  # _await turns timeouts into ClusterFault; never a repair loop
             self._repair()
 
-    def _await(self, ref) -> None:
-        """The step's result, within the late-step bound; a dead node without room fails the job sooner."""
+    def _await(self, refs: list) -> None:
+        """The step's result (every shard's apply), within the late-step bound; a dead node without room fails the
+        job sooner."""
         limit = self._pace.timeout()
         if self.graph is not None:  # every actor is on this node: no node of the job can vanish alone
             try:
-                ray.get(ref, timeout=limit)
+                ray.get(refs, timeout=limit)
             except RayChannelTimeoutError:
                 raise ClusterFault(self.late_step_message(limit)) from None
             return
-        self.watched_get([ref], limit)
+        self.watched_get(refs, limit)
 
     def _repair(self) -> None:
         """A worker or the server died mid-step: rebuild the graph and redo the steps not applied."""
@@ -191,12 +208,15 @@ class SyncRayEngine(RayEngine):
                                f"(at most {MAX_REPAIRS_PER_EPOCH} are repaired)")
         self.inflight.clear()
         self._teardown()
-        if ray.get(self.ps.ping.remote()) != self.incarnation:
+        if self._incarnations() != self.incarnation:
             raise ParameterServerLost("the parameter server restarted during the epoch")
         self.worker_restarts += 1
         for worker in self.workers:
             wait_until_alive(worker)
-        applied = ray.get(self.ps.step_count.remote()) - self.epoch_start_step
+        steps = set(ray.get([server.step_count.remote() for server in self.servers]))
+        if len(steps) > 1:  # a step reached some shards only: the others cannot redo it at the W it was taken at
+            raise ParameterServerLost(f"the parameter server shards stopped at different steps ({sorted(steps)})")
+        applied = steps.pop() - self.epoch_start_step
         log.warning("a gradient worker was lost; re-running the epoch from step %d of it", applied + 1)
         if self.sync_path == "compiled":
             self._compile()
