@@ -428,6 +428,9 @@ def test_without_the_token_polyak_says_in_one_line_what_to_set(cluster, tmp_path
     spec = write_spec(tmp_path, IRIS)
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
     env["RAY_AUTH_MODE"] = "disabled"  # what a shell that never heard of the cluster's token has
+    # Ray tries a refused GCS connection 20 times, a second apart, before it gives up with the same error:
+    # one try is enough here (the knob is Ray's own, honoured exactly by ray._private.node.Node).
+    env["RAY_gcs_server_port_wait_time_s"] = "1"
     for args in (["train", str(spec), "--ray-address", cluster.gcs_address],
                  ["serve", "--ray-address", cluster.gcs_address, "--port", str(free_ports(1)[0]),
                   "--data-dir", str(tmp_path / "data")]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytest
 import ray
@@ -13,7 +15,7 @@ from polyak.service.engine.async_engine import AsyncRayEngine
 from polyak.service.engine.checkpoint import load_checkpoint
 from polyak.service.engine.placement import choose_sync_path, describe_nodes
 from polyak.service.engine.sync_engine import SyncRayEngine
-from polyak.service.engine.trainer import CHECKPOINT, Hooks, initial_weights, make_engine, run
+from polyak.service.engine.trainer import CHECKPOINT, Hooks, TrainResult, initial_weights, make_engine, run
 from polyak.workers.data import load_dataset, prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -45,11 +47,46 @@ def train(spec, hooks=None, engine_hook=None):
         engine.close()
 
 
-def test_sync_is_deterministic_and_equals_the_in_process_loop():
-    local = train(digits_spec(**{"cluster.num_workers": 0}))
+@dataclass
+class Run:
+    """An undisturbed run and what its engine showed on the way: where its steps went, W after each epoch."""
+
+    result: TrainResult | None = None
+    described: str = ""
+    compiled: bool = False
+    epoch_weights: list = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def undisturbed():
+    """undisturbed(**overrides) -> the Run of digits_spec(**overrides), trained once per module: several tests
+    compare with the same undisturbed run, and each Ray run pays seconds of actor start-up and graph compiling."""
+    runs: dict[tuple, Run] = {}
+
+    def record(out: Run):
+        def hook(engine):
+            out.described = engine.describe()
+            out.compiled = getattr(engine, "graph", None) is not None
+            return Hooks(on_epoch=lambda m: out.epoch_weights.append(engine.weights().copy()))
+
+        return hook
+
+    def get(**overrides) -> Run:
+        key = tuple(sorted(overrides.items()))
+        if key not in runs:
+            out = Run()
+            out.result = train(digits_spec(**overrides), engine_hook=record(out))
+            runs[key] = out
+        return runs[key]
+
+    return get
+
+
+def test_sync_is_deterministic_and_equals_the_in_process_loop(undisturbed):
+    local = undisturbed(**{"cluster.num_workers": 0}).result
     one = train(digits_spec(**{"cluster.num_workers": 1}))
-    two = train(digits_spec())
-    again = train(digits_spec())
+    two = undisturbed().result
+    again = train(digits_spec())  # a second run of its own: determinism is across runs
     np.testing.assert_array_equal(two.weights, again.weights)  # same spec and seed -> identical weights
     np.testing.assert_allclose(one.weights, local.weights, rtol=0, atol=1e-10)
     np.testing.assert_allclose(two.weights, local.weights, rtol=0, atol=1e-10)
@@ -59,24 +96,26 @@ def test_sync_is_deterministic_and_equals_the_in_process_loop():
         assert a.grad_noise == pytest.approx(b.grad_noise, rel=1e-8)
 
 
-def test_full_batch_gd_trajectory_is_the_same_for_one_and_two_workers():
+def full_batch(k: int, runs) -> Run:
+    """Full-batch GD on k workers for 6 epochs: one step an epoch."""
+    return runs(**{"cluster.num_workers": k, "batch.size": None, "stopping.max_epochs": 6})
+
+
+def test_full_batch_gd_trajectory_is_the_same_for_one_and_two_workers(undisturbed):
     per_epoch = {}
     for k in (1, 2):
-        spec = digits_spec(**{"cluster.num_workers": k, "batch.size": None, "stopping.max_epochs": 6})
-        result = train(spec)
+        result = full_batch(k, undisturbed).result
         per_epoch[k] = [(m.train_loss, m.weight_norm) for m in result.metrics]
         assert [m.step for m in result.metrics] == [1, 2, 3, 4, 5, 6]  # full batch: one step per epoch
         assert all(m.batch_size == 1438 for m in result.metrics)
     np.testing.assert_allclose(per_epoch[1], per_epoch[2], rtol=1e-12)
 
 
-def test_the_update_is_an_average_not_a_sum_of_worker_gradients():
+def test_the_update_is_an_average_not_a_sum_of_worker_gradients(undisturbed):
     """If the server summed the K parts, K=2 would take twice the step of K=1 from the same W0."""
-    spec1 = digits_spec(**{"cluster.num_workers": 1, "batch.size": None, "stopping.max_epochs": 1})
-    spec2 = digits_spec(**{"batch.size": None, "stopping.max_epochs": 1})
-    w0 = initial_weights(spec1)
-    d1 = np.linalg.norm(train(spec1).weights - w0)
-    d2 = np.linalg.norm(train(spec2).weights - w0)
+    w0 = initial_weights(digits_spec(**{"batch.size": None}))
+    d1 = np.linalg.norm(full_batch(1, undisturbed).epoch_weights[0] - w0)  # after the first (full-batch) step
+    d2 = np.linalg.norm(full_batch(2, undisturbed).epoch_weights[0] - w0)
     assert d2 == pytest.approx(d1, rel=1e-10)
 
 
@@ -159,16 +198,16 @@ def killer(at_step: int, target):
     return hook
 
 
-def test_a_killed_worker_is_restarted_and_sync_weights_equal_an_undisturbed_run(tmp_path):
+def test_a_killed_worker_is_restarted_and_sync_weights_equal_an_undisturbed_run(tmp_path, undisturbed):
     spec = digits_spec(**{"stopping.max_epochs": 4})
-    undisturbed = train(spec)
+    reference = undisturbed(**{"stopping.max_epochs": 4}).result
     hook = killer(at_step=20, target=lambda e: e.workers[1])
     hook.job_dir = tmp_path
     disturbed = train(spec, engine_hook=hook)
     assert disturbed.state == JobState.SUCCEEDED and len(disturbed.metrics) == 4
     assert len(hook.pids) == 4 and hook.pids[0] != hook.pids[1] == hook.pids[-1]  # one new process, kept
     assert hook.engine.worker_restarts == 1 and hook.engine.server_recoveries == 0
-    np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
+    np.testing.assert_array_equal(disturbed.weights, reference.weights)
 
 
 def test_a_worker_failure_past_the_repair_budget_fails_the_job_in_one_line_and_keeps_the_checkpoint(
@@ -188,9 +227,9 @@ def test_a_worker_failure_past_the_repair_budget_fails_the_job_in_one_line_and_k
     np.testing.assert_array_equal(result.weights, arrays["W"])  # the job's weights are its last epoch's
 
 
-def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path):
+def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path, undisturbed):
     spec = digits_spec(**{"stopping.max_epochs": 4})
-    undisturbed = train(spec)
+    reference = undisturbed(**{"stopping.max_epochs": 4}).result
     hook = killer(at_step=40, target=lambda e: e.ps)  # mid-epoch 3: the checkpoint holds epoch 2
     hook.job_dir = tmp_path
     disturbed = train(spec, engine_hook=hook)
@@ -199,7 +238,7 @@ def test_a_lost_parameter_server_is_restored_from_the_checkpoint(tmp_path):
     assert len(hook.pids) == 3 and hook.pids[0] != hook.pids[1] == hook.pids[-1]  # one new process, kept
     assert hook.engine.incarnation != hook.incarnation and hook.engine.server_recoveries == 1
     assert (tmp_path / CHECKPOINT).exists()
-    np.testing.assert_allclose(disturbed.weights, undisturbed.weights, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(disturbed.weights, reference.weights, rtol=0, atol=1e-12)
 
 
 def test_async_goes_on_after_a_worker_is_killed_between_epochs(tmp_path):
@@ -262,29 +301,29 @@ def test_gpu_without_gpus_is_a_clear_error():
         train(spec)
 
 
-def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph():
+def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph(undisturbed):
     """The cross-node path, forced on one node: bit-identical to the compiled path and the in-process loop."""
     spec = digits_spec()
     info = prepare(spec.data, spec.model)
-    results = {}
-    for path in ("compiled", "actor_calls"):
-        engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path=path)
-        try:
-            assert engine.sync_path == path and (engine.graph is not None) == (path == "compiled")
-            assert f"sync steps over {path.replace('_', ' ')}" in engine.describe()
-            results[path] = run(spec, info, engine, "t")
-        finally:
-            engine.close()
-    local = train(digits_spec(**{"cluster.num_workers": 0}))
-    np.testing.assert_array_equal(results["actor_calls"].weights, results["compiled"].weights)
-    np.testing.assert_allclose(results["actor_calls"].weights, local.weights, rtol=0, atol=1e-10)
-    assert [m.train_loss for m in results["actor_calls"].metrics] == [m.train_loss for m in results["compiled"].metrics]
+    compiled = undisturbed()  # on one node a sync job takes the compiled graph by itself
+    assert compiled.compiled and "sync steps over compiled" in compiled.described
+    engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
+    try:
+        assert engine.sync_path == "actor_calls" and engine.graph is None
+        assert "sync steps over actor calls" in engine.describe()
+        actor_calls = run(spec, info, engine, "t")
+    finally:
+        engine.close()
+    local = undisturbed(**{"cluster.num_workers": 0}).result
+    np.testing.assert_array_equal(actor_calls.weights, compiled.result.weights)
+    np.testing.assert_allclose(actor_calls.weights, local.weights, rtol=0, atol=1e-10)
+    assert [m.train_loss for m in actor_calls.metrics] == [m.train_loss for m in compiled.result.metrics]
 
 
-def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp_path):
-    spec = digits_spec(**{"stopping.max_epochs": 3})
+def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp_path, undisturbed):
+    spec = digits_spec()
     info = prepare(spec.data, spec.model)
-    undisturbed = train(spec)
+    reference = undisturbed().result
     engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
     pids = []
     try:
@@ -303,7 +342,7 @@ def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp
         engine.close()
     assert pids[0] != pids[1]  # the kill landed: a new process holds shard 2
     assert engine.worker_restarts == 0  # no repair on this path: Ray retried the pure gradient() call itself
-    np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
+    np.testing.assert_array_equal(disturbed.weights, reference.weights)
 
 
 def test_the_sync_path_follows_the_placement():
@@ -317,14 +356,14 @@ def test_the_sync_path_follows_the_placement():
                     "workers 2,3 on bbbbbbbb (10.0.0.2)")
 
 
-def test_validation_on_the_workers_equals_a_whole_set_evaluation():
+def test_validation_on_the_workers_equals_a_whole_set_evaluation(undisturbed):
     """Each worker evaluates its slice of the validation rows; the sums equal one evaluation of all of them."""
     from polyak.workers.mlp import MLP
 
-    spec = digits_spec(**{"cluster.num_workers": 2, "stopping.max_epochs": 2})
+    spec = digits_spec()  # two workers
     whole = load_dataset(spec.data, spec.model)
-    seen = []
-    result = train(spec, Hooks(on_epoch=seen.append))
+    result = undisturbed().result
+    seen = result.metrics  # what on_epoch was given, epoch by epoch
     mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, np, np.float64)
     loss_sum, correct, n = mlp.evaluate(result.weights, whole.X_val, whole.y_val)
     assert n == 359
