@@ -693,7 +693,8 @@ class Run:
         self.log.write("job_given_up", ids=chain.ids, why=why)
 
     def resubmit(self, chain: Chain, info: JobInfo) -> None:
-        """A failed job goes on from its checkpoint (POST /jobs/{id}/resubmit); one that has none is submitted again."""
+        """A failed job goes on from its checkpoint, or from the start when it has none (POST /jobs/{id}/resubmit); one
+        whose checkpoint cannot be read (a 409) is submitted again."""
         chain.errors.append(info.error or "")
         self.log.write("job_failed", id=info.id, state=info.state.value, error=info.error)
         if info.state != JobState.FAILED or len(chain.ids) > 10:
@@ -703,7 +704,7 @@ class Run:
             try:
                 new = self.once(lambda: self.client.resubmit(info.id).id, info.group,
                                 lambda j: j.resumed_from == info.id)
-            except JobConflict as e:  # no checkpoint: it failed before its first epoch ended
+            except JobConflict as e:  # its checkpoint cannot be read
                 chain.fresh += 1
                 self.log.write("resubmit_refused", id=info.id, why=str(e))
                 new = self.submit_once(info.spec.model_copy(update={"name": f"{info.spec.name} again {chain.fresh}"}))

@@ -371,3 +371,20 @@ def test_looking_at_the_cluster_size_never_starts_ray():
     assert done.returncode == 0, done.stderr[-2000:]
     refused, state = done.stdout.strip().splitlines()
     assert "not connected to Ray" in refused and state == "False None False"
+
+
+def test_a_job_that_failed_before_its_first_checkpoint_is_resubmitted_from_the_start(make_scheduler):
+    trainer = FakeTrainer()
+    scheduler = make_scheduler(trainer=trainer)
+    first = scheduler.submit(spec()).id
+    trainer.fail[first] = RuntimeError("ActorUnavailableError: the parameter server died while the engine started")
+    scheduler.start()
+    wait_until(lambda: state(scheduler, first) == JobState.FAILED)
+    assert not (scheduler.store.job_dir(first) / "checkpoint.npz").exists()
+    again = scheduler.resubmit(first)
+    assert again.resumed_from == first and again.id != first
+    assert scheduler.store.get(again.id).spec == scheduler.store.get(first).spec
+    trainer.finish(again.id)
+    wait_until(lambda: state(scheduler, again.id) == JobState.SUCCEEDED)
+    # From the start: its history is its own single epoch, none copied from the failed job.
+    assert [(m.job_id, m.epoch) for m in scheduler.store.metrics(again.id)] == [(again.id, 1)]

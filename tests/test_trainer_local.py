@@ -267,3 +267,50 @@ def test_init_weights_file(make_spec, train_local, tmp_path):
     with pytest.raises(ValueError) as e:
         initial_weights(make_spec({"init_weights": str(bad)}))
     assert "W2" in str(e.value) and "(16, 3)" in str(e.value) and "(3, 16)" in str(e.value)
+
+
+@pytest.mark.parametrize("lost", ["ActorUnavailableError", "ParameterServerLost"])
+def test_an_actor_lost_while_the_engine_starts_builds_it_again_then_gives_up(make_spec, monkeypatch, lost):
+    from ray.exceptions import ActorUnavailableError
+
+    from polyak.service.engine import trainer
+    from polyak.service.engine.engine import ParameterServerLost
+
+    error = ActorUnavailableError("the actor is restarting", None) if lost == "ActorUnavailableError" else \
+        ParameterServerLost("the parameter server restarted")
+    spec = make_spec({"cluster": {"num_workers": 2}})
+    calls, engine = [], object()
+
+    def failing_twice(*args):
+        calls.append(args)
+        if len(calls) < trainer.ENGINE_BUILDS:
+            raise error
+        return engine
+
+    monkeypatch.setattr(trainer, "make_engine", failing_twice)
+    assert trainer.build_engine(spec, None, None) is engine and len(calls) == trainer.ENGINE_BUILDS
+
+    def failing_always(*args):
+        calls.append(args)
+        raise error
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "make_engine", failing_always)
+    with pytest.raises(type(error)):
+        trainer.build_engine(spec, None, None)
+    assert len(calls) == trainer.ENGINE_BUILDS
+
+
+def test_an_error_of_the_job_itself_is_never_built_again(make_spec, monkeypatch):
+    from polyak.service.engine import trainer
+
+    calls = []
+
+    def bad_data(*args):
+        calls.append(args)
+        raise ValueError("cluster.num_workers = 9 needs 9 CPUs but the Ray cluster has 2")
+
+    monkeypatch.setattr(trainer, "make_engine", bad_data)
+    with pytest.raises(ValueError, match="needs 9 CPUs"):
+        trainer.build_engine(make_spec({"cluster": {"num_workers": 9}}), None, None)
+    assert len(calls) == 1

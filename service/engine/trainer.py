@@ -10,6 +10,7 @@ stopped by a criterion, or checkpointed for the next one.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,10 @@ from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
 from polyak.workers.readers.remote import OpenCancelled, cancellable
+
+log = logging.getLogger(__name__)
+
+ENGINE_BUILDS = 3  # a server or worker killed while the engine's actors start is a fault to retry, not the job's end
 
 CHECKPOINT = "checkpoint.npz"
 BEST_WEIGHTS = "best.npz"
@@ -112,6 +117,23 @@ def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenE
     from polyak.service.engine.sync_engine import SyncRayEngine
 
     return SyncRayEngine(spec, info, W0)
+
+
+def build_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenEngine | WorkerDrivenEngine:
+    """make_engine, built again (at most ENGINE_BUILDS times) when an actor is lost while the engine starts: before
+    its first step there is no checkpoint to go back to, so the trainer's recovery cannot cover that moment."""
+    if spec.cluster.num_workers == 0:
+        return make_engine(spec, info, W0)
+    from ray.exceptions import ActorUnavailableError, RayChannelError
+
+    from polyak.service.engine.engine import ParameterServerLost
+
+    for _ in range(ENGINE_BUILDS - 1):
+        try:
+            return make_engine(spec, info, W0)
+        except (ActorUnavailableError, RayChannelError, ParameterServerLost) as e:
+            log.warning("an actor was lost while the engine started (%s); starting it again", type(e).__name__)
+    return make_engine(spec, info, W0)
 
 
 def validate(engine: Engine, info: DataInfo, W: np.ndarray) -> tuple[float | None, float | None]:
@@ -373,7 +395,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
         return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, W0)
     trackers = trackers_for(spec, job_id)  # a missing tracking package fails the job before any work
     hooks = _tracked(hooks, trackers)
-    engine = make_engine(spec, info, W0)
+    engine = build_engine(spec, info, W0)
     try:
         hooks.on_start(engine.describe())
         result = run(spec, info, engine, job_id, hooks)

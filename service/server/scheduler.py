@@ -171,16 +171,16 @@ class Scheduler:
 
     def resubmit(self, job_id: str) -> JobInfo | None:
         """A new job with the same spec that starts from this one's last checkpoint (a job that failed when
-        its cluster lost a node, or was cancelled); None if there is no such job, JobNotResumable if it
-        cannot be resumed."""
+        its cluster lost a node, or was cancelled), or from the start when it ended before its first checkpoint;
+        None if there is no such job, JobNotResumable if it cannot be resumed."""
         old = self.store.get(job_id)
         if old is None:
             return None
         if not old.state.is_terminal():
             raise JobNotResumable(f"job {job_id} is {old.state.value}: only a finished job can be resubmitted")
         source = self.store.job_dir(job_id)
-        if not (source / CHECKPOINT).is_file():
-            raise JobNotResumable(f"job {job_id} has no checkpoint to resume from: it ended before its first epoch")
+        if not (source / CHECKPOINT).is_file():  # it ended before its first checkpoint: start it over
+            return self._resubmit_from_start(old)
         try:
             _, meta = load_checkpoint(source / CHECKPOINT)
         except (OSError, ValueError) as e:  # UnreadableFile names the file
@@ -199,6 +199,15 @@ class Scheduler:
             job = self.store.add(new)
         self.store.copy_metrics(job_id, job.id, meta["epoch"])
         _log_state(job, f"resubmitted from job {job_id}'s checkpoint of epoch {meta['epoch']}")
+        self._wake.set()
+        return self._info(job)
+
+    def _resubmit_from_start(self, old: JobRecord) -> JobInfo:
+        """A job that never wrote a checkpoint (an actor lost while its engine started, say) runs again from W0."""
+        new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=old.id)
+        with self._lock:
+            job = self.store.add(new)
+        _log_state(job, f"resubmitted from the start: job {old.id} ended before its first checkpoint")
         self._wake.set()
         return self._info(job)
 
