@@ -262,55 +262,10 @@ def test_gpu_without_gpus_is_a_clear_error():
         train(spec)
 
 
-def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph():
-    """The cross-node path, forced on one node: bit-identical to the compiled path and the in-process loop."""
-    spec = digits_spec()
-    info = prepare(spec.data, spec.model)
-    results = {}
-    for path in ("compiled", "actor_calls"):
-        engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path=path)
-        try:
-            assert engine.sync_path == path and (engine.graph is not None) == (path == "compiled")
-            assert f"sync steps over {path.replace('_', ' ')}" in engine.describe()
-            results[path] = run(spec, info, engine, "t")
-        finally:
-            engine.close()
-    local = train(digits_spec(**{"cluster.num_workers": 0}))
-    np.testing.assert_array_equal(results["actor_calls"].weights, results["compiled"].weights)
-    np.testing.assert_allclose(results["actor_calls"].weights, local.weights, rtol=0, atol=1e-10)
-    assert [m.train_loss for m in results["actor_calls"].metrics] == [m.train_loss for m in results["compiled"].metrics]
-
-
-def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp_path):
-    spec = digits_spec(**{"stopping.max_epochs": 3})
-    info = prepare(spec.data, spec.model)
-    undisturbed = train(spec)
-    engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
-    pids = []
-    try:
-        pids.append(ray.get(engine.workers[1].pid.remote()))
-        calls = {"n": 0}
-
-        def should_cancel():
-            calls["n"] += 1
-            if calls["n"] == 20:
-                ray.kill(engine.workers[1], no_restart=False)
-            return False
-
-        disturbed = run(spec, info, engine, "t", Hooks(should_cancel=should_cancel, job_dir=tmp_path))
-        pids.append(ray.get(engine.workers[1].pid.remote()))
-    finally:
-        engine.close()
-    assert pids[0] != pids[1]  # the kill landed: a new process holds shard 2
-    assert engine.worker_restarts == 0  # no repair on this path: Ray retried the pure gradient() call itself
-    np.testing.assert_array_equal(disturbed.weights, undisturbed.weights)
-
-
 def test_the_sync_path_follows_the_placement():
     assert choose_sync_path("a", "a", ["a", "a"])[0] == "compiled"
-    path, why = choose_sync_path("a", "a", ["a", "b"])
-    assert path == "actor_calls" and "2 nodes" in why
-    assert choose_sync_path("a", "b", ["b"])[0] == "actor_calls"  # the driver elsewhere: no shared memory
+    assert choose_sync_path("a", "a", ["a", "b"]) == ("channel", "one part per node over TCP; the job spans 2 nodes")
+    assert choose_sync_path("a", "b", ["b"])[0] == "channel"  # the driver elsewhere: no shared memory
     line = describe_nodes("aaaaaaaa1", "aaaaaaaa1", ["aaaaaaaa1", "bbbbbbbb2", "bbbbbbbb2"],
                           {"aaaaaaaa1": "10.0.0.1", "bbbbbbbb2": "10.0.0.2"})
     assert line == ("parameter server on aaaaaaaa (10.0.0.1, the driver); worker 1 on aaaaaaaa (10.0.0.1, the driver), "

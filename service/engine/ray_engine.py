@@ -63,16 +63,22 @@ class RayEngine:
         self.workers = [worker.remote(spec_json, k, K, info.stats) for k in range(K)]
         self.ps = ray.remote(ParameterServer).options(**ps_options(self.driver_node)).remote(
             spec_json, self.W0.size, trace)
+        self.servers = [self.ps]  # the server's shards, shard s owning W[bounds[s]:bounds[s+1]]
+        self.bounds = [0, self.W0.size]
         try:
-            self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
-            self.worker_nodes = [info["node"] for info in self.worker_info]
-            ips = {info["node"]: info["ip"] for info in self.worker_info}
-            ips.setdefault(self.driver_node, ray.util.get_node_ip_address())
-            self.node_ips = ips
+            self.locate_workers(ray.get([w.info.remote() for w in self.workers]))  # data errors surface here
             self._reset()
         except BaseException:
             self.close()
             raise
+
+    def locate_workers(self, worker_info: list[dict]) -> None:
+        """Where the workers run (a restarted worker may run on another node than before)."""
+        self.worker_info = worker_info
+        self.worker_nodes = [info["node"] for info in worker_info]
+        ips = {info["node"]: info["ip"] for info in worker_info}
+        ips.setdefault(self.driver_node, ray.util.get_node_ip_address())
+        self.node_ips = ips
 
     def describe(self) -> str:
         """One line: where the job's actors run and how its steps travel."""
