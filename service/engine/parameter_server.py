@@ -142,13 +142,16 @@ class ParameterServer:
         return self.channel.address
 
     def channel_accept(self, nodes: list[list[int]], names: list[str], token: bytes, timeout: float) -> None:
-        self.channel.accept(nodes, names, token, self.core.state.W.size, self.core.dtype, timeout)
+        self._channel().accept(nodes, names, token, self.core.state.W.size, self.core.dtype, timeout)
 
     def channel_step(self, rows: list, timeout: float) -> int:
         """One step: W and each node's rows out, the nodes' parts in, applied; raises ChannelLost."""
-        if self.channel is None:
+        return self.apply(*self._channel().exchange(self.core.state.W, rows, timeout))
+
+    def _channel(self) -> ChannelServer:
+        if self.channel is None:  # closed, or this actor restarted since it was opened
             raise ChannelLost("no step channel is open")
-        return self.apply(*self.channel.exchange(self.core.state.W, rows, timeout))
+        return self.channel
 
     def channel_close(self) -> None:
         channel, self.channel = self.channel, None

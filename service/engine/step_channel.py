@@ -42,7 +42,7 @@ class ChannelServer:
     """A server's end of the channel: listens on its node's address, then serves one step per exchange()."""
 
     def __init__(self, host: str):
-        self.listener = socket.create_server((host, 0))
+        self.listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.links: list[socket.socket] = []
 
     @property

@@ -119,7 +119,7 @@ class SyncRayEngine(RayEngine):
         log.info("sync path: %s (%s)", self.sync_path, self.path_reason)
 
     def describe(self) -> str:
-        return f"{super().describe()}; sync steps over {self.sync_path.replace('_', ' ')}: {self.path_reason}"
+        return f"{super().describe()}; sync steps over {self.sync_path}: {self.path_reason}"
 
     def _restore_ps(self, arrays: dict, counters: dict) -> None:
         self._teardown()  # the server runs ordinary calls only while no step is in flight
@@ -231,13 +231,31 @@ class SyncRayEngine(RayEngine):
         if ray.get(self.ps.ping.remote()) != self.incarnation:
             raise ParameterServerLost("the parameter server restarted during the epoch")
         self.worker_restarts += 1
-        # Until Ray has restarted the lost workers; a lost node whose workers have no room fails the job here.
-        self.watched_get([w.ping.remote() for w in self.workers], RECONNECT_SECONDS)
+        self._wait_for_workers()
         applied = ray.get(self.ps.step_count.remote()) - self.epoch_start_step
         log.warning("a gradient worker was lost; re-running the epoch from step %d of it", applied + 1)
-        self._connect()
+        try:
+            self._connect()
+        except RayError as e:  # another actor lost while the channel was built: one more repair
+            if not is_lost_actor(e):
+                raise
+            self._repair()
+            return
         for rows in self.epoch_rows[applied:]:
             self._submit(rows)
+
+    def _wait_for_workers(self) -> None:
+        """Until Ray has restarted the lost workers (a ping to one restarting may fail: ask again); a lost node
+        whose workers have no room fails the job here, at once."""
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                self.watched_get([w.ping.remote() for w in self.workers], deadline - time.monotonic())
+                return
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def end_epoch(self) -> EpochFigures:
         self._settle()
