@@ -3,15 +3,17 @@
     python bench/bench_ray.py              # every row on a local Ray (2 CPUs), then the two-node rows
     python bench/bench_ray.py --quick      # fewer steps
     python bench/bench_ray.py --no-two-nodes
+    python bench/bench_ray.py --quick --case 784-256-10:1024   # one model and batch size only
 
 Rows, for 784-256-10 at n'=128 and 1024 and 784-1024-1024-10 at n'=1024 (synthetic, float32):
 - in-process 1 thread: the baseline of the K=1 row (one worker computes on one core);
 - in-process 2 threads: the baseline of every K=2 row (two workers use two cores: a ratio against one
   thread would count the second core as Ray's speed-up);
-- ray sync K=1 / K=2 over the compiled graph, ray sync K=2 over actor calls on the same node (the cross-node
-  path's code without the network), ray async K=2;
+- ray sync K=1 / K=2 over the compiled graph, ray sync K=2 over the step channel on the same node (the
+  cross-node path's code over loopback: worker 1 leads, worker 2 follows), ray async K=2;
 - two nodes: ray sync K=2 on a real two-raylet cluster on this machine (head 1 CPU, second node 2 CPUs, so
-  one worker on each), the actor-call path, against the single-node compiled row of the same spec.
+  one worker on each, each its node's leader), the step channel, against the single-node compiled row of the
+  same spec.
 
 Every row runs two epochs of the same steps and reports the second: the first warms up (Ray's workers,
 the compiled graph's channels, BLAS). Every figure of a step comes from wall-clock timestamps taken inside
@@ -53,7 +55,7 @@ ROWS = [
     ("ray sync K=1", 1, "sync", "compiled", None),
     ("in-process 2 threads", 0, "sync", None, 2),
     ("ray sync K=2", 2, "sync", "compiled", None),
-    ("ray sync K=2 calls", 2, "sync", "actor_calls", None),
+    ("ray sync K=2 channel", 2, "sync", "channel", None),
     ("ray async K=2", 2, "async", None, None),
 ]
 
@@ -192,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a third of the steps")
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
+    parser.add_argument("--case", metavar="MODEL:BATCH", help="only this case, e.g. 784-256-10:1024")
     parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from polyak.service.engine.placement import connect
@@ -201,7 +204,8 @@ def main() -> None:
         layers, batch, steps = json.loads(args.driver[1])
         print(json.dumps(measure(spec_for(layers, batch, steps, 2, "sync"))))
         return
-    cases = [(layers, batch, max(steps // 3, 8) if args.quick else steps) for layers, batch, steps in CASES]
+    cases = [(layers, batch, max(steps // 3, 8) if args.quick else steps) for layers, batch, steps in CASES
+             if args.case in (None, f"{'-'.join(map(str, layers))}:{batch}")]
     connect(None, num_cpus=2)
     print(HEADER)
     single_node = {}

@@ -1,7 +1,7 @@
 """polyak on a real multi-node Ray cluster: two raylets on loopback, each in its own process group.
 
 The head has 1 CPU and the second node 2, so a two-worker job has a worker on each node and its sync
-steps take the actor-call path (a compiled graph only runs where every actor shares the driver's
+steps take the step channel (a compiled graph only runs where every actor shares the driver's
 node). Drivers run as subprocesses (`polyak train --ray-address`), as a user runs them: this test
 process keeps its own local Ray session for the other tests. Killing the second node's process group
 is a whole node lost mid-epoch.
@@ -176,7 +176,7 @@ def test_sync_across_two_nodes_equals_the_in_process_loop(two_nodes, tmp_path):
     assert lines[1].startswith("joined the Ray cluster at ") and "2 node(s), 3 CPU(s)" in lines[1]
     placement = lines[2]
     assert placement.startswith("running sync on Ray, 2 cpu worker(s)")
-    assert "sync steps over actor calls: the job spans 2 nodes" in placement, placement
+    assert "sync steps over channel: one part per node over TCP; the job spans 2 nodes" in placement, placement
     assert "Traceback" not in proc.stderr
     streamed = metrics_of(proc.stdout)
     assert [m.epoch for m in streamed] == [1, 2, 3]

@@ -301,55 +301,11 @@ def test_gpu_without_gpus_is_a_clear_error():
         train(spec)
 
 
-def test_sync_over_actor_calls_takes_the_same_steps_as_the_compiled_graph(undisturbed):
-    """The cross-node path, forced on one node: bit-identical to the compiled path and the in-process loop."""
-    spec = digits_spec()
-    info = prepare(spec.data, spec.model)
-    compiled = undisturbed()  # on one node a sync job takes the compiled graph by itself
-    assert compiled.compiled and "sync steps over compiled" in compiled.described
-    engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
-    try:
-        assert engine.sync_path == "actor_calls" and engine.graph is None
-        assert "sync steps over actor calls" in engine.describe()
-        actor_calls = run(spec, info, engine, "t")
-    finally:
-        engine.close()
-    local = undisturbed(**{"cluster.num_workers": 0}).result
-    np.testing.assert_array_equal(actor_calls.weights, compiled.result.weights)
-    np.testing.assert_allclose(actor_calls.weights, local.weights, rtol=0, atol=1e-10)
-    assert [m.train_loss for m in actor_calls.metrics] == [m.train_loss for m in compiled.result.metrics]
-
-
-def test_a_killed_worker_on_the_actor_call_path_leaves_the_weights_unchanged(tmp_path, undisturbed):
-    spec = digits_spec()
-    info = prepare(spec.data, spec.model)
-    reference = undisturbed().result
-    engine = SyncRayEngine(spec, info, initial_weights(spec), sync_path="actor_calls")
-    pids = []
-    try:
-        pids.append(ray.get(engine.workers[1].pid.remote()))
-        calls = {"n": 0}
-
-        def should_cancel():
-            calls["n"] += 1
-            if calls["n"] == 20:
-                ray.kill(engine.workers[1], no_restart=False)
-            return False
-
-        disturbed = run(spec, info, engine, "t", Hooks(should_cancel=should_cancel, job_dir=tmp_path))
-        pids.append(ray.get(engine.workers[1].pid.remote()))
-    finally:
-        engine.close()
-    assert pids[0] != pids[1]  # the kill landed: a new process holds shard 2
-    assert engine.worker_restarts == 0  # no repair on this path: Ray retried the pure gradient() call itself
-    np.testing.assert_array_equal(disturbed.weights, reference.weights)
-
-
 def test_the_sync_path_follows_the_placement():
     assert choose_sync_path("a", ["a"], ["a", "a"])[0] == "compiled"
-    path, why = choose_sync_path("a", ["a"], ["a", "b"])
-    assert path == "actor_calls" and "2 nodes" in why
-    assert choose_sync_path("a", ["b"], ["b"])[0] == "actor_calls"  # the driver elsewhere: no shared memory
+    assert choose_sync_path("a", ["a"], ["a", "b"]) == ("channel", "one part per node over TCP; the job spans 2 nodes")
+    assert choose_sync_path("a", ["b"], ["b"])[0] == "channel"  # the driver elsewhere: no shared memory
+    assert choose_sync_path("a", ["a", "b"], ["a", "a"])[0] == "channel"  # a server shard on another node
     line = describe_nodes("aaaaaaaa1", ["aaaaaaaa1"], ["aaaaaaaa1", "bbbbbbbb2", "bbbbbbbb2"],
                           {"aaaaaaaa1": "10.0.0.1", "bbbbbbbb2": "10.0.0.2"})
     assert line == ("parameter server on aaaaaaaa (10.0.0.1, the driver); worker 1 on aaaaaaaa (10.0.0.1, the driver), "

@@ -185,7 +185,7 @@ STEPS_PER_EPOCH = 8  # iris: 120 training rows, batches of 16
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("servers, method, path", [
-    (1, "nesterov", "compiled"), (3, "rmsprop", "compiled"), (2, "heavy_ball", "actor_calls"),
+    (1, "nesterov", "compiled"), (3, "rmsprop", "compiled"), (2, "heavy_ball", "channel"),
 ])
 def test_sharded_sync_equals_the_in_process_loop(servers, method, path):
     spec = iris_spec(servers, method=method)
@@ -224,7 +224,7 @@ def test_a_checkpoint_of_two_shards_resumes_in_three_shards_and_in_one(tmp_path)
     assert_same_epochs(seen, reference.metrics[:2])
     shutil.copytree(tmp_path / "s2", tmp_path / "s1")
     three = parse_spec({**spec.model_dump(), "cluster": {**spec.cluster.model_dump(), "num_servers": 3}})
-    engine = SyncRayEngine(three, info, initial_weights(three), sync_path="actor_calls")
+    engine = SyncRayEngine(three, info, initial_weights(three), sync_path="channel")
     try:
         resumed = run(three, info, engine, "t", Hooks(job_dir=tmp_path / "s2"))
     finally:

@@ -3,7 +3,8 @@
 It reads its own shard of the training rows and its slice of the validation rows from the source (nothing is
 shipped through the driver), holds them in the spec's dtype, on the GPU when the device is gpu, and returns
 (gradient sum, loss sum, count) for the rows it is given, and (loss sum, correct, count) of its validation
-slice. A restarted worker reads the same rows again: they are a function of the spec alone.
+slice. A restarted worker reads the same rows again: they are a function of the spec alone. Across nodes its
+sync steps come over the step channel (workers/step_channel.py), served by a thread of this actor.
 
 With a sharded parameter server (``bounds``: server shard s owns W[bounds[s]:bounds[s + 1]]) a worker takes W as
 the shards' slices and hands server shard s only its slice of the gradient sum: each shard moves p/S floats a step.
@@ -21,6 +22,7 @@ from polyak.contract.spec import JobSpec
 from polyak.workers.backend import get_backend, to_numpy
 from polyak.workers.data import load_shard
 from polyak.workers.mlp import MLP
+from polyak.workers.step_channel import ChannelWorker, Role
 
 # The answers of ParameterServer.push; defined here because workers never import service code.
 APPLIED, STALE, STOP = "applied", "stale", "stop"
@@ -51,6 +53,7 @@ class GradientWorker:
         # (start, end) wall-clock times of each gradient() call, for benchmarks to split a step's time from
         # timestamps (comparable with the parameter server's on one machine); bounded, as nobody may take them.
         self.compute_spans: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
+        self.channel: ChannelWorker | None = None
 
     def info(self) -> dict:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
@@ -94,6 +97,20 @@ class GradientWorker:
             out = to_numpy(grad_sum), loss_sum, count
         self.compute_spans.append((started, time.time()))
         return out
+
+    def channel_start(self, role: Role) -> int | None:
+        """Serve sync steps over a new step channel in this role (ending any previous one); a leader with
+        followers answers the loopback port they connect to."""
+        self.channel_stop()
+        # The channel slices the node's summed gradient per server shard itself: it takes the whole one.
+        self.channel = ChannelWorker(role, self.mlp.p, self.dtype, lambda W, rows: self._gradient([W], rows),
+                                     f"gradient worker {self.shard + 1}")
+        return self.channel.port
+
+    def channel_stop(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
 
     def take_timings(self) -> list[tuple[float, float]]:
         """(start, end) of each gradient() call since the last take, in time.time() seconds."""

@@ -1,7 +1,9 @@
 """The parameter server: a Ray actor holding (W, u, t, version), a thin shell over ServerCore.
 
-Sync mode: the nodes ``current`` and ``apply`` of the compiled step graph (service/engine/sync_engine.py):
-W goes to the K workers, their gradient sums come back, and ``apply`` takes one exact step.
+Sync mode on one node: the nodes ``current`` and ``apply`` of the compiled step graph
+(service/engine/sync_engine.py): W goes to the K workers, their gradient sums come back, and ``apply`` takes one
+exact step. Across nodes: ``channel_step`` sends W over the step channel (service/engine/step_channel.py) and
+applies the one part per node that comes back, with the same ``apply``.
 
 Async mode: ``push`` applies a gradient at once when it is at most ``max_staleness`` versions old and
 answers with the current version and a reference to W, put in the object store once per version.
@@ -33,7 +35,9 @@ from threadpoolctl import threadpool_limits
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.engine import EpochFigures
 from polyak.service.engine.ps_core import EpochPart, ServerCore, combine_parts
+from polyak.service.engine.step_channel import ChannelServer
 from polyak.workers.gradient_worker import APPLIED, STALE, STOP, TIMINGS_KEPT
+from polyak.workers.step_channel import ChannelLost
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class ParameterServer:
         self.update_spans: deque[tuple[int | None, float, float]] = deque(maxlen=TIMINGS_KEPT)
         self.tracing = trace
         self.trace: list[Update | Join | Stop] = []  # this epoch's records; handed over by end_epoch
+        self.channel: ChannelServer | None = None
         self._begin_epoch(step_limit=None, epoch=-1)
 
     def _begin_epoch(self, step_limit: int | None, epoch: int) -> None:
@@ -146,6 +151,30 @@ class ParameterServer:
 
     def step_count(self) -> int:
         return self.core.state.step
+
+    # -- sync across nodes (the step channel) ---------------------------------------------------------
+    def channel_listen(self) -> tuple[str, int]:
+        """A new channel's address on this node; any previous channel is closed."""
+        self.channel_close()
+        self.channel = ChannelServer(ray.util.get_node_ip_address())
+        return self.channel.address
+
+    def channel_accept(self, nodes: list[list[int]], names: list[str], token: bytes, timeout: float) -> None:
+        self._channel().accept(nodes, names, token, self.core.state.W.size, self.core.dtype, timeout)
+
+    def channel_step(self, rows: list, timeout: float) -> int:
+        """One step: W and each node's rows out, the nodes' parts in, applied; raises ChannelLost."""
+        return self.apply(*self._channel().exchange(self.core.state.W, rows, timeout))
+
+    def _channel(self) -> ChannelServer:
+        if self.channel is None:  # closed, or this actor restarted since it was opened
+            raise ChannelLost("no step channel is open")
+        return self.channel
+
+    def channel_close(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
 
     # -- async -------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, step_budget: int | None) -> str:

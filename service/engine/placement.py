@@ -4,8 +4,8 @@ The parameter server runs on the driver's node, so losing any other node never l
 for that node too and go elsewhere when it is full. A sharded server (``cluster.num_servers`` S > 1) keeps shard 0
 there and spreads the others over the cluster's nodes, so no one node carries every shard's traffic; a lost shard
 is restored from the checkpoint like a lost server. Where the actors land decides how a sync step travels
-(service/engine/sync_engine.py): a compiled graph when every actor shares the driver's node, ordinary actor
-calls when the job spans nodes.
+(service/engine/sync_engine.py): a compiled graph when every actor shares the driver's node, the step channel
+(TCP sockets between the actors, one part per node) when the job spans nodes.
 """
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ def ps_options(node: str, soft: bool = False) -> dict:
 
 
 def choose_sync_path(driver_node: str, server_nodes: list[str], worker_nodes: list[str]) -> tuple[str, str]:
-    """("compiled" | "actor_calls", why). A compiled graph only when every actor shares the driver's node:
-    Ray 2.60's compiled-graph channels between nodes hung and took a raylet down with them."""
+    """("compiled" | "channel", why). A compiled graph only when every actor shares the driver's node: Ray
+    2.60's compiled-graph channels between nodes hung and took a raylet down with them."""
     nodes = {*server_nodes, *worker_nodes}
     if nodes == {driver_node}:
         return "compiled", "every actor is on the driver's node (shared-memory channels)"
-    return "actor_calls", f"the job spans {len(nodes | {driver_node})} nodes (W put once per step)"
+    return "channel", f"one part per node over TCP; the job spans {len(nodes | {driver_node})} nodes"
 
 
 def describe_nodes(driver_node: str, server_nodes: list[str], worker_nodes: list[str], ips: dict[str, str],

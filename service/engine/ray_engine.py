@@ -77,10 +77,8 @@ class RayEngine:
         self.workers = [worker.remote(spec_json, k, K, info.stats, self.bounds) for k in range(K)]
         self.servers = self._start_servers(spec_json, trace)
         try:
-            self.worker_info = ray.get([w.info.remote() for w in self.workers])  # data errors surface here
-            self.worker_nodes = [info["node"] for info in self.worker_info]
+            self.locate_workers(ray.get([w.info.remote() for w in self.workers]))  # data errors surface here
             self.server_nodes = ray.get([server.node.remote() for server in self.servers])
-            self.node_ips = node_ips(self.worker_info, self.driver_node)
             self._reset()
         except BaseException:
             self.close()
@@ -99,6 +97,12 @@ class RayEngine:
     def ps(self):
         """Server shard 0: the whole parameter server when num_servers is 1."""
         return self.servers[0]
+
+    def locate_workers(self, worker_info: list[dict]) -> None:
+        """Where the workers run (a restarted worker may run on another node than before)."""
+        self.worker_info = worker_info
+        self.worker_nodes = [info["node"] for info in worker_info]
+        self.node_ips = node_ips(worker_info, self.driver_node)
 
     def describe(self) -> str:
         """One line: where the job's actors run and how its steps travel."""
