@@ -398,6 +398,13 @@ def curve(terms: dict, layers, gbit: float, S: int, combine: bool = True, weak: 
     return {"K": KS, "rate": rates, "saturated": saturated}
 
 
+def server_share(terms: dict, layers, gbit: float, K: int, weak: bool) -> float:
+    """The part of a step one server's link is busy (S = 1, per-node combining)."""
+    b = WEAK_BATCH if weak else STRONG_BATCH / K
+    q = step_parts(terms, layers, b, Topology(K, 1, "cross", spread(K, PER_NODE)), link_rate=gbit * 1e9 / 8)
+    return q["server_link"] / q["step"]
+
+
 def short(x: float) -> str:
     """3 significant digits: 830, 62.3k, 1.51M."""
     for unit, size in (("M", 1e6), ("k", 1e3)):
@@ -418,8 +425,9 @@ def prediction_lines(terms: dict, weak: bool) -> list[str]:
                 at = [c["rate"][c["K"].index(K)] for K in shown]
                 parts.append(f"S={S}{'' if combine else ' no comb.'}: " + "/".join(map(short, at)))
             sat = curve(terms, layers, gbit, 1, True, weak)["saturated"]
+            share = server_share(terms, layers, gbit, KS[-1], weak)
             lines.append(f"  {label(layers):<17} {gbit:>3} Gbit/s  " + "  ".join(parts)
-                         + f"  | 1 server saturates at K = {sat or '>256'}")
+                         + f"  | 1 server saturates at K = {sat or '>256'} (its link {share:.0%} of a step at K = 256)")
     return lines
 
 
@@ -444,6 +452,9 @@ def plot(terms: dict, weak: bool, path: Path) -> None:
         c = curve(terms, layers, gbit, 1, False, weak)
         ax.plot(c["K"], c["rate"], "--", color=colours[0], lw=1.2, label="S = 1, no per-node combining")
         sat = curve(terms, layers, gbit, 1, True, weak)
+        share = server_share(terms, layers, gbit, KS[-1], weak)
+        ax.text(0.98, 0.03, f"K = {KS[-1]}, S = 1: the server's link {share:.0%} of a step", transform=ax.transAxes,
+                ha="right", fontsize=8, color="crimson")
         if sat["saturated"]:
             k = sat["saturated"]
             ax.plot([k], [sat["rate"][sat["K"].index(k)]], "o", color="crimson", ms=7)
@@ -470,6 +481,7 @@ def calibrate_and_validate(args) -> dict:
     from polyak.service.engine.placement import connect
 
     print(f"rows on one node (the cross-node path here is {CROSS_PATH}; K = 1 rows calibrate):", flush=True)
+    load_at_start = os.getloadavg()[0]  # printed with the errors: on a shared machine they follow the load
     connect(None, num_cpus=2)
     split_by_median()
     # Measured model by model, calibration and validation rows side by side: the machine's load drifts, and
@@ -485,7 +497,8 @@ def calibrate_and_validate(args) -> dict:
     if not args.no_two_nodes:
         print("validation rows on a two-raylet cluster:", flush=True)
         validation += two_raylet_rows(quick(TWO_RAYLETS, args.quick))
-    saved = {"calibration": calibration, "validation": validation, "terms": fit_terms(calibration, sum_cost())}
+    saved = {"calibration": calibration, "validation": validation, "terms": fit_terms(calibration, sum_cost()),
+             "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
     CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     return saved
 
@@ -500,8 +513,10 @@ def report(saved: dict) -> None:
     print("\nvalidation rows (not used in any fit):")
     print("\n".join("  " + line for line in lines))
     worst = max(map(abs, errors)) if errors else math.nan
-    print(f"  worst step error {worst:.0%} over {len(errors)} rows: "
-          f"{'PASS' if worst <= TOLERANCE else 'FAIL'} (bound {TOLERANCE:.0%})")
+    load = saved["load"]
+    print(f"  worst step error {worst:.0%} over {len(errors)} rows: {'PASS' if worst <= TOLERANCE else 'FAIL'} "
+          f"(bound {TOLERANCE:.0%}); 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at "
+          f"the end, on {load['cpus']} CPUs")
     for weak in (True, False):
         print()
         print("\n".join(prediction_lines(terms, weak)))
