@@ -26,7 +26,7 @@ Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of t
   floats at the stream rate, w-1 additions). Without combining every worker sends its own part: the shard
   receives K parts and a node sends w.
 
-Where each term comes from (printed by the run, saved in bench/scaling_calibration.json):
+Where each term comes from (printed by the run; the rows are saved in bench/scaling_calibration.json):
 Every row is bench_ray.measure (its spec_for, the actors' own timestamps), its steps split by bench_ray's sync_split
 one by one and each part's median taken over the steps (a shared machine preempts a few steps; the model leaves
 such stragglers out).
@@ -173,8 +173,9 @@ def fit_compute(rows: list[tuple[str, int, float]]) -> tuple[float, dict[str, fl
     return float(coef[0]), {m: float(c) for m, c in zip(models, coef[1:], strict=True)}
 
 
-def fit_terms(calibration: list[dict], u2: float) -> dict:
-    """Every term from the K = 1 calibration rows (and u2, measured apart)."""
+def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH) -> dict:
+    """Every term from the K = 1 calibration rows (and u2, measured apart); ValueError when a path's comm did not
+    grow with the bytes it moved (a machine too busy to calibrate on)."""
     compiled = [r for r in calibration if r["path"] == "compiled"]
     c0, c1 = fit_compute([(label(r["layers"]), r["batch"], r["compute"]) for r in compiled])
     u0, u1 = fit_line([param_count(list(r["layers"])) for r in compiled], [r["update"] for r in compiled])
@@ -183,8 +184,12 @@ def fit_terms(calibration: list[dict], u2: float) -> dict:
         sweep = [r for r in calibration if r["path"] == path and r["batch"] == min(x["batch"] for x in calibration)]
         moved = [sum(path_bytes(topology(r), param_count(list(r["layers"])))) for r in sweep]
         latency, per_byte = fit_line(moved, [r["comm"] for r in sweep])
+        if per_byte <= 0:
+            seen = ", ".join(f"{b / 1e6:.1f} MB: {r['comm'] * 1e3:.1f} ms" for b, r in zip(moved, sweep, strict=True))
+            raise ValueError(f"the comm of the K = 1 {path} rows does not grow with the bytes they move ({seen}): "
+                             "too noisy to fit a rate; measure again on a quieter machine")
         terms[path] = {"latency": latency, "rate": 1 / per_byte}
-    terms["cross"]["name"] = CROSS_PATH
+    terms["cross"]["name"] = cross_path
     return terms
 
 
@@ -497,14 +502,15 @@ def calibrate_and_validate(args) -> dict:
     if not args.no_two_nodes:
         print("validation rows on a two-raylet cluster:", flush=True)
         validation += two_raylet_rows(quick(TWO_RAYLETS, args.quick))
-    saved = {"calibration": calibration, "validation": validation, "terms": fit_terms(calibration, sum_cost()),
+    # The rows, not the terms: --predict-only fits them again, so a change to the fit needs no new measurement.
+    saved = {"calibration": calibration, "validation": validation, "u2": sum_cost(), "cross_path": CROSS_PATH,
              "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
     CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     return saved
 
 
 def report(saved: dict) -> None:
-    terms = saved["terms"]
+    terms = fit_terms(saved["calibration"], saved["u2"], saved["cross_path"])
     print("\nterms, and the rows each is fitted from:")
     print("\n".join("  " + line for line in terms_lines(terms)))
     print("\ncalibration rows, refitted (these made the terms):")
@@ -522,7 +528,7 @@ def report(saved: dict) -> None:
         print("\n".join(prediction_lines(terms, weak)))
     for weak, name in ((True, "scaling-weak.png"), (False, "scaling-fixed-batch.png")):
         plot(terms, weak, DOCS / name)
-    print(f"\nplots: docs/scaling-weak.png, docs/scaling-fixed-batch.png; terms and rows: {CALIBRATION_FILE.name}")
+    print(f"\nplots: docs/scaling-weak.png, docs/scaling-fixed-batch.png; the measured rows: {CALIBRATION_FILE.name}")
 
 
 def main() -> None:
@@ -546,7 +552,10 @@ def main() -> None:
         saved = json.loads(CALIBRATION_FILE.read_text())
     else:
         saved = calibrate_and_validate(args)
-    report(saved)
+    try:
+        report(saved)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

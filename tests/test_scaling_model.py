@@ -67,3 +67,12 @@ def test_validation_flags_rows_beyond_the_bound():
     assert errors == pytest.approx([0.0, -0.5])
     assert not lines[1].endswith("!") and lines[2].endswith("!")
     assert np.isfinite(errors).all()
+
+
+def test_a_sweep_whose_comm_does_not_grow_with_bytes_is_refused():
+    rows = [sm.row(m, 128, 10, 1, path=path) for path in ("compiled", "cross") for m in (sm.M64, sm.M256)]
+    for r in rows:
+        r.update(sm.predict_row(TERMS, r))
+    rows[2]["comm"] = rows[3]["comm"] * 2  # the cross path's small model slower to move than its large one
+    with pytest.raises(ValueError, match="comm of the K = 1 cross rows does not grow with the bytes"):
+        sm.fit_terms(rows, TERMS["u2"])
