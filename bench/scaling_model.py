@@ -1,0 +1,562 @@
+"""A calibrated model of one sync step: fitted on some measured rows, checked against other rows, then used to
+predict samples/s for K = 1..256 gradient workers and S = 1..16 parameter-server shards on a real network.
+
+    python bench/scaling_model.py                 # calibrate, validate (one node, two raylets), predict, plot
+    python bench/scaling_model.py --quick         # half the steps a row
+    python bench/scaling_model.py --no-two-nodes  # skip the two-raylet rows
+    python bench/scaling_model.py --predict-only  # print and plot again from bench/scaling_calibration.json
+
+The step. A sync step of (26) is a chain: W leaves the server shards, reaches every worker, each computes the
+gradient sum of its rows, the sums go back and each shard adds them and updates its range of W. Nothing overlaps
+(the next W needs this update), so a step takes
+
+    compute = c0 + c1[model] * b                       b: the rows of one worker, n'/K
+    comm    = latency[path] + bytes on the path / rate[path]  (+ a leader adding its followers' sums)
+    update  = u0 + (p/S) * (u1 + (parts - 1) * u2)     a shard adds its parts, then one pass of the rule
+
+Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of their own, p parameters of 4 bytes.
+
+- one node, "compiled": a Ray compiled graph over shared memory. Copies of p floats on the path: p/S (each shard
+  writes its slice of W, the shards side by side), p (a worker reads W), p more when S > 1 (the worker joins the
+  slices), p (it writes its gradient sum), K p/S (a shard reads the K workers' slices one after another).
+- across nodes, "cross" (the path a job spanning nodes takes), with per-node combining: one part per node per
+  shard. Shard s sends N slices of W of p/S floats and receives N parts of p/S floats; a worker node receives p
+  floats and sends p. Each direction takes max(N p/S, p) * 4 bytes / min(link, stream rate): the busier end
+  sets it. In a node the leader forwards W to its w-1 followers and takes their sums back over loopback (2 (w-1) p
+  floats at the stream rate, w-1 additions). Without combining every worker sends its own part: the shard
+  receives K parts and a node sends w.
+
+Where each term comes from (printed by the run; the rows are saved in bench/scaling_calibration.json):
+Every row is bench_ray.measure (its spec_for, the actors' own timestamps), its steps split by bench_ray's sync_split
+one by one and each part's median taken over the steps (a shared machine preempts a few steps; the model leaves
+such stragglers out).
+- c0 and c1[model] from the compute column of the K = 1 compiled rows: 784-256-10 and 784-2048-2048-10 at two
+  batch sizes each, 784-64-10 and 784-1024-1024-10 at one;
+- u0, u1 from the update column of the same rows (four sizes of p); u2, the cost of adding one more part, from
+  ServerCore.apply_parts timed in this process (K = 1 rows add nothing);
+- compiled latency and rate from the comm column of the K = 1 compiled rows at n' = 128 against their bytes (a
+  transfer-size sweep over the four model sizes, 0.05M to 5.8M floats);
+- cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes.
+The validation rows are others: K = 2 on one node, K = 2 over the cross-node path on one node, S = 2 shards, and
+K = 2 on a real two-raylet cluster on this machine (one worker on each raylet), all predicted from those terms.
+On this machine every "link" is loopback, so the two-raylet rows check the counting of messages, not a network.
+
+The prediction: K = 1..256 filling nodes of w = 16 workers (one core each, as measured), S = 1..16 shards, links of
+10, 25 and 100 Gbit/s; weak scaling (b = 1024 rows a worker, n' = 1024 K) and a fixed global n' = 16384. Left out:
+stragglers and the spread of rows between workers, contention for cores, memory bandwidth and the NIC by
+processes sharing a node, the driver (one call a step to each shard, assumed never late), network latency
+(microseconds against milliseconds), switches and oversubscribed links, and overlap between steps (none in sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import bench_ray  # noqa: E402
+from bench_ray import _free_port, measure, spec_for, sync_split  # noqa: E402
+
+from polyak.contract.errors import SpecError  # noqa: E402
+from polyak.contract.network import param_count  # noqa: E402
+from polyak.contract.spec import parse_spec  # noqa: E402
+
+CALIBRATION_FILE = ROOT / "bench" / "scaling_calibration.json"
+DOCS = ROOT / "docs"
+FLOAT_BYTES = 4  # float32
+M64, M256, M1024, M2048 = (784, 64, 10), (784, 256, 10), (784, 1024, 1024, 10), (784, 2048, 2048, 10)
+PREDICTED = (M256, M2048)
+GBITS = (10, 25, 100)
+SHARDS = (1, 2, 4, 8, 16)
+PER_NODE = 16  # workers a node in the prediction: one a core
+WEAK_BATCH = 1024  # rows a worker a step, weak scaling
+STRONG_BATCH = 16384  # the global n', fixed
+# The path a job spanning nodes takes: the step channel once it exists, else ordinary actor calls.
+CROSS_PATH = "channel" if find_spec("polyak.service.engine.step_channel") else "actor_calls"
+
+
+def label(layers) -> str:
+    return "-".join(map(str, layers))
+
+
+# -- the model: pure functions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Topology:
+    """K workers spread over nodes (``per_node``: how many on each), S shards, the path a step takes."""
+
+    K: int
+    S: int = 1
+    path: str = "compiled"  # compiled (one node, shared memory) | cross (the cross-node path)
+    per_node: tuple[int, ...] = ()  # () = all K on one node
+    combine: bool = True  # one part per node per shard (else one per worker)
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        return self.per_node or (self.K,)
+
+
+def spread(K: int, per_node: int) -> tuple[int, ...]:
+    """K workers filling nodes of ``per_node``, the last one partly."""
+    return (per_node,) * (K // per_node) + ((K % per_node,) if K % per_node else ())
+
+
+def path_bytes(topo: Topology, p: int) -> tuple[float, float]:
+    """(bytes moved at the host's own rate, bytes over the busier end of a network link) on a step's path."""
+    K, S, nodes = topo.K, topo.S, topo.nodes
+    if topo.path == "compiled":
+        copies = 1 / S + 1 + (S > 1) + 1 + K / S
+        return copies * p * FLOAT_BYTES, 0.0
+    N, w = len(nodes), max(nodes)
+    parts, sent_by_node = (N, 1) if topo.combine else (K, w)
+    down = max(N * p / S, p)  # the shard sends N slices, a node takes the whole W
+    up = max(parts * p / S, sent_by_node * p)
+    loopback = 2 * (w - 1) * p if topo.combine else 0.0  # the leader's forwarded W and its followers' sums
+    return loopback * FLOAT_BYTES, (down + up) * FLOAT_BYTES
+
+
+def parts_per_shard(topo: Topology) -> int:
+    if topo.path == "compiled" or not topo.combine:
+        return topo.K
+    return len(topo.nodes)
+
+
+def step_parts(terms: dict, layers, batch_per_worker: float, topo: Topology, link_rate: float | None = None) -> dict:
+    """Seconds of a step's compute, comm, update and whole step; ``server_link``: the part of comm a shard's
+    link is busy (what saturates one server). link_rate in bytes/s; None: everything at the host's rate."""
+    p = param_count(list(layers))
+    path = terms["compiled"] if topo.path == "compiled" else terms["cross"]
+    host, link = path_bytes(topo, p)
+    rate = path["rate"] if link_rate is None else min(link_rate, path["rate"])
+    w = max(topo.nodes)
+    leader_adds = (w - 1) * p * terms["u2"] if topo.path == "cross" and topo.combine else 0.0
+    comm = path["latency"] + host / path["rate"] + link / rate + leader_adds
+    update = terms["u0"] + p / topo.S * (terms["u1"] + (parts_per_shard(topo) - 1) * terms["u2"])
+    compute = terms["c0"] + terms["c1"][label(layers)] * batch_per_worker
+    N = len(topo.nodes)
+    parts = N if topo.combine else topo.K
+    server_link = 0.0 if topo.path == "compiled" else (N + parts) * p / topo.S * FLOAT_BYTES / rate
+    return {"compute": compute, "comm": comm, "update": update, "step": compute + comm + update,
+            "server_link": server_link}
+
+
+# -- fitting ---------------------------------------------------------------------------------------------
+def fit_line(x, y) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line, neither below zero (a time never shrinks with size)."""
+    from scipy.optimize import nnls
+
+    (intercept, slope), _ = nnls(np.column_stack([np.ones(len(x)), np.asarray(x, float)]), np.asarray(y, float))
+    return float(intercept), float(slope)
+
+
+def fit_compute(rows: list[tuple[str, int, float]]) -> tuple[float, dict[str, float]]:
+    """c0 shared by all models and c1 per model (none below zero) from (model, rows a worker, compute seconds)."""
+    from scipy.optimize import nnls
+
+    models = sorted({m for m, _, _ in rows})
+    A = np.array([[1.0] + [b * (m == other) for other in models] for m, b, _ in rows])
+    coef, _ = nnls(A, np.array([s for _, _, s in rows]))
+    return float(coef[0]), {m: float(c) for m, c in zip(models, coef[1:], strict=True)}
+
+
+def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH) -> dict:
+    """Every term from the K = 1 calibration rows (and u2, measured apart); ValueError when a path's comm did not
+    grow with the bytes it moved (a machine too busy to calibrate on)."""
+    compiled = [r for r in calibration if r["path"] == "compiled"]
+    c0, c1 = fit_compute([(label(r["layers"]), r["batch"], r["compute"]) for r in compiled])
+    u0, u1 = fit_line([param_count(list(r["layers"])) for r in compiled], [r["update"] for r in compiled])
+    terms = {"c0": c0, "c1": c1, "u0": u0, "u1": u1, "u2": u2}
+    for path in ("compiled", "cross"):
+        sweep = [r for r in calibration if r["path"] == path and r["batch"] == min(x["batch"] for x in calibration)]
+        moved = [sum(path_bytes(topology(r), param_count(list(r["layers"])))) for r in sweep]
+        latency, per_byte = fit_line(moved, [r["comm"] for r in sweep])
+        if per_byte <= 0:
+            seen = ", ".join(f"{b / 1e6:.1f} MB: {r['comm'] * 1e3:.1f} ms" for b, r in zip(moved, sweep, strict=True))
+            raise ValueError(f"the comm of the K = 1 {path} rows does not grow with the bytes they move ({seen}): "
+                             "too noisy to fit a rate; measure again on a quieter machine")
+        terms[path] = {"latency": latency, "rate": 1 / per_byte}
+    terms["cross"]["name"] = cross_path
+    return terms
+
+
+def topology(row: dict) -> Topology:
+    return Topology(row["K"], row["S"], row["path"], tuple(row["per_node"]))
+
+
+def predict_row(terms: dict, row: dict) -> dict:
+    return step_parts(terms, row["layers"], row["batch"] / row["K"], topology(row))
+
+
+def sum_cost(parts: int = 3, repeats: int = 20) -> float:
+    """u2: seconds a float to add one more part, from ServerCore.apply_parts (the server's own code, one BLAS
+    thread, p of 784-1024-1024-10) with ``parts`` parts against one."""
+    from threadpoolctl import threadpool_limits
+
+    from polyak.service.engine.ps_core import ServerCore
+
+    spec = spec_for(list(M1024), 128, 1, 1, "sync")
+    p = param_count(list(M1024))
+    core = ServerCore(spec, np.zeros(p, dtype=np.float32))
+    grads = [np.full(p, 1e-6, dtype=np.float32) for _ in range(parts)]
+    best = {}
+    with threadpool_limits(1):
+        for n in (1, parts, 1, parts):
+            for _ in range(repeats):
+                start = time.perf_counter()
+                core.apply_parts([(g, 0.0, 1) for g in grads[:n]])
+                best[n] = min(best.get(n, math.inf), time.perf_counter() - start)
+    return (best[parts] - best[1]) / ((parts - 1) * p)
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+def row(layers, batch: int, steps: int, K: int, S: int = 1, path: str = "compiled", per_node=()) -> dict:
+    return {"layers": list(layers), "batch": batch, "steps": steps, "K": K, "S": S, "path": path,
+            "per_node": list(per_node)}
+
+
+CALIBRATION = [
+    row(M64, 128, 60, 1), row(M256, 128, 60, 1), row(M256, 1024, 30, 1), row(M1024, 128, 20, 1),
+    row(M2048, 128, 10, 1), row(M2048, 512, 6, 1),
+    *(row(m, 128, steps, 1, path="cross") for m, steps in ((M256, 60), (M1024, 20), (M2048, 10))),
+]
+ONE_NODE = [
+    row(M256, 128, 60, 2), row(M256, 1024, 30, 2), row(M1024, 1024, 12, 2),
+    row(M256, 1024, 30, 2, path="cross", per_node=(2,)),
+    row(M256, 1024, 30, 2, S=2), row(M1024, 1024, 12, 2, S=2), row(M2048, 128, 10, 1, S=2),
+]
+TWO_RAYLETS = [  # head 1 CPU, second raylet 2 CPUs: the server and worker 1 on the head, worker 2 on the other
+    row(M256, 128, 60, 2, path="cross", per_node=(1, 1)), row(M256, 1024, 30, 2, path="cross", per_node=(1, 1)),
+    row(M1024, 1024, 12, 2, path="cross", per_node=(1, 1)),
+    row(M256, 1024, 30, 2, S=2, path="cross", per_node=(1, 1)),
+]
+
+
+def median_split(workers: list[list], server: list) -> tuple[float, ...]:
+    """bench_ray's sync_split step by step, then each part's median over the steps: on a shared machine the few
+    steps another process preempted move a mean far more than a median (the model leaves such stragglers out)."""
+    steps = [sync_split([calls[i - 1 : i + 1] for calls in workers], server[i - 1 : i + 1])
+             for i in range(1, len(server))]
+    return tuple(float(x) for x in np.median(steps, axis=0))
+
+
+def split_by_median() -> None:
+    """bench_ray.measure looks its split up by name when it runs: every row measured here takes medians."""
+    bench_ray.sync_split = median_split
+
+
+def row_spec(r: dict):
+    """bench_ray's spec of the row, with ``cluster.num_servers`` set when S > 1 (SpecError where this checkout has
+    no sharded parameter server)."""
+    spec = spec_for(list(r["layers"]), r["batch"], r["steps"], r["K"], "sync")
+    if r["S"] == 1:
+        return spec
+    fields = spec.model_dump(mode="json")
+    fields["cluster"]["num_servers"] = r["S"]
+    return parse_spec(fields)
+
+
+def measure_row(r: dict, auto_path: bool = False) -> dict:
+    """The row's measured step, compute, comm and update seconds (bench_ray.measure: the actors' timestamps).
+    ``auto_path``: the engine picks the path from where the actors landed (a real multi-node cluster)."""
+    try:
+        spec = row_spec(r)
+    except SpecError as e:
+        return r | {"skipped": f"no sharded parameter server in this checkout ({e.args[0]})"}
+    path = None if auto_path else ("compiled" if r["path"] == "compiled" else CROSS_PATH)
+    m = measure(spec, path)
+    return r | {k: m[k] for k in ("rate", "step", "compute", "comm", "update")} | {"placed": m["where"]}
+
+
+def quick(rows: list[dict], on: bool) -> list[dict]:
+    return [r | {"steps": max(r["steps"] // 2, 6)} for r in rows] if on else rows
+
+
+def describe(r: dict) -> str:
+    where = "two raylets" if len(r["per_node"]) > 1 else "one node"
+    path = r["path"] if r["path"] == "compiled" else CROSS_PATH
+    return f"{label(r['layers'])} n'={r['batch']} K={r['K']} S={r['S']} {path}, {where}"
+
+
+def run_rows(rows: list[dict], auto_path: bool = False, show: bool = True) -> list[dict]:
+    out = []
+    for r in rows:
+        out.append(measure_row(r, auto_path))
+        if show:
+            m = out[-1]
+            figures = (f"skipped: {m['skipped']}" if "skipped" in m else
+                       " ".join(f"{k} {m[k] * 1e3:7.2f}" for k in ("step", "compute", "comm", "update")))
+            print(f"  {m.get('role', 'validation'):<12}{describe(m):<58}{figures}", flush=True)
+    return out
+
+
+# -- a two-raylet cluster on this machine ----------------------------------------------------------------
+def wait_for_cpus(cpus: int, limit: float = 180.0) -> None:
+    """Until both raylets have joined: on a busy machine the second one takes a while."""
+    import ray
+
+    deadline = time.monotonic() + limit
+    while ray.cluster_resources().get("CPU", 0) < cpus:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the two-raylet cluster did not reach {cpus} CPUs within {limit:.0f} s")
+        time.sleep(1)
+
+
+def two_raylet_rows(rows: list[dict]) -> list[dict]:
+    """The rows measured by a driver joined to a throw-away two-raylet cluster (head 1 CPU, a second raylet
+    2 CPUs), which is always stopped again."""
+    temp = Path(tempfile.mkdtemp(prefix="polyak-scaling-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    port, ray_bin = _free_port(), str(Path(sys.executable).parent / "ray")
+    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-gpus", "0"]
+    procs = []
+    try:
+        for args in (["--head", "--port", str(port), "--include-dashboard", "false", "--num-cpus", "1",
+                      "--temp-dir", str(temp)],
+                     ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"]):
+            procs.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(8)
+        out = subprocess.run([sys.executable, __file__, "--driver", f"127.0.0.1:{port}", json.dumps(rows)],
+                             env=env, capture_output=True, text=True)
+        if out.returncode:
+            print(f"the two-raylet rows failed:\n{out.stderr[-2000:]}")
+            return []
+        print(out.stdout.rsplit("\n", 2)[0], flush=True)  # the driver's measured lines
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- validation ------------------------------------------------------------------------------------------
+TOLERANCE = 0.25
+
+
+def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[float]]:
+    """Each measured row against the model's prediction: the lines to print and the step errors."""
+    head = (f"{'row':<58}{'measured ms: step':>18}{'comp':>8}{'comm':>8}{'upd':>7}"
+            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}")
+    lines, errors = [head], []
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{describe(r):<58}  skipped: {r['skipped']}")
+            continue
+        q = predict_row(terms, r)
+        error = q["step"] / r["step"] - 1
+        errors.append(error)
+        ms = lambda d, k, width=8: f"{d[k] * 1e3:{width}.2f}"  # noqa: E731
+        lines.append(f"{describe(r):<58}{ms(r, 'step', 18)}{ms(r, 'compute')}{ms(r, 'comm')}{ms(r, 'update', 7)}"
+                     f"{ms(q, 'step', 17)}{ms(q, 'compute')}{ms(q, 'comm')}{ms(q, 'update', 7)}"
+                     f"{error:>+8.0%}{'' if abs(error) <= TOLERANCE else ' !'}")
+    return lines, errors
+
+
+def terms_lines(terms: dict) -> list[str]:
+    cross = terms["cross"]
+    return [
+        f"compute  c0 = {terms['c0'] * 1e3:.3f} ms a call; c1 = "
+        + ", ".join(f"{m}: {c * 1e6:.2f} us" for m, c in terms["c1"].items()) + " a row (one core)"
+        + "   <- compute of the K=1 compiled rows",
+        f"update   u0 = {terms['u0'] * 1e3:.3f} ms, u1 = {terms['u1'] * 1e9:.2f} ns a float"
+        f"   <- update of the K=1 compiled rows; u2 = {terms['u2'] * 1e9:.2f} ns a float a part <- apply_parts timed",
+        f"compiled latency {terms['compiled']['latency'] * 1e3:.2f} ms, {terms['compiled']['rate'] / 1e9:.2f} GB/s"
+        "   <- comm of the K=1 compiled rows at n'=128, four sizes",
+        f"cross    latency {cross['latency'] * 1e3:.2f} ms, stream {cross['rate'] / 1e9:.2f} GB/s ({cross['name']})"
+        "   <- comm of the K=1 rows forced onto the cross-node path, three sizes",
+    ]
+
+
+# -- prediction ------------------------------------------------------------------------------------------
+KS = sorted({int(k) for k in np.round(np.geomspace(1, 256, 49))})
+
+
+def curve(terms: dict, layers, gbit: float, S: int, combine: bool = True, weak: bool = True) -> dict:
+    """samples/s over KS on a link of ``gbit`` Gbit/s, and where the shards' links take half the step or more."""
+    rates, saturated = [], None
+    for K in KS:
+        topo = Topology(K, S, "cross", spread(K, PER_NODE), combine)
+        b = WEAK_BATCH if weak else STRONG_BATCH / K
+        q = step_parts(terms, layers, b, topo, link_rate=gbit * 1e9 / 8)
+        rates.append(K * b / q["step"])
+        if saturated is None and q["server_link"] >= q["step"] / 2:
+            saturated = K
+    return {"K": KS, "rate": rates, "saturated": saturated}
+
+
+def server_share(terms: dict, layers, gbit: float, K: int, weak: bool) -> float:
+    """The part of a step one server's link is busy (S = 1, per-node combining)."""
+    b = WEAK_BATCH if weak else STRONG_BATCH / K
+    q = step_parts(terms, layers, b, Topology(K, 1, "cross", spread(K, PER_NODE)), link_rate=gbit * 1e9 / 8)
+    return q["server_link"] / q["step"]
+
+
+def short(x: float) -> str:
+    """3 significant digits: 830, 62.3k, 1.51M."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def prediction_lines(terms: dict, weak: bool) -> list[str]:
+    shown = (1, 16, 64, 256)
+    batch = f"b = {WEAK_BATCH} rows a worker" if weak else f"n' = {STRONG_BATCH} in all"
+    lines = [f"samples/s predicted, {batch}, {PER_NODE} workers a node; K = " + ", ".join(map(str, shown))]
+    for layers in PREDICTED:
+        for gbit in GBITS:
+            parts = []
+            for S, combine in ((1, False), *((S, True) for S in (1, 4, 16))):
+                c = curve(terms, layers, gbit, S, combine, weak)
+                at = [c["rate"][c["K"].index(K)] for K in shown]
+                parts.append(f"S={S}{'' if combine else ' no comb.'}: " + "/".join(map(short, at)))
+            sat = curve(terms, layers, gbit, 1, True, weak)["saturated"]
+            share = server_share(terms, layers, gbit, KS[-1], weak)
+            lines.append(f"  {label(layers):<17} {gbit:>3} Gbit/s  " + "  ".join(parts)
+                         + f"  | 1 server saturates at K = {sat or '>256'} (its link {share:.0%} of a step at K = 256)")
+    return lines
+
+
+# -- the plot --------------------------------------------------------------------------------------------
+def plot(terms: dict, weak: bool, path: Path) -> None:
+    """samples/s against K, one line per S (and S = 1 without per-node combining), a panel per model and link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PREDICTED), len(GBITS), figsize=(15, 8.6), sharex=True, squeeze=False)
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.85, len(SHARDS)))
+    for (i, layers), (j, gbit) in ((a, b) for a in enumerate(PREDICTED) for b in enumerate(GBITS)):
+        ax = axes[i][j]
+        rows = [WEAK_BATCH if weak else STRONG_BATCH / K for K in KS]  # a worker's, a step
+        ideal = [K * b / (terms["c0"] + terms["c1"][label(layers)] * b) for K, b in zip(KS, rows, strict=True)]
+        ax.plot(KS, ideal, ":", color="grey", lw=1, label="K x one worker's compute")
+        for S, colour in zip(SHARDS, colours, strict=True):
+            c = curve(terms, layers, gbit, S, True, weak)
+            ax.plot(c["K"], c["rate"], color=colour, lw=1.8, label=f"S = {S}")
+        c = curve(terms, layers, gbit, 1, False, weak)
+        ax.plot(c["K"], c["rate"], "--", color=colours[0], lw=1.2, label="S = 1, no per-node combining")
+        sat = curve(terms, layers, gbit, 1, True, weak)
+        share = server_share(terms, layers, gbit, KS[-1], weak)
+        ax.text(0.98, 0.03, f"K = {KS[-1]}, S = 1: the server's link {share:.0%} of a step", transform=ax.transAxes,
+                ha="right", fontsize=8, color="crimson")
+        if sat["saturated"]:
+            k = sat["saturated"]
+            ax.plot([k], [sat["rate"][sat["K"].index(k)]], "o", color="crimson", ms=7)
+            ax.annotate(f"1 server saturates\nK = {k}", (k, sat["rate"][sat["K"].index(k)]), color="crimson",
+                        textcoords="offset points", xytext=(-10, 14), ha="right", fontsize=8)
+        ax.set(xscale="log", yscale="log", title=f"{label(layers)}, {gbit} Gbit/s")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.25)
+        if i == len(PREDICTED) - 1:
+            ax.set_xlabel(f"K gradient workers ({PER_NODE} a node)")
+        if j == 0:
+            ax.set_ylabel("samples/s")
+    batch = f"{WEAK_BATCH} rows a worker (weak scaling)" if weak else f"global n' = {STRONG_BATCH} (fixed)"
+    fig.suptitle(f"polyak sync step, model calibrated on this machine: {batch}; S parameter-server shards, "
+                 f"cross-node path ({terms['cross']['name']})", fontsize=11)
+    axes[0][-1].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def calibrate_and_validate(args) -> dict:
+    from polyak.service.engine.placement import connect
+
+    print(f"rows on one node (the cross-node path here is {CROSS_PATH}; K = 1 rows calibrate):", flush=True)
+    load_at_start = os.getloadavg()[0]  # printed with the errors: on a shared machine they follow the load
+    connect(None, num_cpus=2)
+    split_by_median()
+    # Measured model by model, calibration and validation rows side by side: the machine's load drifts, and
+    # rows measured minutes apart would fold that drift into the errors.
+    tagged = [r | {"role": role} for role, rows in (("calibration", CALIBRATION), ("validation", ONE_NODE))
+              for r in quick(rows, args.quick)]
+    measured = run_rows(sorted(tagged, key=lambda r: param_count(r["layers"])))
+    calibration = [r for r in measured if r["role"] == "calibration"]
+    validation = [r for r in measured if r["role"] == "validation"]
+    import ray
+
+    ray.shutdown()
+    if not args.no_two_nodes:
+        print("validation rows on a two-raylet cluster:", flush=True)
+        validation += two_raylet_rows(quick(TWO_RAYLETS, args.quick))
+    # The rows, not the terms: --predict-only fits them again, so a change to the fit needs no new measurement.
+    saved = {"calibration": calibration, "validation": validation, "u2": sum_cost(), "cross_path": CROSS_PATH,
+             "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
+    CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
+    return saved
+
+
+def report(saved: dict) -> None:
+    terms = fit_terms(saved["calibration"], saved["u2"], saved["cross_path"])
+    print("\nterms, and the rows each is fitted from:")
+    print("\n".join("  " + line for line in terms_lines(terms)))
+    print("\ncalibration rows, refitted (these made the terms):")
+    print("\n".join("  " + line for line in validation_lines(terms, saved["calibration"])[0]))
+    lines, errors = validation_lines(terms, saved["validation"])
+    print("\nvalidation rows (not used in any fit):")
+    print("\n".join("  " + line for line in lines))
+    worst = max(map(abs, errors)) if errors else math.nan
+    load = saved["load"]
+    print(f"  worst step error {worst:.0%} over {len(errors)} rows: {'PASS' if worst <= TOLERANCE else 'FAIL'} "
+          f"(bound {TOLERANCE:.0%}); 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at "
+          f"the end, on {load['cpus']} CPUs")
+    for weak in (True, False):
+        print()
+        print("\n".join(prediction_lines(terms, weak)))
+    for weak, name in ((True, "scaling-weak.png"), (False, "scaling-fixed-batch.png")):
+        plot(terms, weak, DOCS / name)
+    print(f"\nplots: docs/scaling-weak.png, docs/scaling-fixed-batch.png; the measured rows: {CALIBRATION_FILE.name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="half the steps a row")
+    parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
+    parser.add_argument("--predict-only", action="store_true", help=f"read {CALIBRATION_FILE.name}, measure nothing")
+    parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.driver:  # the two-raylet rows, in a driver joined to that cluster
+        from polyak.service.engine.placement import connect
+
+        connect(args.driver[0])
+        wait_for_cpus(3)
+        split_by_median()
+        print(json.dumps(run_rows(json.loads(args.driver[1]), auto_path=True)))
+        return
+    if args.predict_only:
+        if not CALIBRATION_FILE.exists():
+            sys.exit(f"error: --predict-only reads {CALIBRATION_FILE}, which does not exist: run without it first")
+        saved = json.loads(CALIBRATION_FILE.read_text())
+    else:
+        saved = calibrate_and_validate(args)
+    try:
+        report(saved)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

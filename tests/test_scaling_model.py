@@ -1,0 +1,78 @@
+"""bench/scaling_model.py's arithmetic: the bytes a step moves, counted by hand, and fits that recover known terms."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import scaling_model as sm  # noqa: E402
+
+P = 1000  # parameters
+F = sm.FLOAT_BYTES
+TERMS = {"c0": 2e-4, "c1": {"784-256-10": 9e-6, "784-64-10": 3e-6}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10,
+         "compiled": {"latency": 1e-3, "rate": 4e9}, "cross": {"latency": 5e-3, "rate": 2e9, "name": "channel"}}
+
+
+def test_one_node_compiled_graph_copies():
+    # W written once and read once, the sum written once, K sums read by the one shard
+    assert sm.path_bytes(sm.Topology(K=1), P) == (4 * P * F, 0.0)
+    assert sm.path_bytes(sm.Topology(K=2), P) == (5 * P * F, 0.0)
+    # two shards: half of W written by each, the worker joins the slices, each shard reads K halves
+    assert sm.path_bytes(sm.Topology(K=2, S=2), P) == pytest.approx(((0.5 + 1 + 1 + 1 + 1) * P * F, 0.0))
+
+
+def test_cross_node_bytes_with_and_without_per_node_combining():
+    # two nodes of one worker, one shard: the shard sends W twice and takes two parts
+    assert sm.path_bytes(sm.Topology(K=2, path="cross", per_node=(1, 1)), P) == (0.0, 4 * P * F)
+    # one node of 16: W and one part cross the link, the leader forwards W to 15 followers and takes 15 sums
+    assert sm.path_bytes(sm.Topology(K=16, path="cross", per_node=(16,)), P) == (30 * P * F, 2 * P * F)
+    # 32 workers on 2 nodes, 4 shards: a shard moves 2 slices of P/4 each way, fewer than a node's P
+    assert sm.path_bytes(sm.Topology(K=32, S=4, path="cross", per_node=(16, 16)), P)[1] == 2 * P * F
+    # without combining the one shard takes 32 parts (W still goes once a node)
+    uncombined = sm.Topology(K=32, path="cross", per_node=(16, 16), combine=False)
+    assert sm.path_bytes(uncombined, P) == (0.0, (2 + 32) * P * F)
+
+
+def test_spread_and_the_server_link_shrink_with_shards():
+    assert sm.spread(20, 16) == (16, 4) and sm.spread(32, 16) == (16, 16) and sm.spread(3, 16) == (3,)
+    one, eight = (sm.step_parts(TERMS, sm.M256, 1024, sm.Topology(256, S, "cross", sm.spread(256, 16)), 1.25e9)
+                  for S in (1, 8))
+    assert one["server_link"] == pytest.approx(8 * eight["server_link"])
+    # 16 nodes, one part and one W each way a node, at the 1.25 GB/s of the link
+    assert one["server_link"] == pytest.approx(32 * sm.param_count(list(sm.M256)) * F / 1.25e9)
+
+
+def test_the_fits_recover_the_terms_that_made_the_rows():
+    rows = [sm.row(m, b, 10, 1, path=path) for path in ("compiled", "cross") for m, b in
+            ((sm.M64, 128), (sm.M256, 128), (sm.M256, 1024))]
+    for r in rows:
+        r.update(sm.predict_row(TERMS, r))
+    fitted = sm.fit_terms(rows, TERMS["u2"])
+    for key in ("c0", "u0", "u1"):
+        assert fitted[key] == pytest.approx(TERMS[key], rel=1e-6)
+    assert fitted["c1"] == pytest.approx(TERMS["c1"], rel=1e-6)
+    for path in ("compiled", "cross"):
+        for key in ("latency", "rate"):
+            assert fitted[path][key] == pytest.approx(TERMS[path][key], rel=1e-6)
+
+
+def test_validation_flags_rows_beyond_the_bound():
+    good, bad = (sm.row(sm.M256, 1024, 10, 2) for _ in range(2))
+    good.update(sm.predict_row(TERMS, good))
+    bad.update({k: v * 2 for k, v in sm.predict_row(TERMS, bad).items()})
+    lines, errors = sm.validation_lines(TERMS, [good, bad])
+    assert errors == pytest.approx([0.0, -0.5])
+    assert not lines[1].endswith("!") and lines[2].endswith("!")
+    assert np.isfinite(errors).all()
+
+
+def test_a_sweep_whose_comm_does_not_grow_with_bytes_is_refused():
+    rows = [sm.row(m, 128, 10, 1, path=path) for path in ("compiled", "cross") for m in (sm.M64, sm.M256)]
+    for r in rows:
+        r.update(sm.predict_row(TERMS, r))
+    rows[2]["comm"] = rows[3]["comm"] * 2  # the cross path's small model slower to move than its large one
+    with pytest.raises(ValueError, match="comm of the K = 1 cross rows does not grow with the bytes"):
+        sm.fit_terms(rows, TERMS["u2"])
