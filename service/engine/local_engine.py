@@ -14,6 +14,7 @@ from polyak.workers.backend import get_backend
 from polyak.workers.data import DataInfo, ShardLayout, load_part, split_of
 from polyak.workers.mlp import MLP
 from polyak.workers.readers import open_source
+from polyak.workers.readers.source import Source
 
 
 class LocalEngine:
@@ -23,12 +24,13 @@ class LocalEngine:
     recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
     fatal: tuple[type[Exception], ...] = ()
 
-    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, source: Source | None = None):
+        """``source``: the spec's data already open in this process (an estimator's arrays), else opened here."""
         self.backend = get_backend(spec.cluster.device)
         xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
         self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
         # The data once, in the spec's dtype, rows in source order: exactly what one gradient worker holds.
-        source = open_source(spec.data, spec.model)
+        source = source if source is not None else open_source(spec.data, spec.model)
         split = split_of(spec.data, spec.model, source.n)
         train = load_part(source, split.train_rows(), dtype, info.stats, spec.model.layers)
         val = load_part(source, split.val_rows(), dtype, info.stats, spec.model.layers)
