@@ -49,7 +49,8 @@ def test_anything_else_is_load_parts_copy(rows, dtype, stats):
 @pytest.mark.parametrize("spoil, message", [
     (lambda X, y: X.__setitem__((7, 2), np.nan), r"fit's X, y: X has NaN or inf values \(first in row 7\)"),
     (lambda X, y: y.__setitem__(3, 3), r"model.layers\[-1\] = 3 outputs but fit's X, y has labels up to 3"),
-    (lambda X, y: y.__setitem__(5, -1), r"fit's X, y: labels must be in 0..k-1, found -1 \(in row 5\)"),
+    (lambda X, y: y.__setitem__(5, -1), r"fit's X, y: labels must be in 0..k-1, found a negative one "
+                                        r"\(first in row 5\)"),
 ])
 def test_a_held_x_is_checked_as_load_part_checks_it(spoil, message):
     X, y = arrays()
