@@ -2,6 +2,7 @@
 
     python bench/bench_estimator.py             # 60,000 x 784 rows, 3 epochs a fit, 3 rounds; digits, breast_cancer
     python bench/bench_estimator.py --quick     # 10,000 rows, 1 round
+    python bench/bench_estimator.py --rounds 7  # more rounds (a noisy machine), --speed-only: no accuracy part
 
 Speed: the same synthetic data (60,000 x 784 float32, 10 classes), the same network (784-256-10, relu), the same
 optimizer (Adam, lr 1e-3, scikit-learn's defaults), batch 200 (scikit-learn's "auto"), the same epochs
@@ -83,12 +84,15 @@ def accuracy() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10,000 rows and one round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the speed part (default 3)")
+    parser.add_argument("--speed-only", action="store_true", help="skip the accuracy part")
     args = parser.parse_args()
     blas = [f"{i['internal_api']} {i['version']} threads={i['num_threads']}" for i in threadpool_info()
             if i["user_api"] == "blas"]
     print(f"NumPy {np.__version__}, BLAS {'; '.join(blas)}")
-    speed(10_000 if args.quick else 60_000, 3, 1 if args.quick else 3)
-    accuracy()
+    speed(10_000 if args.quick else 60_000, 3, 1 if args.quick else args.rounds)
+    if not args.speed_only:
+        accuracy()
 
 
 if __name__ == "__main__":

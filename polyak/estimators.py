@@ -2,9 +2,10 @@
 
 ``fit(X, y)`` builds the JobSpec the CLI would build for the same data and runs the same trainer: in this process
 (``num_workers=0``) or on Ray (``num_workers=K``; a local Ray unless ``ray_address`` names a cluster), or as a job
-of a polyak server (``server=URL``). The arrays go to the trainer as a ``.npy`` file in a temporary folder
+of a polyak server (``server=URL``). In this process the trainer reads the arrays themselves (an in-memory
+source: no table is built or written). Ray's workers get them as a ``.npy`` file in a temporary folder
 (features, then the target column(s)), which every worker reads its own shard of, exactly as for a user's file;
-to a server, as an uploaded dataset. That folder is RAM-backed (/dev/shm) where the machine has one; on a Ray
+a server, as an uploaded dataset. That folder is RAM-backed (/dev/shm) where the machine has one; on a Ray
 cluster whose workers run on other nodes, ``scratch_dir`` must name a folder every node reads (shared storage),
 or fit through a server.
 
@@ -161,24 +162,29 @@ class _PolyakMLP(BaseEstimator):
             return
         from polyak.service.engine.trainer import Hooks, train_job, weights_file
         from polyak.workers.data import prepare
+        from polyak.workers.readers.source import array_source
 
         with tempfile.TemporaryDirectory(prefix="polyak-fit-", dir=self.scratch_dir or _memory_folder()) as folder:
             data = Path(folder, "data.npy")
-            np.save(data, upload_table(X, targets, self.dtype))
+            # In this process the trainer reads the arrays themselves (a table written and read back cost more than a
+            # fit's epoch); Ray's workers read their shards of the table, a file like any user's.
+            source = None if self.num_workers else array_source(X, targets, self._loss == "cross_entropy", "fit's X, y")
+            if source is None:
+                np.save(data, upload_table(X, targets, self.dtype))
             start = None
             if continuing:
                 start = str(Path(folder, "start.npz"))
                 np.savez(start, **self.model_.weights)
             spec = self.job_spec(X.shape[0], X.shape[1], n_outputs, {"source": "file", "path": str(data)},
                                  epochs=epochs, init_weights=start)
-            info = prepare(spec.data, spec.model)
+            info = prepare(spec.data, spec.model, source)
             plateau = self._plateau(spec, epochs)
             hooks = Hooks(on_epoch=plateau.see if plateau else lambda m: None,
                           should_cancel=plateau.reached if plateau else lambda: False)
             # A diverging run overflows NumPy on its way to a non-finite loss, which the trainer reports as the
             # job's error (raised below): NumPy's own warnings would only say it again.
             with self._ray(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                result = train_job(spec, "estimator", hooks, info)
+                result = train_job(spec, "estimator", hooks, info, source)
         if result.state == JobState.FAILED:
             raise TrainingFailed(result.error or "training failed")
         self.model_ = Model.from_arrays(weights_file(result.weights, spec, info))

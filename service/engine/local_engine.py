@@ -11,9 +11,26 @@ from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
 from polyak.service.engine.engine import EpochFigures
 from polyak.service.engine.ps_core import ServerCore
 from polyak.workers.backend import get_backend
-from polyak.workers.data import DataInfo, ShardLayout, load_part, split_of
+from polyak.workers.data import DataInfo, Part, ShardLayout, check_labels, load_part, split_of
 from polyak.workers.mlp import MLP
 from polyak.workers.readers import open_source
+from polyak.workers.readers.source import ArraySource, Source
+
+
+def held_part(source: Source, rows: np.ndarray, dtype, stats, layers) -> Part:
+    """``load_part``'s part; but where an in-memory X already is that part (every row, in ``dtype``, nothing to
+    standardize: an estimator's float32 X for a float32 job), it is checked as load_part checks it and held as it
+    is, not copied: fit holds its data once, not twice."""
+    if not (isinstance(source, ArraySource) and stats is None and len(rows) == source.n
+            and source.X.dtype == dtype and source.X.flags.c_contiguous):
+        return load_part(source, rows, dtype, stats, layers)
+    for _ in source.chunks(np.arange(source.n), dtype):  # its checks (finite values, class ids), chunk by chunk
+        pass
+    if not source.classification:
+        return Part(source.X, source.y.astype(dtype, copy=False))
+    y = source.y[:, 0].astype(np.int64)
+    check_labels(y, layers, source.origin)
+    return Part(source.X, y)
 
 
 class LocalEngine:
@@ -23,15 +40,16 @@ class LocalEngine:
     recoverable: tuple[type[Exception], ...] = ()  # nothing here can die on its own
     fatal: tuple[type[Exception], ...] = ()
 
-    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray):
+    def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, source: Source | None = None):
+        """``source``: the spec's data already open in this process (an estimator's arrays), else opened here."""
         self.backend = get_backend(spec.cluster.device)
         xp, dtype = self.backend.xp, np.dtype(spec.cluster.dtype)
         self.mlp = MLP(spec.model.layers, spec.model.activation, spec.model.loss, xp, dtype)
         # The data once, in the spec's dtype, rows in source order: exactly what one gradient worker holds.
-        source = open_source(spec.data, spec.model)
+        source = source if source is not None else open_source(spec.data, spec.model)
         split = split_of(spec.data, spec.model, source.n)
-        train = load_part(source, split.train_rows(), dtype, info.stats, spec.model.layers)
-        val = load_part(source, split.val_rows(), dtype, info.stats, spec.model.layers)
+        train = held_part(source, split.train_rows(), dtype, info.stats, spec.model.layers)
+        val = held_part(source, split.val_rows(), dtype, info.stats, spec.model.layers)
         del source  # an in-memory source (.npz, .csv, sklearn) would hold the data twice
         self.position = ShardLayout.of(spec.data, spec.model, info, 1).position
         self.X, self.y = xp.asarray(train.X), xp.asarray(train.y)  # (n, m_0)

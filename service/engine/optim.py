@@ -81,12 +81,13 @@ def adam(W, m, v, g, eta: float, beta1: float, beta2: float, eps: float, t: int,
     np.multiply(g, g, out=scratch)
     scratch *= 1.0 - beta2
     v += scratch
-    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+    # The same step with the bias corrections in two scalars, eta sqrt(b2c) / b1c * m / (sqrt(v) + eps sqrt(b2c)):
+    # one pass over p fewer (each pass is about 1/13 of the update, which is memory-bound).
+    root2 = math.sqrt(1.0 - beta2**t)
     np.sqrt(v, out=scratch)
-    scratch /= math.sqrt(bias2)
-    scratch += eps
+    scratch += eps * root2
     np.divide(m, scratch, out=scratch)
-    scratch *= eta / bias1
+    scratch *= eta * root2 / (1.0 - beta1**t)
     W -= scratch
     return W, m, v
 

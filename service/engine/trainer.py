@@ -31,6 +31,7 @@ from polyak.service.engine.tracking import model_files, trackers_for
 from polyak.workers.data import DataInfo, prepare
 from polyak.workers.mlp import init_params
 from polyak.workers.readers.remote import OpenCancelled, cancellable
+from polyak.workers.readers.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,14 @@ def weights_file(W: np.ndarray, spec: JobSpec, info: DataInfo) -> dict[str, np.n
     return arrays
 
 
-def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenEngine | WorkerDrivenEngine:
-    """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster."""
+def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray,
+                source: Source | None = None) -> TrainerDrivenEngine | WorkerDrivenEngine:
+    """In this process for num_workers 0 (Ray is not even imported), else on the connected Ray cluster.
+    ``source``: the spec's data already open in this process, for num_workers 0 (Ray's workers read their own)."""
     if spec.cluster.num_workers == 0:
         from polyak.service.engine.local_engine import LocalEngine
 
-        return LocalEngine(spec, info, W0)
+        return LocalEngine(spec, info, W0, source)
     if spec.cluster.mode == "async":
         from polyak.service.engine.async_engine import AsyncRayEngine
 
@@ -119,11 +122,12 @@ def make_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenE
     return SyncRayEngine(spec, info, W0)
 
 
-def build_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray) -> TrainerDrivenEngine | WorkerDrivenEngine:
+def build_engine(spec: JobSpec, info: DataInfo, W0: np.ndarray,
+                 source: Source | None = None) -> TrainerDrivenEngine | WorkerDrivenEngine:
     """make_engine, built again (at most ENGINE_BUILDS times) when an actor is lost while the engine starts: before
     its first step there is no checkpoint to go back to, so the trainer's recovery cannot cover that moment."""
     if spec.cluster.num_workers == 0:
-        return make_engine(spec, info, W0)
+        return make_engine(spec, info, W0, source)
     from ray.exceptions import ActorUnavailableError, RayChannelError
 
     from polyak.service.engine.engine import ParameterServerLost
@@ -377,9 +381,11 @@ def epoch_metrics(job_id: str, progress: Progress, epoch: EpochResult, outcome: 
     )
 
 
-def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, info: DataInfo | None = None):
+def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, info: DataInfo | None = None,
+              source: Source | None = None):
     """Check the data, build the engine the spec asks for (its parts read their own rows), train, and release
-    the engine.
+    the engine. ``source``: the spec's data already open in this process (an estimator's arrays), which an
+    in-process engine trains on instead of reading the data again.
 
     Raises DataError / ValueError for data or weights that do not fit the spec (before any step).
     Ray must already be connected when ``cluster.num_workers`` > 0 (service.engine.placement.connect).
@@ -387,7 +393,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
     hooks = hooks or Hooks()
     try:
         with cancellable(hooks.should_cancel):  # a remote source that does not answer must not hold a cancel
-            info = info if info is not None else prepare(spec.data, spec.model)
+            info = info if info is not None else prepare(spec.data, spec.model, source)
     except OpenCancelled:
         return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, initial_weights(spec))
     W0 = initial_weights(spec)
@@ -395,7 +401,7 @@ def train_job(spec: JobSpec, job_id: str = "local", hooks: Hooks | None = None, 
         return TrainResult(JobState.CANCELLED, StopReason.CANCELLED, W0)
     trackers = trackers_for(spec, job_id)  # a missing tracking package fails the job before any work
     hooks = _tracked(hooks, trackers)
-    engine = build_engine(spec, info, W0)
+    engine = build_engine(spec, info, W0, source)
     try:
         hooks.on_start(engine.describe())
         result = run(spec, info, engine, job_id, hooks)
