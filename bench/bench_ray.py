@@ -27,6 +27,7 @@ other worker's update): measured, not a remainder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -153,8 +154,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_node_rows(cases, single_node: dict) -> None:
-    temp = Path(tempfile.mkdtemp(prefix="polyak-bench-", dir="/tmp"))
+@contextlib.contextmanager
+def two_raylet_cluster(prefix: str):
+    """(address, env) of a throw-away two-raylet cluster on this machine (head 1 CPU, a second raylet 2 CPUs: a
+    two-worker job puts one worker on each), stopped again on the way out."""
+    temp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     port, ray_bin = _free_port(), str(Path(sys.executable).parent / "ray")
@@ -167,9 +171,22 @@ def two_node_rows(cases, single_node: dict) -> None:
             procs.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(8)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def two_node_rows(cases, single_node: dict) -> None:
+    with two_raylet_cluster("polyak-bench-") as (address, env):
         for layers, batch, steps in cases:
-            out = subprocess.run([sys.executable, __file__, "--driver", f"127.0.0.1:{port}",
-                                  json.dumps([layers, batch, steps])], env=env, capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--driver", address, json.dumps([layers, batch, steps])],
+                                 env=env, capture_output=True, text=True)
             if out.returncode:
                 print(f"two-node row failed:\n{out.stderr[-2000:]}")
                 continue
@@ -180,14 +197,6 @@ def two_node_rows(cases, single_node: dict) -> None:
             print(f"{'':26}comm a step: {r['comm'] * 1e3:.2f} ms across nodes, "
                   f"{base['comm'] * 1e3:.2f} ms compiled on one node; "
                   f"{r['where'].split('; sync steps over ')[-1]}", flush=True)
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main() -> None:

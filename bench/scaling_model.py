@@ -54,11 +54,8 @@ import argparse
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -70,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import bench_ray  # noqa: E402
-from bench_ray import _free_port, measure, spec_for, sync_split  # noqa: E402
+from bench_ray import measure, spec_for, sync_split, two_raylet_cluster  # noqa: E402
 
 from polyak.contract.errors import SpecError  # noqa: E402
 from polyak.contract.network import param_count  # noqa: E402
@@ -318,34 +315,14 @@ def wait_for_cpus(cpus: int, limit: float = 180.0) -> None:
 def two_raylet_rows(rows: list[dict]) -> list[dict]:
     """The rows measured by a driver joined to a throw-away two-raylet cluster (head 1 CPU, a second raylet
     2 CPUs), which is always stopped again."""
-    temp = Path(tempfile.mkdtemp(prefix="polyak-scaling-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    port, ray_bin = _free_port(), str(Path(sys.executable).parent / "ray")
-    common = ["--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-gpus", "0"]
-    procs = []
-    try:
-        for args in (["--head", "--port", str(port), "--include-dashboard", "false", "--num-cpus", "1",
-                      "--temp-dir", str(temp)],
-                     ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"]):
-            procs.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(8)
-        out = subprocess.run([sys.executable, __file__, "--driver", f"127.0.0.1:{port}", json.dumps(rows)],
+    with two_raylet_cluster("polyak-scaling-") as (address, env):
+        out = subprocess.run([sys.executable, __file__, "--driver", address, json.dumps(rows)],
                              env=env, capture_output=True, text=True)
-        if out.returncode:
-            print(f"the two-raylet rows failed:\n{out.stderr[-2000:]}")
-            return []
-        print(out.stdout.rsplit("\n", 2)[0], flush=True)  # the driver's measured lines
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+    if out.returncode:
+        print(f"the two-raylet rows failed:\n{out.stderr[-2000:]}")
+        return []
+    print(out.stdout.rsplit("\n", 2)[0], flush=True)  # the driver's measured lines
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- validation ------------------------------------------------------------------------------------------

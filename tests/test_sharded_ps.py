@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import ray
+from test_resume import Crash, DiesAtStep
 
 from polyak.contract.errors import SpecError
 from polyak.contract.network import param_count
@@ -160,26 +161,6 @@ def test_shards_are_spread_over_the_alive_nodes_shard_0_on_the_drivers(monkeypat
 
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
-class Crash(BaseException):
-    """The driver dying mid-epoch: nothing of the trainer's runs after it."""
-
-
-class DiesAtStep:
-    """An engine whose driver dies when asked for its ``at``-th step."""
-
-    def __init__(self, engine, at: int):
-        self.engine, self.at, self.steps = engine, at, 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def step(self, batch):
-        self.steps += 1
-        if self.steps == self.at:
-            raise Crash
-        self.engine.step(batch)
-
-
 STEPS_PER_EPOCH = 8  # iris: 120 training rows, batches of 16
 
 
