@@ -127,7 +127,7 @@ class Scheduler:
             else:
                 note = "server restarted: resumes from its last checkpoint"
                 self._set_state(job.id, QUEUED, recovery=True, note=note)
-        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+        if self.store.ray_queued():
             self.cluster.start_background(self._wake.set)
         self._dispatcher = threading.Thread(target=self._loop, name="polyak-scheduler", daemon=True)
         self._wake.set()
@@ -265,7 +265,7 @@ class Scheduler:
         # Ray starts in the background (seconds; a minute to fail): until it is up, in-process jobs still start
         # and jobs that need Ray wait. Its size is asked before taking the lock cancel() needs.
         capacity, no_ray = None, "waiting for Ray to start"
-        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+        if self.store.ray_queued():
             if self.cluster.connected:
                 try:
                     capacity = self.cluster.capacity()
