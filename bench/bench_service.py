@@ -39,6 +39,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,25 @@ def start_training(c: httpx.Client, ledger: Ledger, log_path: Path) -> tuple[lis
     return training, first
 
 
-def measure(url: str, args: argparse.Namespace, log_path: Path) -> Ledger:
+class ServerCpu:
+    """The server process's CPU seconds (user + system; its Ray workers are other processes): figures that the
+    shared CPU's load does not inflate as it does latencies."""
+
+    def __init__(self, pid: int):
+        self.process = psutil.Process(pid)
+
+    def seconds(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def during(self, run) -> tuple[object, float, float]:
+        """``run()``'s result, and the CPU and wall seconds it took."""
+        cpu, wall = self.seconds(), time.perf_counter()
+        result = run()
+        return result, self.seconds() - cpu, time.perf_counter() - wall
+
+
+def measure(url: str, server: ServerCpu, args: argparse.Namespace, log_path: Path) -> Ledger:
     ledger, stop, received = Ledger(), threading.Event(), Counter()
     with httpx.Client(base_url=url, timeout=120) as c:
         wait_until("the server did not start", lambda: healthy(c), 120, log_path)
@@ -282,14 +301,19 @@ def measure(url: str, args: argparse.Namespace, log_path: Path) -> Ledger:
         wait_until("the listeners did not all connect", lambda: received["open"] == args.listeners, 60, log_path)
         print(f"first POST: {first * 1e3:.1f} ms (a Ray job, while the server starts Ray)")
         load = os.getloadavg()
-        times = burst(url, args.burst, ledger, training[0])
-        table(f"burst: {args.burst} POSTs at once, answered in {times['wall'][0]:.2f} s; one reader GETs meanwhile:",
+        _, quiet, wall = server.during(lambda: time.sleep(10))
+        rate = quiet / wall  # the jobs' threads and the listeners, with no call
+        times, burst_cpu, _ = server.during(lambda: burst(url, args.burst, ledger, training[0]))
+        table(f"burst: {args.burst} POSTs at once, answered in {times['wall'][0]:.2f} s (server CPU "
+              f"{burst_cpu:.2f} s); one reader GETs meanwhile:", times)
+        times, steady_cpu, wall = server.during(lambda: steady(c, args.calls, ledger, training[0]))
+        table(f"steady: one call at a time, {args.calls} of each kind, interleaved (server CPU "
+              f"{(steady_cpu - rate * wall) / (3 * args.calls) * 1e3:.1f} ms a call above its rate without calls):",
               times)
-        table(f"steady: one call at a time, {args.calls} of each kind, interleaved:",
-              steady(c, args.calls, ledger, training[0]))
         running = len(c.get("/jobs", params={"state": "running"}).json())
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(received.items()) if kind != "open")
-        print(f"meanwhile {running} Ray jobs trained and {received['open']} SSE listeners received {counts}")
+        print(f"meanwhile {running} Ray jobs trained and {received['open']} SSE listeners received {counts}; without "
+              f"calls the server process used {rate:.0%} of a CPU")
         load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load, os.getloadavg(), strict=True))
         print(f"load average (1, 5, 15 min) before/after the calls: {load} on {os.cpu_count()} CPUs")
     stop.set()
@@ -314,7 +338,7 @@ def main() -> None:
         port = free_port()
         server = start_server(data_dir, port, log_path)
         try:
-            ledger = measure(f"http://127.0.0.1:{port}", args, log_path)
+            ledger = measure(f"http://127.0.0.1:{port}", ServerCpu(server.pid), args, log_path)
         except Exception:
             print("the server's log ends:\n" + log_path.read_text()[-3000:], file=sys.stderr)
             raise
