@@ -9,6 +9,7 @@ import pytest
 
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
+from polyak.service.server import store as store_module
 from polyak.service.server.job import TRANSITIONS, InvalidTransition, JobRecord, check_transition, new_job_id, utcnow
 from polyak.service.server.store import DB_NAME, Store
 
@@ -208,3 +209,18 @@ def test_ray_queued_says_whether_a_queued_job_has_workers(store):
     assert store.ray_queued() is True
     store.transition(job.id, RUNNING)
     assert store.ray_queued() is False
+
+
+def test_specs_read_back_equal_and_only_short_ones_are_kept_parsed(store):
+    """Parsed specs are cached by their text, but not a long one (a 1 MiB body could hold a spec of a hundred
+    thousand layers): the cache's memory stays bounded whatever is submitted."""
+    short = add(store, name="short")
+    long = store.add(JobRecord(id=new_job_id(), spec=JobSpec(model={"layers": [64] + [3] * 3000 + [10]}),
+                               state=QUEUED, created_at=utcnow()))
+    assert len(long.spec.model_dump_json()) > store_module._CACHED_SPEC_CHARS
+    store_module._cached_spec.cache_clear()
+    assert store.get(long.id).spec == long.spec
+    assert store_module._cached_spec.cache_info().currsize == 0
+    assert store.get(short.id).spec == short.spec
+    assert [j.spec for j in store.jobs()] == [short.spec, long.spec]
+    assert store_module._cached_spec.cache_info().currsize == 1

@@ -335,9 +335,16 @@ def _time(text: str | None) -> datetime | None:
 
 
 # A spec never changes once stored, and parsing one is most of what reading a job costs (~50 us): a scheduling pass
-# reads every queued job, a listing a hundred. The parsed specs of the last 2,048 texts are kept (~8 KB each); the
-# code treats a spec as immutable (model_copy, never assignment), so one object can serve every reader.
-_spec = lru_cache(maxsize=2048)(JobSpec.model_validate_json)
+# reads every queued job, a listing a hundred. The parsed specs of the last 2,048 texts are kept, ~9 KB each with
+# their text; a spec over 4 KB (a long layers list: the body may be 1 MiB) is parsed every time, so that the cache
+# holds at most ~80 MB (2,048 specs just under 4 KB, ~37 KB each) whatever is submitted. The code treats a spec as
+# immutable (model_copy, never assignment), so one object can serve every reader.
+_CACHED_SPEC_CHARS = 4096
+_cached_spec = lru_cache(maxsize=2048)(JobSpec.model_validate_json)
+
+
+def _spec(text: str) -> JobSpec:
+    return _cached_spec(text) if len(text) <= _CACHED_SPEC_CHARS else JobSpec.model_validate_json(text)
 
 
 def _job(row: tuple) -> JobRecord:
