@@ -4,8 +4,8 @@
     python bench/bench_service.py --jobs 2000 --listeners 10 --burst 50 --calls 100
 
 A real `polyak serve` (a subprocess, as a user starts it; fresh data dir, --max-concurrent-jobs 2) over a store that
-already holds --jobs jobs, seeded straight into its SQLite file with the service's own Store (through the API it
-would take an hour here): 95% finished (succeeded, failed or cancelled, with the epochs of a real digits run each:
+already holds --jobs jobs, seeded straight into its SQLite file with the service's own Store (through the API
+every job would have to run): 95% finished (succeeded, failed or cancelled, with the epochs of a real digits run each:
 losses, validation, criteria) and 5% queued digits jobs that need Ray, so the server starts Ray at once. Then:
 
 1. two Ray jobs (digits, one worker each, priority 10 so they start first) are POSTed while Ray starts; the first
