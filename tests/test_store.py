@@ -9,6 +9,7 @@ import pytest
 
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
+from polyak.service.server import store as store_module
 from polyak.service.server.job import TRANSITIONS, InvalidTransition, JobRecord, check_transition, new_job_id, utcnow
 from polyak.service.server.store import DB_NAME, Store
 
@@ -142,3 +143,84 @@ def test_everything_survives_reopening(tmp_path):
         assert again.job_dir(job.id) == tmp_path / "jobs" / job.id
     finally:
         again.close()
+
+
+class ReadOnly(Store):
+    """A store whose database SQLite opens read-only: no index can be made at open."""
+
+    def _connect(self):
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def plans(store: Store, read) -> list[str]:
+    """The query plan of every statement ``read(store)`` runs, as SQLite explains it."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    read(store)
+    store._db.set_trace_callback(None)
+    return [" ".join(row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in statements]
+
+
+def test_an_older_database_gains_the_queue_and_group_indexes_and_reads_the_same_either_way(tmp_path):
+    """The queue (resumed jobs first, then priority, then submission) and a group's jobs read the same from a database
+    without the indexes (an older data dir, opened read-only: it cannot gain them) as with them; with them, the queue
+    is scanned in order from its index (no sort) and a group found through its own (no scan of every spec)."""
+    store = Store(tmp_path)
+    jobs = []
+    for i, priority in enumerate((0, 3, -1, 3, 0, 5)):
+        spec = JobSpec(priority=priority, group="g" if i % 2 else None)
+        job = store.add(JobRecord(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+        if i == 2:  # left running by a server that died, requeued by the next
+            store.transition(job.id, RUNNING)
+            job = store.transition(job.id, QUEUED, recovery=True)
+        jobs.append(job)
+    store.transition(jobs[1].id, RUNNING)  # not queued any more
+    store._db.execute("DROP INDEX jobs_queue")
+    store._db.execute("DROP INDEX jobs_by_group")
+    store.close()
+    queued = [j for j in jobs if j.id != jobs[1].id]
+    expected = [j.id for j in sorted(queued, key=lambda j: (j.started_at is None, -j.priority, j.seq))]
+    assert expected[:2] == [jobs[2].id, jobs[5].id]  # not submission order: the resumed one, then priority 5
+    group = [j.id for j in jobs if j.spec.group == "g"]
+
+    def read(store: Store) -> tuple:
+        return [j.id for j in store.queue()], list(store.queue_positions()), [j.id for j in store.jobs(group="g")]
+
+    for kind, indexed in ((ReadOnly, False), (Store, True)):
+        opened = kind(tmp_path)
+        try:
+            assert read(opened) == (expected, expected, group)
+            queue, positions, by_group = plans(opened, read)
+        finally:
+            opened.close()
+        assert ("USING INDEX jobs_queue" in queue and "TEMP B-TREE" not in queue) is indexed, queue
+        assert ("USING INDEX jobs_queue" in positions and "TEMP B-TREE" not in positions) is indexed, positions
+        assert ("USING INDEX jobs_by_group" in by_group) is indexed, by_group
+
+
+def test_ray_queued_says_whether_a_queued_job_has_workers(store):
+    def queue(workers: int) -> JobRecord:
+        spec = JobSpec(cluster={"num_workers": workers})
+        return store.add(JobRecord(id=new_job_id(), spec=spec, state=QUEUED, created_at=utcnow()))
+
+    queue(0)  # in-process
+    assert store.ray_queued() is False
+    job = queue(2)
+    assert store.ray_queued() is True
+    store.transition(job.id, RUNNING)
+    assert store.ray_queued() is False
+
+
+def test_specs_read_back_equal_and_only_short_ones_are_kept_parsed(store):
+    """Parsed specs are cached by their text, but not a long one (a 1 MiB body could hold a spec of a hundred
+    thousand layers): the cache's memory stays bounded whatever is submitted."""
+    short = add(store, name="short")
+    long = store.add(JobRecord(id=new_job_id(), spec=JobSpec(model={"layers": [64] + [3] * 3000 + [10]}),
+                               state=QUEUED, created_at=utcnow()))
+    assert len(long.spec.model_dump_json()) > store_module._CACHED_SPEC_CHARS
+    store_module._cached_spec.cache_clear()
+    assert store.get(long.id).spec == long.spec
+    assert store_module._cached_spec.cache_info().currsize == 0
+    assert store.get(short.id).spec == short.spec
+    assert [j.spec for j in store.jobs()] == [short.spec, long.spec]
+    assert store_module._cached_spec.cache_info().currsize == 1

@@ -111,6 +111,9 @@ class Scheduler:
         # Ends of jobs whose thread is over but whose final state the store refused: written by the next pass that
         # can (or by a cancel), so that no job stays "running" with nothing running it.
         self._unrecorded: dict[str, tuple[JobState, StopReason, str | None]] = {}
+        # Queued jobs a pass found within max_job_memory: not estimated again by the next passes (a pass reads the
+        # whole queue after every submit); the dispatcher's alone, and forgotten once they leave the queue.
+        self._fits: set[str] = set()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._dispatcher: threading.Thread | None = None
@@ -127,7 +130,7 @@ class Scheduler:
             else:
                 note = "server restarted: resumes from its last checkpoint"
                 self._set_state(job.id, QUEUED, recovery=True, note=note)
-        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+        if self.store.ray_queued():
             self.cluster.start_background(self._wake.set)
         self._dispatcher = threading.Thread(target=self._loop, name="polyak-scheduler", daemon=True)
         self._wake.set()
@@ -274,7 +277,7 @@ class Scheduler:
         # Ray starts in the background (seconds; a minute to fail): until it is up, in-process jobs still start
         # and jobs that need Ray wait. Its size is asked before taking the lock cancel() needs.
         capacity, no_ray = None, "waiting for Ray to start"
-        if any(j.spec.cluster.num_workers > 0 for j in self.store.jobs(QUEUED)):
+        if self.store.ray_queued():
             if self.cluster.connected:
                 try:
                     capacity = self.cluster.capacity()
@@ -293,9 +296,10 @@ class Scheduler:
                 free -= run.holds
             free = free.clamped()  # below zero when the cluster shrank under running jobs
             behind = None  # the waiting reason of every job after the first that lacks resources
-            for job in self.queue():
-                need = needs(job.spec, capacity)
-                if (too_big := self._too_big(job.spec)) is not None:
+            queue = self.queue()
+            self._fits.intersection_update(job.id for job in queue)
+            for job in queue:
+                if (too_big := self._too_big(job)) is not None:
                     self._set_state(job.id, FAILED, StopReason.ERROR, too_big, note="over --max-job-memory")
                     continue
                 if behind is not None:
@@ -309,7 +313,7 @@ class Scheduler:
                     note = "the cluster is too small for it"
                     self._set_state(job.id, FAILED, StopReason.ERROR, error.message, note=note)
                     continue
-                elif not need.fits_in(free):
+                elif not (need := needs(job.spec, capacity)).fits_in(free):
                     reason = shortfall(need, free)
                     behind = f"behind job {job.id}, which {reason}"
                 else:
@@ -319,11 +323,14 @@ class Scheduler:
                 if reason != job.waiting_reason:
                     self.store.set_waiting_reason(job.id, reason)
 
-    def _too_big(self, spec: JobSpec) -> str | None:
+    def _too_big(self, job: JobRecord) -> str | None:
+        if job.id in self._fits:
+            return None
         try:
-            check_memory(spec, self.max_job_memory)
+            check_memory(job.spec, self.max_job_memory)
         except SpecError as e:
             return e.message
+        self._fits.add(job.id)
         return None
 
     def _start(self, job: JobRecord, need: Resources) -> None:
