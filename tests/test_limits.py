@@ -142,9 +142,9 @@ def test_a_body_over_the_limit_is_a_413_naming_it_before_it_is_read(api):
 def test_a_job_cancelled_while_its_data_is_read_ends_before_its_engine_is_built(make_spec, monkeypatch):
     cancelled = []
 
-    def prepare(data, model):  # the data's pass, during which the job is cancelled
+    def prepare(data, model, source=None):  # the data's pass, during which the job is cancelled
         cancelled.append(True)
-        return real_prepare(data, model)
+        return real_prepare(data, model, source)
 
     real_prepare = trainer.prepare
     monkeypatch.setattr(trainer, "prepare", prepare)
