@@ -41,8 +41,9 @@ TOKEN = "api-secret"
 def make_client(tmp_path):
     made: list[tuple[TestClient, Store]] = []
 
-    def make(token: str | None = None, cpus: float = 2, **options) -> TestClient:
-        store = Store(tmp_path / f"data-{len(made)}")
+    def make(token: str | None = None, cpus: float = 2, store: Store | None = None, **options) -> TestClient:
+        """A TestClient of the API over a scheduler that dispatches nothing, on ``store`` (default: a new one)."""
+        store = store or Store(tmp_path / f"data-{len(made)}")
         app = create_app(Scheduler(store, FakeCluster(cpus), 1, train=FakeTrainer()), token=token,
                          data_root=tmp_path, **options)
         client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from fastapi.testclient import TestClient
+from test_api import make_client  # noqa: F401 (a fixture)
 from test_scheduler import FakeCluster, FakeTrainer, wait_until
 from test_service import Server, wait_for
 
@@ -30,7 +30,6 @@ from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint, load_npz, save_checkpoint
 from polyak.service.engine.trainer import BEST_WEIGHTS, CHECKPOINT, Hooks, settle_best, train_job
 from polyak.service.server import datasets
-from polyak.service.server.api import create_app
 from polyak.service.server.job import JobRecord, utcnow
 from polyak.service.server.scheduler import Scheduler
 from polyak.service.server.store import Store
@@ -145,32 +144,16 @@ def test_an_end_the_store_refused_is_written_by_the_next_pass_once_it_takes_writ
     assert ended.state == JobState.FAILED and "cannot be written: disk I/O error" in ended.error
 
 
-@pytest.fixture
-def api_on(tmp_path):
-    """api_on(store) -> a TestClient of the API over a scheduler (nothing dispatched) on that store."""
-    made = []
-
-    def make(store: Store) -> TestClient:
-        app = create_app(Scheduler(store, FakeCluster(2), 1, train=FakeTrainer()), data_root=tmp_path)
-        client = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
-        made.append((client, store))
-        return client
-
-    yield make
-    for client, store in made:
-        client.close()
-        store.close()
-
-
 SPEC = {"data": {"source": "sklearn", "name": "iris"}, "model": {"layers": [4, 8, 3]}, "cluster": {"num_workers": 0}}
 
 
-def test_a_read_only_database_is_reported_by_health_and_every_write_is_a_503_until_it_is_writable(tmp_path, api_on):
+def test_a_read_only_database_is_reported_by_health_and_every_write_is_a_503_until_it_is_writable(
+        tmp_path, make_client):  # noqa: F811 (the fixture)
     first = Store(tmp_path / "data")
     job = first.add(JobRecord(id="a" * 12, spec=one_job_spec(), state=JobState.QUEUED, created_at=utcnow()))
     first.close()
     store = ReadOnlyStore(tmp_path / "data")
-    api = api_on(store)
+    api = make_client(store=store)
     health = api.get("/health").json()
     assert health["status"] == "degraded" and health["database"]["writable"] is False
     assert str(store.path) in health["database"]["error"] and "readonly" in health["database"]["error"]
@@ -185,10 +168,10 @@ def test_a_read_only_database_is_reported_by_health_and_every_write_is_a_503_unt
     assert api.post(f"/jobs/{job.id}/cancel").json()["state"] == "cancelled"
 
 
-def test_a_full_disk_is_a_503_that_leaves_nothing_half_written_and_the_service_recovers(tmp_path, api_on,
-                                                                                       monkeypatch):
+def test_a_full_disk_is_a_503_that_leaves_nothing_half_written_and_the_service_recovers(
+        tmp_path, make_client, monkeypatch):  # noqa: F811 (the fixture)
     store = FaultyStore(tmp_path / "data", error="database or disk is full")
-    api = api_on(store)
+    api = make_client(store=store)
     # The job's row went in; the transaction's second write fails, and so does /health's probe: then space returns.
     store.faults.update({("INSERT INTO state_changes",): 1, ("UPDATE jobs SET seq = seq",): 1})
     r = api.post("/jobs", json=SPEC)
@@ -224,9 +207,9 @@ def corruptions(good: bytes) -> dict[str, bytes]:
             "object arrays": objects.getvalue()}
 
 
-def test_resubmitting_a_job_whose_checkpoint_is_unreadable_is_a_409_naming_the_file(tmp_path, api_on):
+def test_resubmitting_a_job_whose_checkpoint_is_unreadable_is_a_409_naming_the_file(tmp_path, make_client):  # noqa: F811
     store = Store(tmp_path / "data")
-    api = api_on(store)
+    api = make_client(store=store)
     job = store.add(JobRecord(id="b" * 12, spec=one_job_spec(), state=JobState.QUEUED, created_at=utcnow()))
     store.transition(job.id, JobState.CANCELLED)
     checkpoint = store.job_dir(job.id) / "checkpoint.npz"
