@@ -74,8 +74,9 @@ def spec_for(layers, batch: int, steps: int, workers: int, mode: str):
     })
 
 
-def measure(spec, sync_path: str | None = None) -> dict:
-    """The second epoch's samples/s and the per-step split from the actors' own timestamps."""
+def measure(spec, sync_path: str | None = None, sync_split_of=None) -> dict:
+    """The second epoch's samples/s and the per-step split from the actors' own timestamps (a sync step's by
+    ``sync_split_of``, sync_split when not given)."""
     import ray
 
     from polyak.service.engine.sync_engine import SyncRayEngine
@@ -101,7 +102,7 @@ def measure(spec, sync_path: str | None = None) -> dict:
     out = {"rate": m.samples_per_second, "where": where}
     if spec.cluster.num_workers == 0:
         return out | {"step": m.batch_size / m.samples_per_second, "compute": None, "comm": None, "update": None}
-    split = sync_split if spec.cluster.mode == "sync" else async_split
+    split = (sync_split_of or sync_split) if spec.cluster.mode == "sync" else async_split
     return out | dict(zip(("step", "compute", "comm", "update"), split(timings["workers"], timings["server"]),
                           strict=True))
 

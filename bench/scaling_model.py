@@ -66,7 +66,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import bench_ray  # noqa: E402
 from bench_ray import measure, spec_for, sync_split, two_raylet_cluster  # noqa: E402
 
 from polyak.contract.errors import SpecError  # noqa: E402
@@ -250,11 +249,6 @@ def median_split(workers: list[list], server: list) -> tuple[float, ...]:
     return tuple(float(x) for x in np.median(steps, axis=0))
 
 
-def split_by_median() -> None:
-    """bench_ray.measure looks its split up by name when it runs: every row measured here takes medians."""
-    bench_ray.sync_split = median_split
-
-
 def row_spec(r: dict):
     """bench_ray's spec of the row, with ``cluster.num_servers`` set when S > 1 (SpecError where this checkout has
     no sharded parameter server)."""
@@ -274,7 +268,7 @@ def measure_row(r: dict, auto_path: bool = False) -> dict:
     except SpecError as e:
         return r | {"skipped": f"no sharded parameter server in this checkout ({e.args[0]})"}
     path = None if auto_path else ("compiled" if r["path"] == "compiled" else CROSS_PATH)
-    m = measure(spec, path)
+    m = measure(spec, path, median_split)
     return r | {k: m[k] for k in ("rate", "step", "compute", "comm", "update")} | {"placed": m["where"]}
 
 
@@ -465,7 +459,6 @@ def calibrate_and_validate(args) -> dict:
     print(f"rows on one node (the cross-node path here is {CROSS_PATH}; K = 1 rows calibrate):", flush=True)
     load_at_start = os.getloadavg()[0]  # printed with the errors: on a shared machine they follow the load
     connect(None, num_cpus=2)
-    split_by_median()
     # Measured model by model, calibration and validation rows side by side: the machine's load drifts, and
     # rows measured minutes apart would fold that drift into the errors.
     tagged = [r | {"role": role} for role, rows in (("calibration", CALIBRATION), ("validation", ONE_NODE))
@@ -520,7 +513,6 @@ def main() -> None:
 
         connect(args.driver[0])
         wait_for_cpus(3)
-        split_by_median()
         print(json.dumps(run_rows(json.loads(args.driver[1]), auto_path=True)))
         return
     if args.predict_only:

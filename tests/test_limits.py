@@ -15,10 +15,11 @@ from fastapi.testclient import TestClient
 from test_scheduler import FakeCluster, FakeTrainer, wait_until
 
 from polyak.contract.errors import SpecError
+from polyak.contract.network import param_count
 from polyak.contract.spec import parse_spec
 from polyak.contract.wire import JobState, StopReason
 from polyak.service.engine import memory, trainer
-from polyak.service.engine.memory import check_memory, estimate, parameter_count
+from polyak.service.engine.memory import check_memory, estimate
 from polyak.service.server.api import create_app
 from polyak.service.server.job import JobRecord, new_job_id, utcnow
 from polyak.service.server.scheduler import Scheduler
@@ -42,7 +43,7 @@ def digits(layers: list[int]) -> dict:
 
 def test_the_parameter_count_is_the_size_of_the_weights_the_trainer_draws():
     for layers in ([4, 16, 3], [64, 32, 32, 10], [7, 1]):
-        assert parameter_count(layers) == init_params(layers, 1.0, np.random.default_rng(0), np, np.float64).size
+        assert param_count(layers) == init_params(layers, 1.0, np.random.default_rng(0), np, np.float64).size
 
 
 @pytest.mark.parametrize("method, buffers", [("sgd", 0), ("heavy_ball", 1), ("adam", 2)])
@@ -151,4 +152,4 @@ def test_a_job_cancelled_while_its_data_is_read_ends_before_its_engine_is_built(
     monkeypatch.setattr(trainer, "make_engine", lambda *a: pytest.fail("the engine was built after the cancel"))
     result = trainer.train_job(make_spec(), "t", trainer.Hooks(should_cancel=lambda: bool(cancelled)))
     assert (result.state, result.stop_reason) == (JobState.CANCELLED, StopReason.CANCELLED)
-    assert result.weights.shape == (parameter_count([4, 16, 3]),)
+    assert result.weights.shape == (param_count([4, 16, 3]),)

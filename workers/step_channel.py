@@ -188,7 +188,9 @@ def recv_part(sock: socket.socket, step: int, out: np.ndarray, until: Until) -> 
 def combine(parts: list[tuple[np.ndarray, float, int]], out: np.ndarray) -> tuple[np.ndarray, float, int]:
     """The parts' sum, added in the given order into ``out``: the same additions, in the same order, as the
     parameter server makes of the same parts (ServerCore.apply_parts), so one node's sum is that step's.
-    A part without rows is zeros and adds nothing."""
+    A part without rows is zeros and adds nothing. A node of one worker: its own part, uncopied."""
+    if len(parts) == 1:
+        return parts[0]
     np.copyto(out, parts[0][0])
     loss_sum, count = parts[0][1], parts[0][2]
     for grad, part_loss, part_count in parts[1:]:

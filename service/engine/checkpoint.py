@@ -25,15 +25,13 @@ class UnreadableFile(ValueError):
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an .npz file; UnreadableFile naming it when it is none. Never numpy's advice to allow pickle:
     a file that needs it is not one polyak wrote, and loading it could run code."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise UnreadableFile(f"{path} is not an .npz archive (truncated, or not written by polyak)")
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                raise UnreadableFile(f"{path} is not an .npz archive (truncated, or not written by polyak)")
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, UnreadableFile):
-            raise
         why = "it holds object arrays" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
         raise UnreadableFile(f"{path} is not a readable .npz archive ({why})") from None
 

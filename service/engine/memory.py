@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from polyak.contract.errors import SpecError
+from polyak.contract.network import param_count
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.optim import BUFFERS
 
@@ -34,10 +35,6 @@ from polyak.service.engine.optim import BUFFERS
 # previous, current and best weights of the epoch loop.
 SERVER_COPIES = 5
 CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
-
-
-def parameter_count(layers: list[int]) -> int:
-    return sum(m_out * (m_in + 1) for m_in, m_out in zip(layers[:-1], layers[1:], strict=False))
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ def batch_rows(spec: JobSpec) -> int:
 
 def estimate(spec: JobSpec) -> MemoryEstimate:
     layers, k = spec.model.layers, spec.cluster.num_workers
-    p, b = parameter_count(layers), np.dtype(spec.cluster.dtype).itemsize
+    p, b = param_count(layers), np.dtype(spec.cluster.dtype).itemsize
     rows = batch_rows(spec)
     per_worker_rows = math.ceil(rows / k) if k and spec.cluster.mode == "sync" else rows
     worker = 2 * p * b + 3 * per_worker_rows * sum(layers) * b
@@ -94,7 +91,7 @@ def size_text(n: float) -> str:
     return f"{n:.0f} bytes"
 
 
-def check_memory(spec: JobSpec, limit: int, option: str = "--max-job-memory") -> MemoryEstimate:
+def check_memory(spec: JobSpec, limit: int) -> MemoryEstimate:
     """The estimate, or a SpecError at model.layers naming it, its parts and the limit when it is over."""
     e = estimate(spec)
     if e.total <= limit:
@@ -105,5 +102,5 @@ def check_memory(spec: JobSpec, limit: int, option: str = "--max-job-memory") ->
     raise SpecError.at("model.layers", (
         f"the job needs an estimated {size_text(e.total)} of memory ({e.parameters:,} parameters: "
         f"{size_text(e.server_bytes)} for W and the optimizer's buffers, {where}) but the limit is "
-        f"{size_text(limit)} ({option}); use fewer or narrower layers or a smaller batch"
+        f"{size_text(limit)} (--max-job-memory); use fewer or narrower layers or a smaller batch"
         f"{', or float32' if spec.cluster.dtype == 'float64' else ''}"))

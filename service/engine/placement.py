@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import ray
 from ray.exceptions import AuthenticationError
@@ -139,22 +140,23 @@ def describe_nodes(driver_node: str, server_nodes: list[str], worker_nodes: list
 
     workers = ", ".join(
         f"worker{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))} on {node(n)}"
-        for n, ks in _by_node(worker_nodes).items()
+        for n, ks in by_node(worker_nodes, start=1).items()
     )
     if len(server_nodes) == 1:
         return f"parameter server on {node(server_nodes[0])}; {workers}"
     shards = ", ".join(
         f"shard{'s' if len(ss) > 1 else ''} {_numbers(ss)} "
         f"({', '.join(f'W[{bounds[s - 1]}:{bounds[s]}]' for s in ss)}) on {node(n)}"
-        for n, ss in _by_node(server_nodes).items()
+        for n, ss in by_node(server_nodes, start=1).items()
     )
     return f"parameter server {shards}; {workers}"
 
 
-def _by_node(nodes: list[str]) -> dict[str, list[int]]:
-    """Node -> the (1-based) numbers of the actors on it, in order."""
+def by_node(nodes: Sequence[str], start: int = 0) -> dict[str, list[int]]:
+    """Node -> the numbers (counted from ``start``) of the actors on it, ascending; nodes in the order of their
+    first actor."""
     out: dict[str, list[int]] = {}
-    for k, n in enumerate(nodes, start=1):
+    for k, n in enumerate(nodes, start=start):
         out.setdefault(n, []).append(k)
     return out
 

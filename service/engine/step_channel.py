@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from polyak.service.engine.placement import by_node
 from polyak.workers.step_channel import (
     DOWN,
     ChannelLost,
@@ -32,10 +33,7 @@ from polyak.workers.step_channel import (
 def nodes_of(worker_nodes: Sequence[str]) -> list[list[int]]:
     """The workers of each node (indices, ascending), nodes in the order of their first worker: the first of
     each list is the node's leader, and the server adds the nodes' parts in this order."""
-    by_node: dict[str, list[int]] = {}
-    for k, node in enumerate(worker_nodes):
-        by_node.setdefault(node, []).append(k)
-    return list(by_node.values())
+    return list(by_node(worker_nodes).values())
 
 
 class ChannelServer:

@@ -49,7 +49,8 @@ PENDING_BEST = "best.epoch{epoch}.npz"
 def settle_best(job_dir: Path, checkpoint_epoch: int) -> None:
     """Finish or undo the commit a crash cut short, so that best.npz is the best of the epochs the checkpoint
     holds."""
-    pending = sorted((int(p.name[len("best.epoch"):-len(".npz")]), p) for p in job_dir.glob("best.epoch*.npz"))
+    head, tail = PENDING_BEST.split("{epoch}")
+    pending = sorted((int(p.name[len(head):-len(tail)]), p) for p in job_dir.glob(f"{head}*{tail}"))
     for epoch, path in pending:
         if epoch <= checkpoint_epoch:
             commit_best(path)

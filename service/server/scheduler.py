@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec
@@ -182,37 +183,39 @@ class Scheduler:
         if not old.state.is_terminal():
             raise JobNotResumable(f"job {job_id} is {old.state.value}: only a finished job can be resubmitted")
         source = self.store.job_dir(job_id)
-        if not (source / CHECKPOINT).is_file():  # it ended before its first checkpoint: start it over
-            return self._resubmit_from_start(old)
+        epoch = self._checkpoint_epoch(job_id, source)  # None: it ended before its first checkpoint, so it starts over
+        new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
+        if epoch is not None:
+            target = self.store.job_dir(new.id)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
+                    if (source / name).is_file():
+                        shutil.copyfile(source / name, target / name)
+            except OSError as e:  # a full or read-only data dir: no half-copied job is left behind
+                shutil.rmtree(target, ignore_errors=True)
+                why = e.strerror or e
+                raise StoreUnavailable(f"cannot copy job {job_id}'s checkpoint into {target}: {why}") from None
+        with self._lock:
+            job = self.store.add(new)
+        if epoch is None:
+            _log_state(job, f"resubmitted from the start: job {job_id} ended before its first checkpoint")
+        else:
+            self.store.copy_metrics(job_id, job.id, epoch)
+            _log_state(job, f"resubmitted from job {job_id}'s checkpoint of epoch {epoch}")
+        self._wake.set()
+        return self._info(job)
+
+    @staticmethod
+    def _checkpoint_epoch(job_id: str, source: Path) -> int | None:
+        """The epoch of the job's checkpoint, None without one; JobNotResumable when it cannot be read."""
+        if not (source / CHECKPOINT).is_file():
+            return None
         try:
             _, meta = load_checkpoint(source / CHECKPOINT)
         except (OSError, ValueError) as e:  # UnreadableFile names the file
             raise JobNotResumable(f"job {job_id} cannot be resumed: {e}") from None
-        new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=job_id)
-        target = self.store.job_dir(new.id)
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            for name in (CHECKPOINT, BEST_WEIGHTS, LAST_WEIGHTS):
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, target / name)
-        except OSError as e:  # a full or read-only data dir: no half-copied job is left behind
-            shutil.rmtree(target, ignore_errors=True)
-            raise StoreUnavailable(f"cannot copy job {job_id}'s checkpoint into {target}: {e.strerror or e}") from None
-        with self._lock:
-            job = self.store.add(new)
-        self.store.copy_metrics(job_id, job.id, meta["epoch"])
-        _log_state(job, f"resubmitted from job {job_id}'s checkpoint of epoch {meta['epoch']}")
-        self._wake.set()
-        return self._info(job)
-
-    def _resubmit_from_start(self, old: JobRecord) -> JobInfo:
-        """A job that never wrote a checkpoint (an actor lost while its engine started, say) runs again from W0."""
-        new = JobRecord(id=new_job_id(), spec=old.spec, state=QUEUED, created_at=utcnow(), resumed_from=old.id)
-        with self._lock:
-            job = self.store.add(new)
-        _log_state(job, f"resubmitted from the start: job {old.id} ended before its first checkpoint")
-        self._wake.set()
-        return self._info(job)
+        return meta["epoch"]
 
     def cancel(self, job_id: str) -> JobRecord | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next step."""
