@@ -5,14 +5,22 @@ predict samples/s for K = 1..256 gradient workers and S = 1..16 parameter-server
     python bench/scaling_model.py --quick         # half the steps a row
     python bench/scaling_model.py --no-two-nodes  # skip the two-raylet rows
     python bench/scaling_model.py --predict-only  # print and plot again from bench/scaling_calibration.json
+    python bench/scaling_model.py --micro-only    # time u2 and contention again into that file, then as above
 
 The step. A sync step of (26) is a chain: W leaves the server shards, reaches every worker, each computes the
 gradient sum of its rows, the sums go back and each shard adds them and updates its range of W. Nothing overlaps
 (the next W needs this update), so a step takes
 
-    compute = c0 + c1[model] * b                       b: the rows of one worker, n'/K
-    comm    = latency[path] + bytes on the path / rate[path]  (+ a leader adding its followers' sums)
-    update  = u0 + (p/S) * (u1 + (parts - 1) * u2)     a shard adds its parts, then one pass of the rule
+    compute = (c0 + cp p + cf flops(model) b) x slowdown     b: the rows of one worker, n'/K
+    comm    = latency[path] + (S - 1) shard[path] + bytes on the path / rate[path]  (+ a leader adding its
+              followers' sums)
+    update  = (u0 + (p/S) (u1 + (parts - 1) u2)) x slowdown  a shard adds its parts, then one pass of the rule
+
+A gradient call is a fixed cost, passes over the p parameters (W in, the gradient sum out: memory-bound, the same
+for any rows) and the rows' arithmetic: flops(model) = 2 x (multiply-adds of the forward pass, the weight
+gradients and the deltas sent back, none into the inputs), a row. ``slowdown`` is how much longer a call (a
+shard's update) takes when the step's K workers (S shards) run theirs at once on the same cores: 1 in the
+prediction (a core each), measured on this machine for the rows here (below).
 
 Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of their own, p parameters of 4 bytes.
 
@@ -29,14 +37,22 @@ Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of t
 Where each term comes from (printed by the run; the rows are saved in bench/scaling_calibration.json):
 Every row is bench_ray.measure (its spec_for, the actors' own timestamps), its steps split by bench_ray's sync_split
 one by one and each part's median taken over the steps (a shared machine preempts a few steps; the model leaves
-such stragglers out).
-- c0 and c1[model] from the compute column of the K = 1 compiled rows: 784-256-10 and 784-2048-2048-10 at two
-  batch sizes each, 784-64-10 and 784-1024-1024-10 at one;
+such stragglers out; cheap rows run many steps so the medians settle).
+Every fit is least squares on relative error (each row weighted by 1 / its measured time, so a 1 ms row counts as
+much as a 200 ms one), no coefficient below zero.
+- c0, cp, cf from the compute column of the K = 1, S = 1 rows of both paths: 784-64-10 to 784-2048-2048-10 at
+  n' = 128, and 784-256-10, 784-1024-1024-10 and 784-2048-2048-10 at a second batch;
 - u0, u1 from the update column of the same rows (four sizes of p); u2, the cost of adding one more part, from
   ServerCore.apply_parts timed in this process (K = 1 rows add nothing);
 - compiled latency and rate from the comm column of the K = 1 compiled rows at n' = 128 against their bytes (a
   transfer-size sweep over the four model sizes, 0.05M to 5.8M floats);
-- cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes.
+- cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes;
+- shard[path], the comm a second shard adds, from K = 1, S = 2 rows of 784-256-10 on each path over the S = 1 fit;
+- the slowdowns from the worker's own gradient call (GradientWorker._gradient, no Ray) and a shard's update
+  (ServerCore.apply_parts over p/S) timed in spawned processes, alone and K (S) at once, just before each row that
+  runs such work: on this 2-vCPU VM the factor moves between about 1 and 2 within minutes (two processes on one
+  physical core or on two), so one timed at another moment would not describe the row. The rows print how much of
+  the last gradient call another one ran beside ("beside": 0 = staggered, 1 = side by side); it is never fitted.
 The validation rows are others: K = 2 on one node, K = 2 over the cross-node path on one node, S = 2 shards, and
 K = 2 on a real two-raylet cluster on this machine (one worker on each raylet), all predicted from those terms.
 On this machine every "link" is loopback, so the two-raylet rows check the counting of messages, not a network.
@@ -44,8 +60,10 @@ On this machine every "link" is loopback, so the two-raylet rows check the count
 The prediction: K = 1..256 filling nodes of w = 16 workers (one core each, as measured), S = 1..16 shards, links of
 10, 25 and 100 Gbit/s; weak scaling (b = 1024 rows a worker, n' = 1024 K) and a fixed global n' = 16384. Left out:
 stragglers and the spread of rows between workers, contention for cores, memory bandwidth and the NIC by
-processes sharing a node, the driver (one call a step to each shard, assumed never late), network latency
-(microseconds against milliseconds), switches and oversubscribed links, and overlap between steps (none in sync).
+processes sharing a node (slowdown 1: the 16 workers of a node compute as fast as one alone, which a node whose
+memory bandwidth or shared caches run short will not), the driver (one call a step to each shard, assumed never
+late), network latency (microseconds against milliseconds), switches and oversubscribed links, and overlap between
+steps (none in sync).
 """
 
 from __future__ import annotations
@@ -203,13 +221,13 @@ def shard_latency(terms: dict, rows: list[dict]) -> float:
     return max(0.0, float(np.mean(excess))) if excess else 0.0
 
 
-def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH, contention: dict | None = None) -> dict:
-    """Every term from the K = 1 calibration rows (and u2 and the contention factors, measured apart); ValueError
-    when a path's comm did not grow with the bytes it moved (a machine too busy to calibrate on)."""
+def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH) -> dict:
+    """Every term from the K = 1 calibration rows (and u2, measured apart); ValueError when a path's comm did not
+    grow with the bytes it moved (a machine too busy to calibrate on)."""
     one = [r for r in calibration if r["S"] == 1]
     compute = fit_compute([(r["layers"], r["batch"], r["compute"]) for r in one])
     u0, u1 = fit_line([param_count(list(r["layers"])) for r in one], [r["update"] for r in one])
-    terms = {"compute": compute, "u0": u0, "u1": u1, "u2": u2, "contention": contention or {}}
+    terms = {"compute": compute, "u0": u0, "u1": u1, "u2": u2}
     for path in ("compiled", "cross"):
         sweep = [r for r in one if r["path"] == path and r["batch"] == min(x["batch"] for x in one)]
         moved = [sum(path_bytes(topology(r), param_count(list(r["layers"])))) for r in sweep]
@@ -245,17 +263,17 @@ def concurrent_work(rows: list[dict]) -> dict[str, list[tuple]]:
     return {"compute": sorted(compute), "update": sorted(update)}
 
 
-def row_slowdown(terms: dict, row: dict) -> tuple[float, float]:
-    """The measured slowdowns (compute, update) of the row's concurrent work; 1 where nothing runs at once or the
-    calibration file holds no such measurement."""
-    measured = terms["contention"]
+def row_slowdown(row: dict) -> tuple[float, float]:
+    """The slowdowns (compute, update) of the row's concurrent work, measured on this host just before the row
+    (``row["contention"]``, measure_contention); 1 where nothing runs at once or nothing was measured."""
+    measured = row.get("contention") or {}
     compute = measured.get("compute", {}).get(compute_key(row["layers"], row["batch"] // row["K"], row["K"]), 1.0)
     update = measured.get("update", {}).get(update_key(row["layers"], row["S"], parts_per_shard(topology(row))), 1.0)
     return (compute if row["K"] > 1 else 1.0), (update if row["S"] > 1 else 1.0)
 
 
 def predict_row(terms: dict, row: dict) -> dict:
-    return step_parts(terms, row["layers"], row["batch"] / row["K"], topology(row), slowdown=row_slowdown(terms, row))
+    return step_parts(terms, row["layers"], row["batch"] / row["K"], topology(row), slowdown=row_slowdown(row))
 
 
 def compute_overlap(workers: list[list]) -> float:
@@ -455,9 +473,14 @@ def describe(r: dict) -> str:
 
 
 def run_rows(rows: list[dict], auto_path: bool = False, show: bool = True) -> list[dict]:
+    """Each row measured; a row whose workers (shards) run at once gets its contention timed just before it: on
+    this VM it changes within minutes (two vCPUs on one physical core or on two), so a factor timed once would not
+    hold for rows measured minutes apart."""
     out = []
     for r in rows:
-        out.append(measure_row(r, auto_path))
+        needs = concurrent_work([r])
+        contention = {"contention": measure_contention([r])} if needs["compute"] or needs["update"] else {}
+        out.append(measure_row(r, auto_path) | contention)
         if show:
             m = out[-1]
             figures = (f"skipped: {m['skipped']}" if "skipped" in m else
@@ -499,7 +522,7 @@ def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[flo
     """Each measured row against the model's prediction: the lines to print and the step errors. ``beside``: the
     measured share of the last gradient call that another ran beside it (K > 1; shown, never used)."""
     head = (f"{'row':<58}{'measured ms: step':>18}{'comp':>8}{'comm':>8}{'upd':>7}"
-            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}{'beside':>8}")
+            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}{'beside':>8}{'slowed':>12}")
     lines, errors = [head], []
     for r in rows:
         if "skipped" in r:
@@ -509,17 +532,16 @@ def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[flo
         error = q["step"] / r["step"] - 1
         errors.append(error)
         ms = lambda d, k, width=8: f"{d[k] * 1e3:{width}.2f}"  # noqa: E731
-        beside = f"{r['overlap']:>8.0%}" if r.get("overlap") is not None else ""
+        beside = f"{r['overlap']:>8.0%}" if r.get("overlap") is not None else f"{'':8}"
+        slowed = "" if r["K"] == r["S"] == 1 else "{:>7.2f}{:>5.2f}".format(*row_slowdown(r))
         lines.append(f"{describe(r):<58}{ms(r, 'step', 18)}{ms(r, 'compute')}{ms(r, 'comm')}{ms(r, 'update', 7)}"
                      f"{ms(q, 'step', 17)}{ms(q, 'compute')}{ms(q, 'comm')}{ms(q, 'update', 7)}"
-                     f"{error:>+8.0%}{beside}{'' if abs(error) <= TOLERANCE else ' !'}")
+                     f"{error:>+8.0%}{beside}{slowed:>12}{'' if abs(error) <= TOLERANCE else ' !'}")
     return lines, errors
 
 
 def terms_lines(terms: dict) -> list[str]:
     cross, c = terms["cross"], terms["compute"]
-    contention = [f"  {kind:<8} x {factor:.2f}  {key}" for kind in ("compute", "update")
-                  for key, factor in terms["contention"].get(kind, {}).items()]
     return [
         f"compute  c0 = {c['c0'] * 1e3:.3f} ms a call + cp = {c['cp'] * 1e9:.2f} ns a parameter + cf = "
         f"{c['cf'] * 1e12:.2f} ps a flop of the rows ({1e-9 / c['cf'] if c['cf'] else math.inf:.0f} GFLOP/s, one core)"
@@ -533,9 +555,8 @@ def terms_lines(terms: dict) -> list[str]:
         f"a shard beyond the first: + {terms['compiled']['shard'] * 1e3:.2f} ms compiled, "
         f"+ {cross['shard'] * 1e3:.2f} ms {cross['name']}   <- comm of the K=1 S=2 784-256-10 rows over the S=1 fit"
         + ("" if terms["compiled"]["shard"] or cross["shard"] else " (none in this file: 0)"),
-        "contention on this host: a call with others running theirs at once against alone   <- the workers' gradient "
-        "call and a shard's update timed in 1 and in K (S) processes at once, no Ray",
-        *(contention or ["  not measured in this file: every slowdown taken as 1 (run --micro-only)"]),
+        "contention (each K=2 or S=2 row's 'slowed' column: compute x, update x)   <- the worker's gradient call and "
+        "a shard's update timed alone and in K (S) processes at once, no Ray, just before the row",
     ]
 
 
@@ -651,25 +672,25 @@ def calibrate_and_validate(args) -> dict:
     import ray
 
     ray.shutdown()
-    micro = micro_measurements()  # with no Ray running
     if not args.no_two_nodes:
         print("validation rows on a two-raylet cluster:", flush=True)
         validation += two_raylet_rows(quick(TWO_RAYLETS, args.quick))
     # The rows, not the terms: --predict-only fits them again, so a change to the fit needs no new measurement.
-    saved = {"calibration": calibration, "validation": validation, "cross_path": CROSS_PATH, **micro,
+    saved = {"calibration": calibration, "validation": validation, "u2": sum_cost(), "cross_path": CROSS_PATH,
              "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
     CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     return saved
 
 
-def micro_measurements() -> dict:
-    """u2 and the contention factors of every validation row's concurrent work, timed without Ray."""
+def micro_again(saved: dict) -> dict:
+    """u2 and every validation row's contention timed again now (no Ray), for a file measured before either."""
     print("timing apply_parts (u2) and the rows' concurrent work alone and at once (contention)", flush=True)
-    return {"u2": sum_cost(), "contention": measure_contention(ONE_NODE + TWO_RAYLETS)}
+    contention = measure_contention(saved["validation"])
+    return saved | {"u2": sum_cost(), "validation": [r | {"contention": contention} for r in saved["validation"]]}
 
 
 def report(saved: dict) -> None:
-    terms = fit_terms(saved["calibration"], saved["u2"], saved["cross_path"], saved.get("contention"))
+    terms = fit_terms(saved["calibration"], saved["u2"], saved["cross_path"])
     print("\nterms, and the rows each is fitted from:")
     print("\n".join("  " + line for line in terms_lines(terms)))
     print("\ncalibration rows, refitted (these made the terms):")
@@ -712,7 +733,7 @@ def main() -> None:
                      "without them first")
         saved = json.loads(CALIBRATION_FILE.read_text())
         if args.micro_only:
-            saved |= micro_measurements()
+            saved = micro_again(saved)
             CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     else:
         saved = calibrate_and_validate(args)

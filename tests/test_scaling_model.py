@@ -12,7 +12,7 @@ import scaling_model as sm  # noqa: E402
 
 P = 1000  # parameters
 F = sm.FLOAT_BYTES
-TERMS = {"compute": {"c0": 2e-4, "cp": 2e-9, "cf": 1.2e-11}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10, "contention": {},
+TERMS = {"compute": {"c0": 2e-4, "cp": 2e-9, "cf": 1.2e-11}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10,
          "compiled": {"latency": 1e-3, "rate": 4e9, "shard": 4e-4},
          "cross": {"latency": 5e-3, "rate": 2e9, "shard": 7e-4, "name": "channel"}}
 
@@ -82,11 +82,12 @@ def test_the_fits_recover_the_terms_that_made_the_rows():
 
 def test_contention_slows_the_concurrent_work_of_the_rows_that_run_it():
     measured = {"compute": {sm.compute_key(sm.M256, 512, 2): 1.5}, "update": {sm.update_key(sm.M256, 2, 2): 1.25}}
-    terms = TERMS | {"contention": measured}
     both, alone = sm.row(sm.M256, 1024, 10, 2, S=2), sm.row(sm.M256, 1024, 10, 1, S=2)
-    assert sm.row_slowdown(terms, both) == (1.5, 1.25)
-    assert sm.row_slowdown(terms, alone) == (1.0, 1.0)  # one worker computes alone; its key was never measured
-    plain, slowed = sm.predict_row(TERMS, both), sm.predict_row(terms, both)
+    slowed_row, alone["contention"] = both | {"contention": measured}, measured
+    assert sm.row_slowdown(slowed_row) == (1.5, 1.25)
+    assert sm.row_slowdown(both) == (1.0, 1.0)  # nothing measured: nothing slowed
+    assert sm.row_slowdown(alone) == (1.0, 1.0)  # one worker computes alone; its shards' key was never measured
+    plain, slowed = sm.predict_row(TERMS, both), sm.predict_row(TERMS, slowed_row)
     assert slowed["compute"] == pytest.approx(1.5 * plain["compute"])
     assert slowed["update"] == pytest.approx(1.25 * plain["update"])
     assert slowed["comm"] == plain["comm"]
