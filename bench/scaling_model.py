@@ -5,14 +5,22 @@ predict samples/s for K = 1..256 gradient workers and S = 1..16 parameter-server
     python bench/scaling_model.py --quick         # half the steps a row
     python bench/scaling_model.py --no-two-nodes  # skip the two-raylet rows
     python bench/scaling_model.py --predict-only  # print and plot again from bench/scaling_calibration.json
+    python bench/scaling_model.py --micro-only    # time u2 and contention again into that file, then as above
 
 The step. A sync step of (26) is a chain: W leaves the server shards, reaches every worker, each computes the
 gradient sum of its rows, the sums go back and each shard adds them and updates its range of W. Nothing overlaps
 (the next W needs this update), so a step takes
 
-    compute = c0 + c1[model] * b                       b: the rows of one worker, n'/K
-    comm    = latency[path] + bytes on the path / rate[path]  (+ a leader adding its followers' sums)
-    update  = u0 + (p/S) * (u1 + (parts - 1) * u2)     a shard adds its parts, then one pass of the rule
+    compute = (c0 + cp p + cf flops(model) b) x slowdown     b: the rows of one worker, n'/K
+    comm    = latency[path] + (S - 1) shard[path] + bytes on the path / rate[path]  (+ a leader adding its
+              followers' sums)
+    update  = (u0 + (p/S) (u1 + (parts - 1) u2)) x slowdown  a shard adds its parts, then one pass of the rule
+
+A gradient call is a fixed cost, passes over the p parameters (W in, the gradient sum out: memory-bound, the same
+for any rows) and the rows' arithmetic: flops(model) = 2 x (multiply-adds of the forward pass, the weight
+gradients and the deltas sent back, none into the inputs), a row. ``slowdown`` is how much longer a call (a
+shard's update) takes when the step's K workers (S shards) run theirs at once on the same cores: 1 in the
+prediction (a core each), measured on this machine for the rows here (below).
 
 Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of their own, p parameters of 4 bytes.
 
@@ -29,14 +37,22 @@ Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of t
 Where each term comes from (printed by the run; the rows are saved in bench/scaling_calibration.json):
 Every row is bench_ray.measure (its spec_for, the actors' own timestamps), its steps split by bench_ray's sync_split
 one by one and each part's median taken over the steps (a shared machine preempts a few steps; the model leaves
-such stragglers out).
-- c0 and c1[model] from the compute column of the K = 1 compiled rows: 784-256-10 and 784-2048-2048-10 at two
-  batch sizes each, 784-64-10 and 784-1024-1024-10 at one;
+such stragglers out; cheap rows run many steps so the medians settle).
+Every fit is least squares on relative error (each row weighted by 1 / its measured time, so a 1 ms row counts as
+much as a 200 ms one), no coefficient below zero.
+- c0, cp, cf from the compute column of the K = 1, S = 1 rows of both paths: 784-64-10 to 784-2048-2048-10 at
+  n' = 128, and 784-256-10, 784-1024-1024-10 and 784-2048-2048-10 at a second batch;
 - u0, u1 from the update column of the same rows (four sizes of p); u2, the cost of adding one more part, from
   ServerCore.apply_parts timed in this process (K = 1 rows add nothing);
 - compiled latency and rate from the comm column of the K = 1 compiled rows at n' = 128 against their bytes (a
   transfer-size sweep over the four model sizes, 0.05M to 5.8M floats);
-- cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes.
+- cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes;
+- shard[path], the comm a second shard adds, from K = 1, S = 2 rows of 784-256-10 on each path over the S = 1 fit;
+- the slowdowns from the worker's own gradient call (GradientWorker._gradient, no Ray) and a shard's update
+  (ServerCore.apply_parts over p/S) timed in spawned processes, alone and K (S) at once, just before each row that
+  runs such work: on this 2-vCPU VM the factor moves between about 1 and 2 within minutes (two processes on one
+  physical core or on two), so one timed at another moment would not describe the row. The rows print how much of
+  the last gradient call another one ran beside ("beside": 0 = staggered, 1 = side by side); it is never fitted.
 The validation rows are others: K = 2 on one node, K = 2 over the cross-node path on one node, S = 2 shards, and
 K = 2 on a real two-raylet cluster on this machine (one worker on each raylet), all predicted from those terms.
 On this machine every "link" is loopback, so the two-raylet rows check the counting of messages, not a network.
@@ -44,8 +60,10 @@ On this machine every "link" is loopback, so the two-raylet rows check the count
 The prediction: K = 1..256 filling nodes of w = 16 workers (one core each, as measured), S = 1..16 shards, links of
 10, 25 and 100 Gbit/s; weak scaling (b = 1024 rows a worker, n' = 1024 K) and a fixed global n' = 16384. Left out:
 stragglers and the spread of rows between workers, contention for cores, memory bandwidth and the NIC by
-processes sharing a node, the driver (one call a step to each shard, assumed never late), network latency
-(microseconds against milliseconds), switches and oversubscribed links, and overlap between steps (none in sync).
+processes sharing a node (slowdown 1: the 16 workers of a node compute as fast as one alone, which a node whose
+memory bandwidth or shared caches run short will not), the driver (one call a step to each shard, assumed never
+late), network latency (microseconds against milliseconds), switches and oversubscribed links, and overlap between
+steps (none in sync).
 """
 
 from __future__ import annotations
@@ -131,18 +149,28 @@ def parts_per_shard(topo: Topology) -> int:
     return len(topo.nodes)
 
 
-def step_parts(terms: dict, layers, batch_per_worker: float, topo: Topology, link_rate: float | None = None) -> dict:
+def compute_seconds(terms: dict, layers, rows: float) -> float:
+    """One gradient call on ``rows`` rows, alone on its core."""
+    c = terms["compute"]
+    return float(np.dot([c["c0"], c["cp"], c["cf"]], compute_basis(layers, rows)))
+
+
+def step_parts(terms: dict, layers, batch_per_worker: float, topo: Topology, link_rate: float | None = None,
+               slowdown: tuple[float, float] = (1.0, 1.0)) -> dict:
     """Seconds of a step's compute, comm, update and whole step; ``server_link``: the part of comm a shard's
-    link is busy (what saturates one server). link_rate in bytes/s; None: everything at the host's rate."""
+    link is busy (what saturates one server). link_rate in bytes/s; None: everything at the host's rate.
+    ``slowdown``: how much longer a gradient call and a shard's update take when the step's workers (shards) run
+    them at once on shared cores, against alone (1: each has its own core and memory bandwidth)."""
     p = param_count(list(layers))
     path = terms["compiled"] if topo.path == "compiled" else terms["cross"]
     host, link = path_bytes(topo, p)
     rate = path["rate"] if link_rate is None else min(link_rate, path["rate"])
     w = max(topo.nodes)
     leader_adds = (w - 1) * p * terms["u2"] if topo.path == "cross" and topo.combine else 0.0
-    comm = path["latency"] + host / path["rate"] + link / rate + leader_adds
+    comm = path["latency"] + (topo.S - 1) * path.get("shard", 0.0) + host / path["rate"] + link / rate + leader_adds
     update = terms["u0"] + p / topo.S * (terms["u1"] + (parts_per_shard(topo) - 1) * terms["u2"])
-    compute = terms["c0"] + terms["c1"][label(layers)] * batch_per_worker
+    compute = compute_seconds(terms, layers, batch_per_worker) * slowdown[0]
+    update *= slowdown[1]
     N = len(topo.nodes)
     parts = N if topo.combine else topo.K
     server_link = 0.0 if topo.path == "compiled" else (N + parts) * p / topo.S * FLOAT_BYTES / rate
@@ -151,40 +179,66 @@ def step_parts(terms: dict, layers, batch_per_worker: float, topo: Topology, lin
 
 
 # -- fitting ---------------------------------------------------------------------------------------------
-def fit_line(x, y) -> tuple[float, float]:
-    """(intercept, slope) of the least-squares line, neither below zero (a time never shrinks with size)."""
+def fit_relative(A, y) -> np.ndarray:
+    """Coefficients c >= 0 (a time never shrinks with size) minimising the sum of ((A c - y) / y)^2: every row's
+    relative error counts alike, so a 1 ms row weighs as much as a 200 ms one."""
     from scipy.optimize import nnls
 
-    (intercept, slope), _ = nnls(np.column_stack([np.ones(len(x)), np.asarray(x, float)]), np.asarray(y, float))
+    A, y = np.asarray(A, float), np.asarray(y, float)
+    coef, _ = nnls(A / y[:, None], np.ones(len(y)))
+    return coef
+
+
+def fit_line(x, y) -> tuple[float, float]:
+    """(intercept, slope) of the line through (x, y), by relative error, neither below zero."""
+    intercept, slope = fit_relative(np.column_stack([np.ones(len(x)), np.asarray(x, float)]), y)
     return float(intercept), float(slope)
 
 
-def fit_compute(rows: list[tuple[str, int, float]]) -> tuple[float, dict[str, float]]:
-    """c0 shared by all models and c1 per model (none below zero) from (model, rows a worker, compute seconds)."""
-    from scipy.optimize import nnls
+def flops_per_row(layers) -> int:
+    """Multiply-adds x 2 of one row's gradient: the forward pass, the weight gradients and the deltas sent back,
+    except into the inputs (nobody needs the input gradient), so the first layer counts 4 and the others 6."""
+    return sum((4 if i == 1 else 6) * layers[i - 1] * layers[i] for i in range(1, len(layers)))
 
-    models = sorted({m for m, _, _ in rows})
-    A = np.array([[1.0] + [b * (m == other) for other in models] for m, b, _ in rows])
-    coef, _ = nnls(A, np.array([s for _, _, s in rows]))
-    return float(coef[0]), {m: float(c) for m, c in zip(models, coef[1:], strict=True)}
+
+def compute_basis(layers, rows: float) -> list[float]:
+    """compute = c0 + cp p + cf (flops a row) rows: a call's fixed cost, passes over the p parameters (W in, the
+    gradient sum out: the same for any rows) and the rows' arithmetic."""
+    return [1.0, float(param_count(list(layers))), float(flops_per_row(layers)) * rows]
+
+
+def fit_compute(rows: list[tuple[list, float, float]]) -> dict[str, float]:
+    """c0, cp, cf (none below zero) from (layers, rows of the call, compute seconds), by relative error."""
+    c0, cp, cf = fit_relative([compute_basis(layers, b) for layers, b, _ in rows], [s for _, _, s in rows])
+    return {"c0": float(c0), "cp": float(cp), "cf": float(cf)}
+
+
+def shard_latency(terms: dict, rows: list[dict]) -> float:
+    """Seconds a step's comm grows by with each server shard beyond the first (the driver's call to each, each
+    shard's own channel or graph edge): the mean excess of K = 1, S > 1 rows over the S = 1 fit, none below zero."""
+    excess = [(r["comm"] - step_parts(terms, r["layers"], r["batch"], topology(r))["comm"]) / (r["S"] - 1)
+              for r in rows]
+    return max(0.0, float(np.mean(excess))) if excess else 0.0
 
 
 def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH) -> dict:
     """Every term from the K = 1 calibration rows (and u2, measured apart); ValueError when a path's comm did not
     grow with the bytes it moved (a machine too busy to calibrate on)."""
-    compiled = [r for r in calibration if r["path"] == "compiled"]
-    c0, c1 = fit_compute([(label(r["layers"]), r["batch"], r["compute"]) for r in compiled])
-    u0, u1 = fit_line([param_count(list(r["layers"])) for r in compiled], [r["update"] for r in compiled])
-    terms = {"c0": c0, "c1": c1, "u0": u0, "u1": u1, "u2": u2}
+    one = [r for r in calibration if r["S"] == 1]
+    compute = fit_compute([(r["layers"], r["batch"], r["compute"]) for r in one])
+    u0, u1 = fit_line([param_count(list(r["layers"])) for r in one], [r["update"] for r in one])
+    terms = {"compute": compute, "u0": u0, "u1": u1, "u2": u2}
     for path in ("compiled", "cross"):
-        sweep = [r for r in calibration if r["path"] == path and r["batch"] == min(x["batch"] for x in calibration)]
+        sweep = [r for r in one if r["path"] == path and r["batch"] == min(x["batch"] for x in one)]
         moved = [sum(path_bytes(topology(r), param_count(list(r["layers"])))) for r in sweep]
         latency, per_byte = fit_line(moved, [r["comm"] for r in sweep])
         if per_byte <= 0:
             seen = ", ".join(f"{b / 1e6:.1f} MB: {r['comm'] * 1e3:.1f} ms" for b, r in zip(moved, sweep, strict=True))
             raise ValueError(f"the comm of the K = 1 {path} rows does not grow with the bytes they move ({seen}): "
                              "too noisy to fit a rate; measure again on a quieter machine")
-        terms[path] = {"latency": latency, "rate": 1 / per_byte}
+        terms[path] = {"latency": latency, "rate": 1 / per_byte, "shard": 0.0}
+    for path in ("compiled", "cross"):
+        terms[path]["shard"] = shard_latency(terms, [r for r in calibration if r["S"] > 1 and r["path"] == path])
     terms["cross"]["name"] = cross_path
     return terms
 
@@ -193,8 +247,44 @@ def topology(row: dict) -> Topology:
     return Topology(row["K"], row["S"], row["path"], tuple(row["per_node"]))
 
 
+def compute_key(layers, rows: int, procs: int) -> str:
+    return f"{label(layers)} gradient call of {rows} rows, {procs} at once"
+
+
+def update_key(layers, shards: int, parts: int) -> str:
+    return f"{label(layers)} update of 1/{shards} of W from {parts} parts, {shards} at once"
+
+
+def concurrent_work(rows: list[dict]) -> dict[str, list[tuple]]:
+    """What the rows run at once on this one host: K gradient calls of n'/K rows each (K > 1), S shards'
+    updates (S > 1). Every row here runs on this machine's cores, the two-raylet ones too."""
+    compute = {(tuple(r["layers"]), r["batch"] // r["K"], r["K"]) for r in rows if r["K"] > 1}
+    update = {(tuple(r["layers"]), r["S"], parts_per_shard(topology(r))) for r in rows if r["S"] > 1}
+    return {"compute": sorted(compute), "update": sorted(update)}
+
+
+def row_slowdown(row: dict) -> tuple[float, float]:
+    """The slowdowns (compute, update) of the row's concurrent work, measured on this host just before the row
+    (``row["contention"]``, measure_contention); 1 where nothing runs at once or nothing was measured."""
+    measured = row.get("contention") or {}
+    compute = measured.get("compute", {}).get(compute_key(row["layers"], row["batch"] // row["K"], row["K"]), 1.0)
+    update = measured.get("update", {}).get(update_key(row["layers"], row["S"], parts_per_shard(topology(row))), 1.0)
+    return (compute if row["K"] > 1 else 1.0), (update if row["S"] > 1 else 1.0)
+
+
 def predict_row(terms: dict, row: dict) -> dict:
-    return step_parts(terms, row["layers"], row["batch"] / row["K"], topology(row))
+    return step_parts(terms, row["layers"], row["batch"] / row["K"], topology(row), slowdown=row_slowdown(row))
+
+
+def compute_overlap(workers: list[list]) -> float:
+    """Median over steps (after the first) of the share of the last-finishing gradient call that another worker's
+    call ran beside it: 1 when the K calls ran side by side, 0 when one after another (staggered starts)."""
+    shares = []
+    for spans in zip(*workers, strict=True):
+        start, end = max(spans, key=lambda span: span[1])
+        beside = [max(0.0, min(end, e) - max(start, s)) for s, e in spans if (s, e) != (start, end)]
+        shares.append(max(beside, default=0.0) / (end - start) if end > start else 0.0)
+    return float(np.median(shares[1:])) if len(shares) > 1 else math.nan
 
 
 def sum_cost(parts: int = 3, repeats: int = 20) -> float:
@@ -218,26 +308,120 @@ def sum_cost(parts: int = 3, repeats: int = 20) -> float:
     return (best[parts] - best[1]) / ((parts - 1) * p)
 
 
+# -- contention: the same work alone and in several processes at once ------------------------------------
+def gradient_work(layers, rows: int):
+    """The gradient worker's own call on ``rows`` rows of its shard (GradientWorker._gradient: one BLAS thread, the
+    rows gathered, W in, the gradient sum out), without Ray."""
+    from polyak.service.engine.trainer import initial_weights
+    from polyak.workers.gradient_worker import GradientWorker
+
+    spec = spec_for(list(layers), rows, 4, 1, "sync")
+    worker = GradientWorker(spec.model_dump_json(), 0, 1)
+    W = initial_weights(spec)
+    chosen = np.random.default_rng(0).permutation(worker.X.shape[0])[:rows]
+    return lambda: worker._gradient([W], chosen)
+
+
+def update_work(layers, shards: int, parts: int):
+    """A shard's update (ServerCore.apply_parts over its 1/shards of W, ``parts`` parts, one BLAS thread)."""
+    from threadpoolctl import threadpool_limits
+
+    from polyak.service.engine.ps_core import ServerCore
+
+    size = -(-param_count(list(layers)) // shards)
+    core = ServerCore(spec_for(list(layers), 128, 1, 1, "sync"), np.zeros(size, np.float32), key_range=(0, size))
+    grads = [np.full(size, 1e-6, dtype=np.float32) for _ in range(parts)]
+    threadpool_limits(1)  # for the rest of this process, as in the server's
+    return lambda: core.apply_parts([(g, 0.0, 1) for g in grads])
+
+
+CALL_SECONDS = 0.3  # of calls a phase: many calls of a small work, a few of a large one
+
+
+def _timed_phases(jobs: list, index: int, rounds: int, barrier, queue) -> None:
+    """One process: each job's work built and warmed, then timed alone (process 0; the others wait) and with
+    every process at once, in turn, ``rounds`` times. Puts (index, [[(phase, seconds)] a job])."""
+    out = []
+    for make, args in jobs:
+        work = make(*args)
+        start = time.perf_counter()
+        work()  # first touch of its buffers
+        calls = int(np.clip(CALL_SECONDS / (time.perf_counter() - start), 3, 40))
+        times = []
+        for phase in ("alone", "together") * rounds:
+            barrier.wait()
+            if phase == "together" or index == 0:
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    work()
+                    times.append((phase, time.perf_counter() - start))
+        out.append(times)
+    queue.put((index, out))
+
+
+def slowdown_of(times: list[tuple[str, float]]) -> float:
+    """How much longer a call takes with every process making it at once than alone: the ratio of the medians."""
+    alone = [t for phase, t in times if phase == "alone"]
+    together = [t for phase, t in times if phase == "together"]
+    return float(np.median(together) / np.median(alone))
+
+
+def slowdowns(jobs: list, procs: int, rounds: int = 4) -> list[float]:
+    """The slowdown of each job's work run by ``procs`` fresh processes at once (spawned: no Ray, no threads
+    inherited), the phases kept in step by a barrier."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    children = [ctx.Process(target=_timed_phases, args=(jobs, i, rounds, barrier, queue)) for i in range(procs)]
+    for child in children:
+        child.start()
+    try:
+        results = dict(queue.get(timeout=600) for _ in children)
+    finally:
+        for child in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    return [slowdown_of([t for i in range(procs) for t in results[i][j]]) for j in range(len(jobs))]
+
+
+def measure_contention(rows: list[dict]) -> dict:
+    """The slowdown of each concurrent work the rows run (concurrent_work), measured apart from them."""
+    needs = concurrent_work(rows)
+    jobs = [("compute", compute_key(m, b, k), k, (gradient_work, (m, b))) for m, b, k in needs["compute"]]
+    jobs += [("update", update_key(m, s, n), s, (update_work, (m, s, n))) for m, s, n in needs["update"]]
+    out: dict = {"compute": {}, "update": {}}
+    for procs in sorted({j[2] for j in jobs}):
+        mine = [j for j in jobs if j[2] == procs]
+        for (kind, key, _, _), factor in zip(mine, slowdowns([j[3] for j in mine], procs), strict=True):
+            out[kind][key] = factor
+    return out
+
+
 # -- measuring -------------------------------------------------------------------------------------------
 def row(layers, batch: int, steps: int, K: int, S: int = 1, path: str = "compiled", per_node=()) -> dict:
     return {"layers": list(layers), "batch": batch, "steps": steps, "K": K, "S": S, "path": path,
             "per_node": list(per_node)}
 
 
+# Steps a row: the medians of a few steps on a shared machine move with whatever else ran, so the cheap rows get
+# many (a full run takes about 8 minutes, --quick about 4; most of it is each row's start-up).
 CALIBRATION = [
-    row(M64, 128, 60, 1), row(M256, 128, 60, 1), row(M256, 1024, 30, 1), row(M1024, 128, 20, 1),
-    row(M2048, 128, 10, 1), row(M2048, 512, 6, 1),
-    *(row(m, 128, steps, 1, path="cross") for m, steps in ((M256, 60), (M1024, 20), (M2048, 10))),
+    row(M64, 128, 120, 1), row(M256, 128, 120, 1), row(M256, 1024, 60, 1), row(M1024, 128, 60, 1),
+    row(M1024, 512, 30, 1), row(M2048, 128, 30, 1), row(M2048, 512, 16, 1),
+    *(row(m, 128, steps, 1, path="cross") for m, steps in ((M256, 120), (M1024, 60), (M2048, 30))),
+    row(M256, 128, 120, 1, S=2), row(M256, 128, 120, 1, S=2, path="cross"),  # the cost of a second shard
 ]
 ONE_NODE = [
-    row(M256, 128, 60, 2), row(M256, 1024, 30, 2), row(M1024, 1024, 12, 2),
-    row(M256, 1024, 30, 2, path="cross", per_node=(2,)),
-    row(M256, 1024, 30, 2, S=2), row(M1024, 1024, 12, 2, S=2), row(M2048, 128, 10, 1, S=2),
+    row(M256, 128, 120, 2), row(M256, 1024, 60, 2), row(M1024, 1024, 40, 2),
+    row(M256, 1024, 60, 2, path="cross", per_node=(2,)),
+    row(M256, 1024, 60, 2, S=2), row(M1024, 1024, 40, 2, S=2), row(M2048, 128, 30, 1, S=2),
 ]
 TWO_RAYLETS = [  # head 1 CPU, second raylet 2 CPUs: the server and worker 1 on the head, worker 2 on the other
-    row(M256, 128, 60, 2, path="cross", per_node=(1, 1)), row(M256, 1024, 30, 2, path="cross", per_node=(1, 1)),
-    row(M1024, 1024, 12, 2, path="cross", per_node=(1, 1)),
-    row(M256, 1024, 30, 2, S=2, path="cross", per_node=(1, 1)),
+    row(M256, 128, 120, 2, path="cross", per_node=(1, 1)), row(M256, 1024, 60, 2, path="cross", per_node=(1, 1)),
+    row(M1024, 1024, 40, 2, path="cross", per_node=(1, 1)),
+    row(M256, 1024, 60, 2, S=2, path="cross", per_node=(1, 1)),
 ]
 
 
@@ -268,12 +452,18 @@ def measure_row(r: dict, auto_path: bool = False) -> dict:
     except SpecError as e:
         return r | {"skipped": f"no sharded parameter server in this checkout ({e.args[0]})"}
     path = None if auto_path else ("compiled" if r["path"] == "compiled" else CROSS_PATH)
-    m = measure(spec, path, median_split)
-    return r | {k: m[k] for k in ("rate", "step", "compute", "comm", "update")} | {"placed": m["where"]}
+    overlap = {}
+
+    def split(workers: list[list], server: list) -> tuple[float, ...]:
+        overlap["overlap"] = compute_overlap(workers) if len(workers) > 1 else None  # printed, never fitted
+        return median_split(workers, server)
+
+    m = measure(spec, path, split)
+    return r | {k: m[k] for k in ("rate", "step", "compute", "comm", "update")} | overlap | {"placed": m["where"]}
 
 
 def quick(rows: list[dict], on: bool) -> list[dict]:
-    return [r | {"steps": max(r["steps"] // 2, 6)} for r in rows] if on else rows
+    return [r | {"steps": max(r["steps"] // 2, 8)} for r in rows] if on else rows
 
 
 def describe(r: dict) -> str:
@@ -283,9 +473,14 @@ def describe(r: dict) -> str:
 
 
 def run_rows(rows: list[dict], auto_path: bool = False, show: bool = True) -> list[dict]:
+    """Each row measured; a row whose workers (shards) run at once gets its contention timed just before it: on
+    this VM it changes within minutes (two vCPUs on one physical core or on two), so a factor timed once would not
+    hold for rows measured minutes apart."""
     out = []
     for r in rows:
-        out.append(measure_row(r, auto_path))
+        needs = concurrent_work([r])
+        contention = {"contention": measure_contention([r])} if needs["compute"] or needs["update"] else {}
+        out.append(measure_row(r, auto_path) | contention)
         if show:
             m = out[-1]
             figures = (f"skipped: {m['skipped']}" if "skipped" in m else
@@ -324,9 +519,10 @@ TOLERANCE = 0.25
 
 
 def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[float]]:
-    """Each measured row against the model's prediction: the lines to print and the step errors."""
+    """Each measured row against the model's prediction: the lines to print and the step errors. ``beside``: the
+    measured share of the last gradient call that another ran beside it (K > 1; shown, never used)."""
     head = (f"{'row':<58}{'measured ms: step':>18}{'comp':>8}{'comm':>8}{'upd':>7}"
-            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}")
+            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}{'beside':>8}{'slowed':>12}")
     lines, errors = [head], []
     for r in rows:
         if "skipped" in r:
@@ -336,24 +532,31 @@ def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[flo
         error = q["step"] / r["step"] - 1
         errors.append(error)
         ms = lambda d, k, width=8: f"{d[k] * 1e3:{width}.2f}"  # noqa: E731
+        beside = f"{r['overlap']:>8.0%}" if r.get("overlap") is not None else f"{'':8}"
+        slowed = "" if r["K"] == r["S"] == 1 else "{:>7.2f}{:>5.2f}".format(*row_slowdown(r))
         lines.append(f"{describe(r):<58}{ms(r, 'step', 18)}{ms(r, 'compute')}{ms(r, 'comm')}{ms(r, 'update', 7)}"
                      f"{ms(q, 'step', 17)}{ms(q, 'compute')}{ms(q, 'comm')}{ms(q, 'update', 7)}"
-                     f"{error:>+8.0%}{'' if abs(error) <= TOLERANCE else ' !'}")
+                     f"{error:>+8.0%}{beside}{slowed:>12}{'' if abs(error) <= TOLERANCE else ' !'}")
     return lines, errors
 
 
 def terms_lines(terms: dict) -> list[str]:
-    cross = terms["cross"]
+    cross, c = terms["cross"], terms["compute"]
     return [
-        f"compute  c0 = {terms['c0'] * 1e3:.3f} ms a call; c1 = "
-        + ", ".join(f"{m}: {c * 1e6:.2f} us" for m, c in terms["c1"].items()) + " a row (one core)"
-        + "   <- compute of the K=1 compiled rows",
+        f"compute  c0 = {c['c0'] * 1e3:.3f} ms a call + cp = {c['cp'] * 1e9:.2f} ns a parameter + cf = "
+        f"{c['cf'] * 1e12:.2f} ps a flop of the rows ({1e-9 / c['cf'] if c['cf'] else math.inf:.0f} GFLOP/s, one core)"
+        "   <- compute of the K=1 rows, both paths, relative error",
         f"update   u0 = {terms['u0'] * 1e3:.3f} ms, u1 = {terms['u1'] * 1e9:.2f} ns a float"
-        f"   <- update of the K=1 compiled rows; u2 = {terms['u2'] * 1e9:.2f} ns a float a part <- apply_parts timed",
+        f"   <- update of the K=1 rows, both paths; u2 = {terms['u2'] * 1e9:.2f} ns a float a part <- apply_parts",
         f"compiled latency {terms['compiled']['latency'] * 1e3:.2f} ms, {terms['compiled']['rate'] / 1e9:.2f} GB/s"
         "   <- comm of the K=1 compiled rows at n'=128, four sizes",
         f"cross    latency {cross['latency'] * 1e3:.2f} ms, stream {cross['rate'] / 1e9:.2f} GB/s ({cross['name']})"
         "   <- comm of the K=1 rows forced onto the cross-node path, three sizes",
+        f"a shard beyond the first: + {terms['compiled']['shard'] * 1e3:.2f} ms compiled, "
+        f"+ {cross['shard'] * 1e3:.2f} ms {cross['name']}   <- comm of the K=1 S=2 784-256-10 rows over the S=1 fit"
+        + ("" if terms["compiled"]["shard"] or cross["shard"] else " (none in this file: 0)"),
+        "contention (each K=2 or S=2 row's 'slowed' column: compute x, update x)   <- the worker's gradient call and "
+        "a shard's update timed alone and in K (S) processes at once, no Ray, just before the row",
     ]
 
 
@@ -420,7 +623,7 @@ def plot(terms: dict, weak: bool, path: Path) -> None:
     for (i, layers), (j, gbit) in ((a, b) for a in enumerate(PREDICTED) for b in enumerate(GBITS)):
         ax = axes[i][j]
         rows = [WEAK_BATCH if weak else STRONG_BATCH / K for K in KS]  # a worker's, a step
-        ideal = [K * b / (terms["c0"] + terms["c1"][label(layers)] * b) for K, b in zip(KS, rows, strict=True)]
+        ideal = [K * b / compute_seconds(terms, layers, b) for K, b in zip(KS, rows, strict=True)]
         ax.plot(KS, ideal, ":", color="grey", lw=1, label="K x one worker's compute")
         for S, colour in zip(SHARDS, colours, strict=True):
             c = curve(terms, layers, gbit, S, True, weak)
@@ -479,6 +682,13 @@ def calibrate_and_validate(args) -> dict:
     return saved
 
 
+def micro_again(saved: dict) -> dict:
+    """u2 and every validation row's contention timed again now (no Ray), for a file measured before either."""
+    print("timing apply_parts (u2) and the rows' concurrent work alone and at once (contention)", flush=True)
+    contention = measure_contention(saved["validation"])
+    return saved | {"u2": sum_cost(), "validation": [r | {"contention": contention} for r in saved["validation"]]}
+
+
 def report(saved: dict) -> None:
     terms = fit_terms(saved["calibration"], saved["u2"], saved["cross_path"])
     print("\nterms, and the rows each is fitted from:")
@@ -506,6 +716,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="half the steps a row")
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the rows on a two-raylet cluster")
     parser.add_argument("--predict-only", action="store_true", help=f"read {CALIBRATION_FILE.name}, measure nothing")
+    parser.add_argument("--micro-only", action="store_true",
+                        help=f"time u2 and contention again into {CALIBRATION_FILE.name}, then refit (no Ray)")
     parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:  # the two-raylet rows, in a driver joined to that cluster
@@ -515,10 +727,14 @@ def main() -> None:
         wait_for_cpus(3)
         print(json.dumps(run_rows(json.loads(args.driver[1]), auto_path=True)))
         return
-    if args.predict_only:
+    if args.predict_only or args.micro_only:
         if not CALIBRATION_FILE.exists():
-            sys.exit(f"error: --predict-only reads {CALIBRATION_FILE}, which does not exist: run without it first")
+            sys.exit(f"error: --predict-only and --micro-only read {CALIBRATION_FILE}, which does not exist: run "
+                     "without them first")
         saved = json.loads(CALIBRATION_FILE.read_text())
+        if args.micro_only:
+            saved = micro_again(saved)
+            CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     else:
         saved = calibrate_and_validate(args)
     try:

@@ -12,8 +12,9 @@ import scaling_model as sm  # noqa: E402
 
 P = 1000  # parameters
 F = sm.FLOAT_BYTES
-TERMS = {"c0": 2e-4, "c1": {"784-256-10": 9e-6, "784-64-10": 3e-6}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10,
-         "compiled": {"latency": 1e-3, "rate": 4e9}, "cross": {"latency": 5e-3, "rate": 2e9, "name": "channel"}}
+TERMS = {"compute": {"c0": 2e-4, "cp": 2e-9, "cf": 1.2e-11}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10,
+         "compiled": {"latency": 1e-3, "rate": 4e9, "shard": 4e-4},
+         "cross": {"latency": 5e-3, "rate": 2e9, "shard": 7e-4, "name": "channel"}}
 
 
 def test_one_node_compiled_graph_copies():
@@ -45,18 +46,64 @@ def test_spread_and_the_server_link_shrink_with_shards():
     assert one["server_link"] == pytest.approx(32 * sm.param_count(list(sm.M256)) * F / 1.25e9)
 
 
+def test_flops_per_row_counts_the_first_layer_without_its_input_gradient():
+    # 784-256-10: forward and weight gradient of both layers (4 each), the delta sent back only into the hidden one
+    assert sm.flops_per_row(sm.M256) == 4 * 784 * 256 + 6 * 256 * 10
+    assert sm.flops_per_row([5, 3]) == 4 * 15
+    assert sm.compute_basis([5, 3], 7) == [1.0, 18.0, 420.0]  # p = 5 * 3 + 3
+
+
+def test_the_relative_fit_weighs_every_row_alike():
+    # y = 1 and y = 100 at x = 0 and x = 1, and a third point off the line: by relative error the small rows
+    # count as much as the big one, so the fit is the closed form of weighted least squares with weights 1 / y^2
+    x, y = np.array([0.0, 1.0, 2.0]), np.array([1.0, 100.0, 150.0])
+    A = np.column_stack([np.ones(3), x])
+    weights = np.diag(1 / y**2)
+    closed = np.linalg.solve(A.T @ weights @ A, A.T @ weights @ y)
+    assert sm.fit_line(x, y) == pytest.approx(tuple(closed), rel=1e-9)
+    # and the unweighted line (which the 150 pulls) is a different one
+    assert sm.fit_line(x, y) != pytest.approx(tuple(np.polyfit(x, y, 1)[::-1]), rel=1e-2)
+
+
 def test_the_fits_recover_the_terms_that_made_the_rows():
     rows = [sm.row(m, b, 10, 1, path=path) for path in ("compiled", "cross") for m, b in
-            ((sm.M64, 128), (sm.M256, 128), (sm.M256, 1024))]
+            ((sm.M64, 128), (sm.M256, 128), (sm.M256, 1024), (sm.M1024, 128))]
+    rows += [sm.row(sm.M256, 128, 10, 1, S=2, path=path) for path in ("compiled", "cross")]
     for r in rows:
         r.update(sm.predict_row(TERMS, r))
     fitted = sm.fit_terms(rows, TERMS["u2"])
-    for key in ("c0", "u0", "u1"):
+    for key in ("u0", "u1"):
         assert fitted[key] == pytest.approx(TERMS[key], rel=1e-6)
-    assert fitted["c1"] == pytest.approx(TERMS["c1"], rel=1e-6)
+    assert fitted["compute"] == pytest.approx(TERMS["compute"], rel=1e-6)
     for path in ("compiled", "cross"):
-        for key in ("latency", "rate"):
+        for key in ("latency", "rate", "shard"):
             assert fitted[path][key] == pytest.approx(TERMS[path][key], rel=1e-6)
+
+
+def test_contention_slows_the_concurrent_work_of_the_rows_that_run_it():
+    measured = {"compute": {sm.compute_key(sm.M256, 512, 2): 1.5}, "update": {sm.update_key(sm.M256, 2, 2): 1.25}}
+    both, alone = sm.row(sm.M256, 1024, 10, 2, S=2), sm.row(sm.M256, 1024, 10, 1, S=2)
+    slowed_row, alone["contention"] = both | {"contention": measured}, measured
+    assert sm.row_slowdown(slowed_row) == (1.5, 1.25)
+    assert sm.row_slowdown(both) == (1.0, 1.0)  # nothing measured: nothing slowed
+    assert sm.row_slowdown(alone) == (1.0, 1.0)  # one worker computes alone; its shards' key was never measured
+    plain, slowed = sm.predict_row(TERMS, both), sm.predict_row(TERMS, slowed_row)
+    assert slowed["compute"] == pytest.approx(1.5 * plain["compute"])
+    assert slowed["update"] == pytest.approx(1.25 * plain["update"])
+    assert slowed["comm"] == plain["comm"]
+    # what the rows run at once: K calls of n'/K rows, S shards' updates of K parts (one a node across nodes)
+    needs = sm.concurrent_work([both, alone, sm.row(sm.M256, 1024, 10, 2, S=2, path="cross", per_node=(1, 1))])
+    assert needs == {"compute": [(sm.M256, 512, 2)], "update": [(sm.M256, 2, 1), (sm.M256, 2, 2)]}
+
+
+def test_slowdown_and_overlap_from_timings():
+    times = [("alone", 1.0), ("alone", 3.0), ("alone", 2.0), ("together", 3.0), ("together", 5.0)]
+    assert sm.slowdown_of(times) == pytest.approx(4.0 / 2.0)
+    # step 0 is left out; step 1: the other call ran the whole last call; step 2: 1 s of the last call's 4
+    side_by_side = [[(0, 1), (0.0, 2.0), (10.0, 12.0)], [(0, 1), (0.5, 2.5), (11.0, 15.0)]]
+    assert sm.compute_overlap(side_by_side) == pytest.approx(np.median([1.5 / 2.0, 1.0 / 4.0]))
+    staggered = [[(0, 1), (0.0, 1.0)], [(0, 1), (1.0, 2.0)]]
+    assert sm.compute_overlap(staggered) == 0.0
 
 
 def test_validation_flags_rows_beyond_the_bound():
