@@ -12,7 +12,7 @@ gradient sum of its rows, the sums go back and each shard adds them and updates 
 (the next W needs this update), so a step takes
 
     compute = (c0 + cp p + cf flops(model) b) x slowdown     b: the rows of one worker, n'/K
-    comm    = latency[path] + (S - 1) shard[path] + bytes on the path / rate[path]  (+ a leader adding its
+    comm    = latency[path] + hops hop[path] + bytes on the path / rate[path]  (+ a leader adding its
               followers' sums)
     update  = (u0 + (p/S) (u1 + (parts - 1) u2)) x slowdown  a shard adds its parts, then one pass of the rule
 
@@ -33,6 +33,10 @@ Topology: K workers on N nodes, w = K/N on a node, S server shards on nodes of t
   sets it. In a node the leader forwards W to its w-1 followers and takes their sums back over loopback (2 (w-1) p
   floats at the stream rate, w-1 additions). Without combining every worker sends its own part: the shard
   receives K parts and a node sends w.
+- hops: the actors a step waits on beyond one worker and one server, each one more message in and out with its
+  wake-up: S - 1 shards, and K - 1 workers in a compiled graph (each reads W from its own channel and writes its
+  own part); across nodes N - 1 more nodes for each shard to serve and w - 1 followers a leader serves one after
+  another (K - 1 workers without combining).
 
 Where each term comes from (printed by the run; the rows are saved in bench/scaling_calibration.json):
 Every row is bench_ray.measure (its spec_for, the actors' own timestamps), its steps split by bench_ray's sync_split
@@ -47,7 +51,8 @@ much as a 200 ms one), no coefficient below zero.
 - compiled latency and rate from the comm column of the K = 1 compiled rows at n' = 128 against their bytes (a
   transfer-size sweep over the four model sizes, 0.05M to 5.8M floats);
 - cross latency and stream rate from K = 1 rows forced onto the cross-node path on one node, at three sizes;
-- shard[path], the comm a second shard adds, from K = 1, S = 2 rows of 784-256-10 on each path over the S = 1 fit;
+- hop[path], the comm one more actor adds, from K = 1, S = 2 rows of 784-256-10 on each path (a second shard is
+  the one extra actor there) over the S = 1 fit;
 - the slowdowns from the worker's own gradient call (GradientWorker._gradient, no Ray) and a shard's update
   (ServerCore.apply_parts over p/S) timed in spawned processes, alone and K (S) at once, just before each row that
   runs such work: on this 2-vCPU VM the factor moves between about 1 and 2 within minutes (two processes on one
@@ -143,6 +148,13 @@ def path_bytes(topo: Topology, p: int) -> tuple[float, float]:
     return loopback * FLOAT_BYTES, (down + up) * FLOAT_BYTES
 
 
+def hops(topo: Topology) -> int:
+    """The actors a step waits on beyond one worker and one server (see the module's docstring)."""
+    if topo.path == "compiled" or not topo.combine:
+        return topo.S - 1 + topo.K - 1
+    return topo.S - 1 + len(topo.nodes) - 1 + max(topo.nodes) - 1
+
+
 def parts_per_shard(topo: Topology) -> int:
     if topo.path == "compiled" or not topo.combine:
         return topo.K
@@ -167,7 +179,7 @@ def step_parts(terms: dict, layers, batch_per_worker: float, topo: Topology, lin
     rate = path["rate"] if link_rate is None else min(link_rate, path["rate"])
     w = max(topo.nodes)
     leader_adds = (w - 1) * p * terms["u2"] if topo.path == "cross" and topo.combine else 0.0
-    comm = path["latency"] + (topo.S - 1) * path.get("shard", 0.0) + host / path["rate"] + link / rate + leader_adds
+    comm = path["latency"] + hops(topo) * path.get("hop", 0.0) + host / path["rate"] + link / rate + leader_adds
     update = terms["u0"] + p / topo.S * (terms["u1"] + (parts_per_shard(topo) - 1) * terms["u2"])
     compute = compute_seconds(terms, layers, batch_per_worker) * slowdown[0]
     update *= slowdown[1]
@@ -213,10 +225,10 @@ def fit_compute(rows: list[tuple[list, float, float]]) -> dict[str, float]:
     return {"c0": float(c0), "cp": float(cp), "cf": float(cf)}
 
 
-def shard_latency(terms: dict, rows: list[dict]) -> float:
-    """Seconds a step's comm grows by with each server shard beyond the first (the driver's call to each, each
-    shard's own channel or graph edge): the mean excess of K = 1, S > 1 rows over the S = 1 fit, none below zero."""
-    excess = [(r["comm"] - step_parts(terms, r["layers"], r["batch"], topology(r))["comm"]) / (r["S"] - 1)
+def hop_latency(terms: dict, rows: list[dict]) -> float:
+    """Seconds a step's comm grows by with each actor beyond one worker and one server (its own channel or graph
+    edge, its wake-up): the mean excess of K = 1, S > 1 rows over the S = 1 fit a hop, none below zero."""
+    excess = [(r["comm"] - step_parts(terms, r["layers"], r["batch"], topology(r))["comm"]) / hops(topology(r))
               for r in rows]
     return max(0.0, float(np.mean(excess))) if excess else 0.0
 
@@ -236,9 +248,9 @@ def fit_terms(calibration: list[dict], u2: float, cross_path: str = CROSS_PATH) 
             seen = ", ".join(f"{b / 1e6:.1f} MB: {r['comm'] * 1e3:.1f} ms" for b, r in zip(moved, sweep, strict=True))
             raise ValueError(f"the comm of the K = 1 {path} rows does not grow with the bytes they move ({seen}): "
                              "too noisy to fit a rate; measure again on a quieter machine")
-        terms[path] = {"latency": latency, "rate": 1 / per_byte, "shard": 0.0}
+        terms[path] = {"latency": latency, "rate": 1 / per_byte, "hop": 0.0}
     for path in ("compiled", "cross"):
-        terms[path]["shard"] = shard_latency(terms, [r for r in calibration if r["S"] > 1 and r["path"] == path])
+        terms[path]["hop"] = hop_latency(terms, [r for r in calibration if r["S"] > 1 and r["path"] == path])
     terms["cross"]["name"] = cross_path
     return terms
 
@@ -552,9 +564,9 @@ def terms_lines(terms: dict) -> list[str]:
         "   <- comm of the K=1 compiled rows at n'=128, four sizes",
         f"cross    latency {cross['latency'] * 1e3:.2f} ms, stream {cross['rate'] / 1e9:.2f} GB/s ({cross['name']})"
         "   <- comm of the K=1 rows forced onto the cross-node path, three sizes",
-        f"a shard beyond the first: + {terms['compiled']['shard'] * 1e3:.2f} ms compiled, "
-        f"+ {cross['shard'] * 1e3:.2f} ms {cross['name']}   <- comm of the K=1 S=2 784-256-10 rows over the S=1 fit"
-        + ("" if terms["compiled"]["shard"] or cross["shard"] else " (none in this file: 0)"),
+        f"a hop (an actor beyond one worker and one server): + {terms['compiled']['hop'] * 1e3:.2f} ms compiled, "
+        f"+ {cross['hop'] * 1e3:.2f} ms {cross['name']}   <- comm of the K=1 S=2 784-256-10 rows over the S=1 fit"
+        + ("" if terms["compiled"]["hop"] or cross["hop"] else " (none in this file: 0)"),
         "contention (each K=2 or S=2 row's 'slowed' column: compute x, update x)   <- the worker's gradient call and "
         "a shard's update timed alone and in K (S) processes at once, no Ray, just before the row",
     ]

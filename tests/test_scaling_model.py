@@ -13,8 +13,8 @@ import scaling_model as sm  # noqa: E402
 P = 1000  # parameters
 F = sm.FLOAT_BYTES
 TERMS = {"compute": {"c0": 2e-4, "cp": 2e-9, "cf": 1.2e-11}, "u0": 1e-4, "u1": 2e-9, "u2": 3e-10,
-         "compiled": {"latency": 1e-3, "rate": 4e9, "shard": 4e-4},
-         "cross": {"latency": 5e-3, "rate": 2e9, "shard": 7e-4, "name": "channel"}}
+         "compiled": {"latency": 1e-3, "rate": 4e9, "hop": 4e-4},
+         "cross": {"latency": 5e-3, "rate": 2e9, "hop": 7e-4, "name": "channel"}}
 
 
 def test_one_node_compiled_graph_copies():
@@ -76,7 +76,7 @@ def test_the_fits_recover_the_terms_that_made_the_rows():
         assert fitted[key] == pytest.approx(TERMS[key], rel=1e-6)
     assert fitted["compute"] == pytest.approx(TERMS["compute"], rel=1e-6)
     for path in ("compiled", "cross"):
-        for key in ("latency", "rate", "shard"):
+        for key in ("latency", "rate", "hop"):
             assert fitted[path][key] == pytest.approx(TERMS[path][key], rel=1e-6)
 
 
@@ -123,3 +123,18 @@ def test_a_sweep_whose_comm_does_not_grow_with_bytes_is_refused():
     rows[2]["comm"] = rows[3]["comm"] * 2  # the cross path's small model slower to move than its large one
     with pytest.raises(ValueError, match="comm of the K = 1 cross rows does not grow with the bytes"):
         sm.fit_terms(rows, TERMS["u2"])
+
+
+def test_a_step_waits_on_one_hop_for_each_actor_beyond_one_worker_and_one_server():
+    T = sm.Topology
+    assert sm.hops(T(1)) == 0
+    assert sm.hops(T(1, S=2)) == 1  # the calibration rows: a second shard
+    assert sm.hops(T(2)) == 1  # compiled: the second worker's own channels
+    assert sm.hops(T(2, path="cross", per_node=(2,))) == 1  # the leader serves its follower
+    assert sm.hops(T(2, S=2, path="cross", per_node=(1, 1))) == 2  # a second node and a second shard
+    assert sm.hops(T(32, S=4, path="cross", per_node=(16, 16))) == 3 + 1 + 15
+    assert sm.hops(T(32, S=4, path="cross", per_node=(16, 16), combine=False)) == 3 + 31
+    # two more workers on the compiled graph: two hops, and the one shard reads two more parts of p floats
+    two, four = (sm.step_parts(TERMS, sm.M256, 512, T(k)) for k in (2, 4))
+    p, compiled = sm.param_count(list(sm.M256)), TERMS["compiled"]
+    assert four["comm"] - two["comm"] == pytest.approx(2 * compiled["hop"] + 2 * p * sm.FLOAT_BYTES / compiled["rate"])
