@@ -435,4 +435,3 @@ def error_line(e: Exception) -> str:
     cause = getattr(e, "cause", None) if type(e).__name__.startswith("RayTaskError") else None
     e = cause if isinstance(cause, Exception) else e
     return f"{type(e).__name__}: {one_line(e)}"
-
