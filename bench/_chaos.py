@@ -16,6 +16,10 @@ service beside its checkpoints: service/engine/trace_file.py) replays, in float6
 final weights (1e-12), with every training row applied once per epoch on the trajectory it took; histories hold
 each epoch once; failures are one line; SQLite's integrity_check says ok; and no actor or process of the run
 outlives its job.
+
+Every wait has a deadline and ends the run, or gives its job up as lost, with a line naming what it waited for: a
+round none of whose jobs moves for ``job_timeout``, jobs unsettled when the sweep's ``sweep_timeout`` is up, a fault
+without a target for ``target_wait``, the service's answers, restarts and shutdown, each with its own.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +58,8 @@ KINDS = ("service", "parameter_server", "worker")
 TITLES = {"parameter_server": "ray::ParameterServer", "worker": "ray::GradientWorker"}
 TIMING = {"job_id", "samples_per_second", "elapsed_seconds"}  # figures no two runs share
 TOLERANCE = 1e-12
+CALM_WAIT = 900.0  # seconds a thread waits for the other's submission or fault (each bounded well below this)
+NEMESIS_GRACE = 600.0  # seconds the fault under way may take to end once the sweep ends (a restart is bounded)
 
 # digits, 64-32-10, float64 (so that a resumed run can be held to 1e-12), checkpoints every epoch (as every job).
 BASE = {
@@ -515,10 +522,14 @@ class Config:
     pause: tuple[float, float] = (0.5, 4.0)  # seconds between faults, drawn uniformly
     target_wait: float = 1200.0  # a fault with no target this long after its moment is missed
     job_timeout: float = 900.0  # a round none of whose jobs changed state or epoch this long is given up (lost)
+    sweep_timeout: float | None = None  # jobs unsettled this long after the start are given up; None: sweep_seconds
     base: dict = field(default_factory=lambda: json.loads(json.dumps(BASE)))
 
     def kinds(self) -> tuple[str, ...]:
         return KINDS + ("node",) if self.two_nodes else KINDS
+
+    def sweep_seconds(self) -> float:
+        return self.sweep_timeout if self.sweep_timeout is not None else 300.0 + 60.0 * self.faults
 
 
 class Run:
@@ -533,6 +544,7 @@ class Run:
         self.nemesis_done = threading.Event()
         self.nemesis_thread = threading.Thread(target=self.nemesis, name="nemesis", daemon=True)
         self.stopping = threading.Event()
+        self.nemesis_abandoned = False
         env = {k: v for k, v in os.environ.items() if k != "POLYAK_TOKEN"}
         env.update({MARKER: self.run_id, "POLYAK_ASYNC_TRACE": "1", "PYTHONUNBUFFERED": "1"})
         self.cluster = TwoNodes(folder, env) if config.two_nodes else None
@@ -541,6 +553,7 @@ class Run:
         self.client = Client(self.service.url, retries=0, timeout=60)
         self.references: dict[str, object] = {}
         self.orphans: list[tuple[psutil.Process, float]] = []  # processes of SIGKILLed services, when killed
+        self.deadline = float("inf")  # of the sweep: set when it starts
 
     def execute(self) -> Report:
         started = time.monotonic()
@@ -550,20 +563,19 @@ class Run:
             if self.cluster:
                 self.cluster.start()
             self.service.start()
+            self.deadline = time.monotonic() + self.config.sweep_seconds()
             self.nemesis_thread.start()
             rounds = 0
-            while not self.nemesis_done.is_set() or rounds == 0:
+            while (not self.nemesis_done.is_set() or rounds == 0) and time.monotonic() < self.deadline:
                 rounds += 1
                 self.follow(self.submit_round(rounds))
-            self.nemesis_thread.join()
+            self.end_nemesis()
             for chain in self.report.chains:
                 chain.problems += self.check(chain)
                 self.log.write("checked", ids=chain.ids, params=chain.params, problems=chain.problems)
             self.report.leftovers += self.actors_left("after every job ended") + self.orphans_left()
         finally:
-            self.stopping.set()
-            if self.nemesis_thread.is_alive():  # the run broke off (Ctrl-C, an error): let the fault under way end
-                self.nemesis_thread.join(600)
+            self.end_nemesis()  # the run broke off (Ctrl-C, an error): the fault under way ends first
             self.shut_down()
         self.report.integrity = integrity(self.service.data_dir / "polyak.db")
         self.report.seconds = time.monotonic() - started
@@ -571,6 +583,26 @@ class Run:
         return self.report
 
     # -- the nemesis ------------------------------------------------------------------------------------------
+    @contextmanager
+    def quiet(self, who: str) -> Iterator[None]:
+        """Held while the harness submits or a fault lands: a fault never cuts a POST, nor a POST a restart."""
+        if not self.calm.acquire(timeout=CALM_WAIT):
+            raise TimeoutError(f"{who} waited {CALM_WAIT:.0f} s for a submission or a fault under way to end")
+        try:
+            yield
+        finally:
+            self.calm.release()
+
+    def end_nemesis(self) -> None:
+        """Stop the schedule and wait for the fault under way; one that does not end is reported (once)."""
+        self.stopping.set()
+        if self.nemesis_thread.is_alive() and not self.nemesis_abandoned:
+            self.nemesis_thread.join(NEMESIS_GRACE)
+            if self.nemesis_thread.is_alive():
+                self.nemesis_abandoned = True
+                self.report.leftovers.append(f"the nemesis's fault under way did not end within {NEMESIS_GRACE:.0f} s"
+                                             " of the sweep's end")
+
     def nemesis(self) -> None:
         try:
             plan = schedule(self.config.seed, self.config.faults, self.config.kinds(), self.config.pause)
@@ -590,14 +622,14 @@ class Run:
     def inject(self, planned: Planned) -> tuple[float, str, str]:
         """(when, target, outcome) of one fault."""
         if planned.kind in ("service", "node"):
-            with self.calm:
+            with self.quiet(f"a {planned.kind} fault"):
                 at = self.log.now()
                 return (at, *(self.kill_service() if planned.kind == "service" else self.kill_node(planned.pick)))
         deadline, waited = time.monotonic() + self.config.target_wait, False
         while not self.stopping.is_set() and time.monotonic() < deadline:
             if waited and actor_processes(self.run_id, planned.kind):
                 time.sleep(planned.lag)
-            with self.calm:
+            with self.quiet(f"a {planned.kind} fault"):
                 procs = actor_processes(self.run_id, planned.kind)
                 if procs:
                     victim = procs[planned.pick % len(procs)]
@@ -636,16 +668,17 @@ class Run:
         while True:
             try:
                 return method(*args)
-            except ServerUnreachable:
+            except ServerUnreachable as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise TimeoutError(f"the service at {self.service.url} did not answer {method.__name__}{args} "
+                                       f"within {timeout:.0f} s: {e}") from e
                 time.sleep(0.2)
 
     def submit_round(self, number: int) -> list[Chain]:
         """The sweep (client.sweep's plan: one group, a job per combination), each job submitted exactly once."""
         grid = {"cluster.mode": ["sync", "async"], "optimizer.method": list(self.config.methods)}
         plan = plan_sweep(self.config.base, grid, f"chaos-{self.run_id}-{number}")
-        with self.calm:
+        with self.quiet(f"round {number}'s submission"):
             chains = [Chain(trial.params, [self.submit_once(trial.spec)]) for trial in plan.trials]
         self.report.chains += chains
         self.log.write("round", number=number, jobs=[[c.ids[0], c.params] for c in chains])
@@ -656,17 +689,18 @@ class Run:
         looked for by its name (unique in its group) before the POST is sent again."""
         return self.once(lambda: self.client.submit(spec).id, spec.group, lambda j: j.name == spec.name)
 
-    def once(self, post: Callable[[], str], group: str, stored: Callable[[JobInfo], bool]) -> str:
-        deadline = time.monotonic() + 600
+    def once(self, post: Callable[[], str], group: str, stored: Callable[[JobInfo], bool], timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 return post()
-            except ServerUnreachable:
+            except ServerUnreachable as e:
                 found = [j.id for j in self.call(self.client.list, None, group, 1000) if stored(j)]
                 if found:
                     return found[0]
                 if time.monotonic() > deadline:
-                    raise
+                    raise TimeoutError(f"a POST to the service at {self.service.url} (group {group}) got no answer "
+                                       f"within {timeout:.0f} s: {e}") from e
                 time.sleep(0.5)
 
     def follow(self, chains: list[Chain]) -> None:
@@ -685,6 +719,9 @@ class Run:
                 elif time.monotonic() - moved > self.config.job_timeout:
                     self.give_up(chain, f"job {info.id} {info.state.value} at epoch {info.epoch} for "
                                         f"{self.config.job_timeout:.0f} s: {info.waiting_reason or ''}")
+                elif time.monotonic() > self.deadline:
+                    self.give_up(chain, f"job {info.id} {info.state.value} at epoch {info.epoch} when the sweep's "
+                                        f"{self.config.sweep_seconds():.0f} s were up: {info.waiting_reason or ''}")
             time.sleep(0.3)
 
     def give_up(self, chain: Chain, why: str) -> None:
@@ -700,7 +737,7 @@ class Run:
         if info.state != JobState.FAILED or len(chain.ids) > 10:
             self.give_up(chain, f"job {info.id} ended {info.state.value} ({info.error}); not resubmitted again")
             return
-        with self.calm:
+        with self.quiet(f"job {info.id}'s resubmission"):
             try:
                 new = self.once(lambda: self.client.resubmit(info.id).id, info.group,
                                 lambda j: j.resumed_from == info.id)

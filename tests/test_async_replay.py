@@ -13,6 +13,7 @@ fault happened mid-epoch, and asserts the evidence (pids, the engine's counters,
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -147,6 +148,8 @@ class Gate:
 
     kill_worker  -- forward it, then kill the worker before it hears the answer (applied, unacknowledged)
     kill_server  -- forward it, then kill the parameter server
+    orphan_w     -- forward it, kill the parameter server and answer once it has restarted: the W the answer refers
+                    to died with the server that owned it
     hold         -- hold it, and every later push of any shard, until ``release()`` (the test cancels meanwhile)
     late         -- kill the worker first, and forward its push only after the restarted worker has joined
     """
@@ -180,10 +183,19 @@ class Gate:
         answer = ray.get(self.ps.push.remote(*args))
         if shard == self.shard and answer[0] == APPLIED:
             self.applied += 1
-            if due and self.fault in ("kill_worker", "kill_server"):
+            if due and self.fault in ("kill_worker", "kill_server", "orphan_w"):
                 self.fired = True
+                old = ray.get(self.ps.ping.remote())
                 ray.kill(self.worker if self.fault == "kill_worker" else self.ps, no_restart=False)
+                while self.fault == "orphan_w" and self.incarnation() in (None, old):
+                    time.sleep(0.05)
         return answer
+
+    def incarnation(self):
+        try:
+            return ray.get(self.ps.ping.remote())
+        except ray.exceptions.RayActorError:
+            return None
 
     def release(self):
         self.released.set()
@@ -328,13 +340,15 @@ def test_a_worker_killed_mid_epoch_resumes_after_exactly_the_applied_batches(tor
     assert_each_row_once_per_epoch(path, 3)
 
 
-@pytest.mark.parametrize("servers, killed", [(1, 0), (2, 1)])
-def test_a_parameter_server_lost_mid_epoch_is_restored_from_the_checkpoint(torch_ref, tmp_path, servers, killed):
+@pytest.mark.parametrize("servers, killed, fault", [(1, 0, "kill_server"), (2, 1, "kill_server"),
+                                                    (1, 0, "orphan_w")])
+def test_a_parameter_server_lost_mid_epoch_is_restored_from_the_checkpoint(torch_ref, tmp_path, servers, killed,
+                                                                          fault):
     """Killed (server shard ``killed``) after shard 0's 4th update of epoch 2: the run goes back to epoch 1's
-    checkpoint and redoes 2."""
+    checkpoint and redoes 2. orphan_w: the worker then reads a W whose owner, the old server, is gone (Ray's
+    OwnerDiedError inside its pass; a two-node chaos run failed a job on it)."""
     spec = iris_spec(servers=servers)
-    result, trace, facts = train_async(spec, "kill_server", after=BATCHES_PER_SHARD + 3, tmp_path=tmp_path,
-                                       server=killed)
+    result, trace, facts = train_async(spec, fault, after=BATCHES_PER_SHARD + 3, tmp_path=tmp_path, server=killed)
     assert result.state == JobState.SUCCEEDED and [m.epoch for m in result.metrics] == [1, 2, 3]
     assert facts["gate"][0] and facts["server_pid_changed"] and facts["incarnation_changed"]
     assert facts["server_recoveries"] == 1

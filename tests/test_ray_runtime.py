@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import RayActorError
 
 from polyak.contract.spec import parse_spec
 from polyak.contract.wire import EpochMetrics, JobState, StopReason
 from polyak.service.engine import sync_engine
 from polyak.service.engine.async_engine import AsyncRayEngine
 from polyak.service.engine.checkpoint import load_checkpoint
-from polyak.service.engine.placement import choose_sync_path, describe_nodes
+from polyak.service.engine.placement import choose_sync_path, describe_nodes, worker_options
 from polyak.service.engine.sync_engine import SyncRayEngine
 from polyak.service.engine.trainer import CHECKPOINT, Hooks, TrainResult, initial_weights, make_engine, run
 from polyak.workers.data import load_dataset, prepare
+from polyak.workers.gradient_worker import GradientWorker
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -325,3 +329,27 @@ def test_validation_on_the_workers_equals_a_whole_set_evaluation(undisturbed):
     assert n == 359
     assert seen[-1].val_loss == pytest.approx(loss_sum / n, rel=1e-12)
     assert seen[-1].val_accuracy == correct / n
+
+
+def test_a_worker_dead_in_rays_own_call_restarts_without_running_it_again_but_reruns_its_own_method():
+    """A compiled graph runs its loop on a worker in Ray's ``__ray_call__``. Run again on the restarted worker, the
+    loop read channels that had died with the old process, Ray aborted the process, restarted it and ran the loop
+    again, for ever, while the graph's teardown waited for it (a parameter server lost while a graph started hung
+    the job so). Now that call fails once; the worker's own call queued behind it runs on the new process."""
+    spec = digits_spec(**{"cluster.num_workers": 1})
+    info = prepare(spec.data, spec.model)
+    options = worker_options(ray.get_runtime_context().get_node_id(), "cpu")
+    worker = ray.remote(GradientWorker).options(**options).remote(spec.model_dump_json(), 0, 1, info.stats)
+
+    def die(actor) -> None:  # local: pickled by value, as the worker cannot import this module
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        first = ray.get(worker.pid.remote(), timeout=60)
+        dies, queued = worker.__ray_call__.remote(die), worker.pid.remote()
+        with pytest.raises(RayActorError):
+            ray.get(dies, timeout=60)  # before: retried on every restart, it never ended (GetTimeoutError here)
+        assert ray.get(queued, timeout=60) != first
+        assert ray.get(worker.pid.remote(), timeout=60) == ray.get(queued)  # one restart, not a loop of them
+    finally:
+        ray.kill(worker, no_restart=True)

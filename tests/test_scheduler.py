@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
+from ray.exceptions import OwnerDiedError, RayTaskError
 
 from polyak.contract.errors import ClusterTooSmall, SpecError
 from polyak.contract.spec import JobSpec, parse_spec
@@ -276,9 +277,15 @@ def test_cancel_a_queued_job_at_once_and_a_running_one_at_its_next_step(make_sch
 def test_a_job_that_raises_fails_and_the_scheduler_goes_on(make_scheduler):
     trainer = FakeTrainer()
     scheduler = make_scheduler(trainer=trainer)
-    bad_data, crash, fine = (scheduler.submit(spec()).id for _ in range(3))
+    bad_data, crash, remote, fine = (scheduler.submit(spec()).id for _ in range(4))
     trainer.fail[bad_data] = ValueError("data.path: /x.npz does not exist or is not a file")
     trainer.fail[crash] = RuntimeError("worker exploded")
+    # What an async pass raised when its parameter server died under a pull (a chaos run): the remote traceback,
+    # many lines, is Ray's message; the job's error stays one line, its cause's.
+    lost_w = OwnerDiedError("00585d03", None, "")
+    trainer.fail[remote] = RayTaskError("run_async_epoch", "Traceback (most recent call last):\n  File \"w.py\", "
+                                        "line 169, in _push_until_taken\nOwnerDiedError: ...", lost_w,
+                                        "ray::GradientWorker.run_async_epoch()", 7, "10.0.0.2").as_instanceof_cause()
     trainer.finish(fine)
     scheduler.start()
     wait_until(lambda: state(scheduler, fine) == JobState.SUCCEEDED)
@@ -286,6 +293,8 @@ def test_a_job_that_raises_fails_and_the_scheduler_goes_on(make_scheduler):
     assert (failed.state, failed.stop_reason) == (JobState.FAILED, StopReason.ERROR)
     assert failed.error == "data.path: /x.npz does not exist or is not a file"
     assert scheduler.store.get(crash).error == "RuntimeError: worker exploded"
+    assert scheduler.store.get(remote).error == f"OwnerDiedError: {' '.join(str(lost_w).split())}"
+    assert scheduler.store.get(remote).error.startswith("OwnerDiedError: Failed to retrieve object 00585d03. ")
 
 
 def test_stop_leaves_running_jobs_to_resume_at_the_next_start(make_scheduler):

@@ -27,6 +27,9 @@ from polyak.workers.step_channel import ChannelWorker, Role
 # The answers of ParameterServer.push; defined here because workers never import service code.
 APPLIED, STALE, STOP = "applied", "stale", "stop"
 TIMINGS_KEPT = 100_000  # the latest calls' timings a worker or the parameter server keeps
+# A call this worker died in runs again on its restarted process: each method is pure or resumes where the server
+# says it stopped. Only its own methods: the actor's default is no retry (service/engine/placement.worker_options).
+RETRIED = ray.method(max_task_retries=-1)
 
 
 class GradientWorker:
@@ -55,6 +58,7 @@ class GradientWorker:
         self.compute_spans: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
         self.channel: ChannelWorker | None = None
 
+    @RETRIED
     def info(self) -> dict:
         """What the driver needs to place the job's steps: this worker's rows, device and node."""
         return {
@@ -66,15 +70,18 @@ class GradientWorker:
             "ip": ray.util.get_node_ip_address(),
         }
 
+    @RETRIED
     def ping(self) -> int:
         return self.shard
 
+    @RETRIED
     def pid(self) -> int:
         """This process: a fault test checks that a restart really happened."""
         import os
 
         return os.getpid()
 
+    @RETRIED
     def gradient(self, *args):
         """(gradient sum (p,), loss sum, count) over these rows of the shard; args: W (or its slices, one per server
         shard), then rows. Sharded, one such triple per server shard, with its slice of the gradient sum (the
@@ -98,6 +105,7 @@ class GradientWorker:
         self.compute_spans.append((started, time.time()))
         return out
 
+    @RETRIED
     def channel_start(self, role: Role) -> int | None:
         """Serve sync steps over a new step channel in this role (ending any previous one); a leader with
         followers answers the loopback port they connect to."""
@@ -107,22 +115,26 @@ class GradientWorker:
                                      f"gradient worker {self.shard + 1}")
         return self.channel.port
 
+    @RETRIED
     def channel_stop(self) -> None:
         channel, self.channel = self.channel, None
         if channel is not None:
             channel.close()
 
+    @RETRIED
     def take_timings(self) -> list[tuple[float, float]]:
         """(start, end) of each gradient() call since the last take, in time.time() seconds."""
         taken = list(self.compute_spans)
         self.compute_spans.clear()
         return taken
 
+    @RETRIED
     def evaluate(self, W: np.ndarray) -> tuple[float, int | None, int]:
         """(loss sum, correct or None for mse, count) over this worker's validation rows, at weights W."""
         xp = self.backend.xp
         return self.mlp.evaluate(xp.asarray(W), self.X_val, self.y_val)
 
+    @RETRIED
     def run_async_epoch(self, servers: list, epoch: int, batch_size: int, traced: bool = False) -> int:
         """Async mode: pull W -> g_B on n' rows of this shard -> push (g_B, version), over the shard once.
 

@@ -96,10 +96,13 @@ def resolve_device(device: str, num_workers: int) -> str:
 # -- where the actors go ---------------------------------------------------------------------------------
 def worker_options(driver_node: str, device: str) -> dict:
     """A gradient worker's actor options: asked for the driver's node, where its steps are cheapest, and
-    elsewhere when that is full. Restarted workers rebuild their shard and Ray retries the call they died in:
-    gradient() is pure."""
+    elsewhere when that is full. Restarted workers rebuild their shard, and Ray retries the worker's own method
+    they died in (GradientWorker's methods say so: gradient() is pure) but never Ray's ``__ray_call__``: a
+    compiled graph runs its loop on the worker in one, and a loop retried on the restarted worker reads channels
+    that died with the old process — Ray aborts the process, restarts it, retries again, and the graph's teardown
+    waits for that loop forever (a parameter server lost while a graph started hung a job that way)."""
     return dict(
-        num_cpus=1, num_gpus=1 if device == "gpu" else 0, max_restarts=-1, max_task_retries=-1,
+        num_cpus=1, num_gpus=1 if device == "gpu" else 0, max_restarts=-1, max_task_retries=0,
         # soft alone would wait for the driver's node to free up; spilling places the worker elsewhere now
         scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=True, _spill_on_unavailable=True),
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, OwnerDiedError, RayActorError, RayError
 
 from polyak.contract.spec import JobSpec
 from polyak.service.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -53,7 +53,9 @@ class RayEngine:
     """The actors and the state between epochs; the subclasses take the steps."""
 
     mode: str  # "sync" | "async"
-    recoverable = (ParameterServerLost, RayActorError)
+    # A server's death shows as its actor's error, or, to a worker reading the W it had published (its object),
+    # as that object's owner gone.
+    recoverable = (ParameterServerLost, RayActorError, OwnerDiedError)
     fatal = (ClusterFault,)
 
     def __init__(self, spec: JobSpec, info: DataInfo, W0: np.ndarray, trace: bool = False):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyak.contract.errors import ClusterTooSmall, SpecError
+from polyak.contract.errors import ClusterTooSmall, SpecError, one_line
 from polyak.contract.spec import JobSpec
 from polyak.contract.wire import EpochMetrics, JobInfo, JobState, StopReason
 from polyak.service.engine.checkpoint import load_checkpoint
@@ -361,7 +361,7 @@ class Scheduler:
             state, reason, error = FAILED, StopReason.ERROR, str(e)
         except Exception as e:
             log.exception("job %s raised", job.id)
-            state, reason, error = FAILED, StopReason.ERROR, f"{type(e).__name__}: {e}"
+            state, reason, error = FAILED, StopReason.ERROR, error_line(e)
         try:
             if self._interrupted_by_shutdown(run, reason):
                 log.info("job %s interrupted by shutdown: resumes from its checkpoint at next start", job.id)
@@ -427,3 +427,11 @@ def _log_state(job: JobRecord, note: str | None = None) -> None:
     if note:
         details.append(note)
     log.info("job %s%s %s%s", job.id, name, job.state.value, f" [{'; '.join(details)}]" if details else "")
+
+
+def error_line(e: Exception) -> str:
+    """An unexpected exception as the job's one error line. A Ray task's error (``RayTaskError(X)``) carries the
+    remote traceback in its message, over many lines: the line is its cause's (the traceback is in the log)."""
+    cause = getattr(e, "cause", None) if type(e).__name__.startswith("RayTaskError") else None
+    e = cause if isinstance(cause, Exception) else e
+    return f"{type(e).__name__}: {one_line(e)}"
