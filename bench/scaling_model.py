@@ -300,24 +300,19 @@ def compute_overlap(workers: list[list]) -> float:
 
 
 def sum_cost(parts: int = 3, repeats: int = 20) -> float:
-    """u2: seconds a float to add one more part, from ServerCore.apply_parts (the server's own code, one BLAS
-    thread, p of 784-1024-1024-10) with ``parts`` parts against one."""
+    """u2: seconds a float to add one more part, from a whole server's update (update_work: ServerCore.apply_parts,
+    one BLAS thread, p of 784-1024-1024-10) with ``parts`` parts against one."""
     from threadpoolctl import threadpool_limits
 
-    from polyak.service.engine.ps_core import ServerCore
-
-    spec = spec_for(list(M1024), 128, 1, 1, "sync")
-    p = param_count(list(M1024))
-    core = ServerCore(spec, np.zeros(p, dtype=np.float32))
-    grads = [np.full(p, 1e-6, dtype=np.float32) for _ in range(parts)]
+    works = {n: update_work(M1024, 1, n) for n in (1, parts)}
     best = {}
     with threadpool_limits(1):
         for n in (1, parts, 1, parts):
             for _ in range(repeats):
                 start = time.perf_counter()
-                core.apply_parts([(g, 0.0, 1) for g in grads[:n]])
+                works[n]()
                 best[n] = min(best.get(n, math.inf), time.perf_counter() - start)
-    return (best[parts] - best[1]) / ((parts - 1) * p)
+    return (best[parts] - best[1]) / ((parts - 1) * param_count(list(M1024)))
 
 
 # -- contention: the same work alone and in several processes at once ------------------------------------
@@ -335,15 +330,13 @@ def gradient_work(layers, rows: int):
 
 
 def update_work(layers, shards: int, parts: int):
-    """A shard's update (ServerCore.apply_parts over its 1/shards of W, ``parts`` parts, one BLAS thread)."""
-    from threadpoolctl import threadpool_limits
-
+    """A shard's update (ServerCore.apply_parts over its 1/shards of W, ``parts`` parts); its caller holds BLAS to
+    one thread, as the server does."""
     from polyak.service.engine.ps_core import ServerCore
 
     size = -(-param_count(list(layers)) // shards)
     core = ServerCore(spec_for(list(layers), 128, 1, 1, "sync"), np.zeros(size, np.float32), key_range=(0, size))
     grads = [np.full(size, 1e-6, dtype=np.float32) for _ in range(parts)]
-    threadpool_limits(1)  # for the rest of this process, as in the server's
     return lambda: core.apply_parts([(g, 0.0, 1) for g in grads])
 
 
@@ -352,7 +345,11 @@ CALL_SECONDS = 0.3  # of calls a phase: many calls of a small work, a few of a l
 
 def _timed_phases(jobs: list, index: int, rounds: int, barrier, queue) -> None:
     """One process: each job's work built and warmed, then timed alone (process 0; the others wait) and with
-    every process at once, in turn, ``rounds`` times. Puts (index, [[(phase, seconds)] a job])."""
+    every process at once, in turn, ``rounds`` times, on one BLAS thread as the actors. Puts (index, [[(phase,
+    seconds)] a job])."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # for the rest of this (spawned) process
     out = []
     for make, args in jobs:
         work = make(*args)
