@@ -6,6 +6,7 @@ predict samples/s for K = 1..256 gradient workers and S = 1..16 parameter-server
     python bench/scaling_model.py --no-two-nodes  # skip the two-raylet rows
     python bench/scaling_model.py --predict-only  # print and plot again from bench/scaling_calibration.json
     python bench/scaling_model.py --micro-only    # time u2 and contention again into that file, then as above
+    python bench/scaling_model.py --validate-only --rounds 3  # the validation rows again, the calibration kept
 
 The step. A sync step of (26) is a chain: W leaves the server shards, reaches every worker, each computes the
 gradient sum of its rows, the sums go back and each shard adds them and updates its range of W. Nothing overlaps
@@ -60,6 +61,9 @@ much as a 200 ms one), no coefficient below zero.
   the last gradient call another one ran beside ("beside": 0 = staggered, 1 = side by side); it is never fitted.
 The validation rows are others: K = 2 on one node, K = 2 over the cross-node path on one node, S = 2 shards, and
 K = 2 on a real two-raylet cluster on this machine (one worker on each raylet), all predicted from those terms.
+Each is measured --rounds times (3), the rounds minutes apart and each with its own contention timing, and judged
+by the median of its rounds' errors (their range is printed): on this VM one round of a K = 2 row can compute 2x
+what the same row computes ten minutes later.
 On this machine every "link" is loopback, so the two-raylet rows check the counting of messages, not a network.
 
 The prediction: K = 1..256 filling nodes of w = 16 workers (one core each, as measured), S = 1..16 shards, links of
@@ -415,7 +419,8 @@ def row(layers, batch: int, steps: int, K: int, S: int = 1, path: str = "compile
 
 
 # Steps a row: the medians of a few steps on a shared machine move with whatever else ran, so the cheap rows get
-# many (a full run takes about 8 minutes, --quick about 4; most of it is each row's start-up).
+# many (a full run takes about 8 minutes with one round, --quick about 4; each more round of the validation rows
+# adds about half of that; most of it is each row's start-up).
 CALIBRATION = [
     row(M64, 128, 120, 1), row(M256, 128, 120, 1), row(M256, 1024, 60, 1), row(M1024, 128, 60, 1),
     row(M1024, 512, 30, 1), row(M2048, 128, 30, 1), row(M2048, 512, 16, 1),
@@ -484,7 +489,11 @@ def describe(r: dict) -> str:
 def run_rows(rows: list[dict], auto_path: bool = False, show: bool = True) -> list[dict]:
     """Each row measured; a row whose workers (shards) run at once gets its contention timed just before it: on
     this VM it changes within minutes (two vCPUs on one physical core or on two), so a factor timed once would not
-    hold for rows measured minutes apart."""
+    hold for rows measured minutes apart. The first row runs once more before, briefly, and is thrown away: a
+    session's first graph paid for what later ones reuse (its first calibration row's comm came out 9.2 ms against
+    1.6 the run before)."""
+    if rows:
+        measure_row(rows[0] | {"steps": 8}, auto_path)
     out = []
     for r in rows:
         needs = concurrent_work([r])
@@ -528,24 +537,37 @@ TOLERANCE = 0.25
 
 
 def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[float]]:
-    """Each measured row against the model's prediction: the lines to print and the step errors. ``beside``: the
-    measured share of the last gradient call that another ran beside it (K > 1; shown, never used)."""
+    """Each measured row against the model's prediction: the lines to print and the step errors, one a row. A row
+    measured in several rounds (the same row again minutes later, each round with its own contention timing) is one
+    line: the medians of its rounds, its error the median of the rounds' errors, their range beside it. ``beside``:
+    the measured share of the last gradient call that another ran beside it (K > 1; shown, never used)."""
     head = (f"{'row':<58}{'measured ms: step':>18}{'comp':>8}{'comm':>8}{'upd':>7}"
-            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}{'beside':>8}{'slowed':>12}")
+            f"{'predicted: step':>17}{'comp':>8}{'comm':>8}{'upd':>7}{'error':>8}{'rounds':>16}{'beside':>8}"
+            f"{'slowed':>12}")
     lines, errors = [head], []
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        if "skipped" in r:
-            lines.append(f"{describe(r):<58}  skipped: {r['skipped']}")
+        groups.setdefault(describe(r), []).append(r)
+    for name, rounds in groups.items():
+        measured = [r for r in rounds if "skipped" not in r]
+        if not measured:
+            lines.append(f"{name:<58}  skipped: {rounds[0]['skipped']}")
             continue
-        q = predict_row(terms, r)
-        error = q["step"] / r["step"] - 1
+        predicted = [predict_row(terms, r) for r in measured]
+        each = [q["step"] / r["step"] - 1 for q, r in zip(predicted, measured, strict=True)]
+        error = float(np.median(each))
         errors.append(error)
-        ms = lambda d, k, width=8: f"{d[k] * 1e3:{width}.2f}"  # noqa: E731
-        beside = f"{r['overlap']:>8.0%}" if r.get("overlap") is not None else f"{'':8}"
-        slowed = "" if r["K"] == r["S"] == 1 else "{:>7.2f}{:>5.2f}".format(*row_slowdown(r))
-        lines.append(f"{describe(r):<58}{ms(r, 'step', 18)}{ms(r, 'compute')}{ms(r, 'comm')}{ms(r, 'update', 7)}"
-                     f"{ms(q, 'step', 17)}{ms(q, 'compute')}{ms(q, 'comm')}{ms(q, 'update', 7)}"
-                     f"{error:>+8.0%}{beside}{slowed:>12}{'' if abs(error) <= TOLERANCE else ' !'}")
+        med = lambda parts, k, width=8: f"{np.median([d[k] for d in parts]) * 1e3:{width}.2f}"  # noqa: E731
+        spread_ = f"{min(each):+.0%}..{max(each):+.0%} ({len(each)})" if len(each) > 1 else ""
+        overlaps = [r["overlap"] for r in measured if r.get("overlap") is not None]
+        beside = f"{np.median(overlaps):>8.0%}" if overlaps else f"{'':8}"
+        first = measured[0]
+        slowed = "" if first["K"] == first["S"] == 1 else "{:>7.2f}{:>5.2f}".format(
+            *np.median([row_slowdown(r) for r in measured], axis=0))
+        lines.append(f"{name:<58}{med(measured, 'step', 18)}{med(measured, 'compute')}{med(measured, 'comm')}"
+                     f"{med(measured, 'update', 7)}{med(predicted, 'step', 17)}{med(predicted, 'compute')}"
+                     f"{med(predicted, 'comm')}{med(predicted, 'update', 7)}{error:>+8.0%}{spread_:>16}{beside}"
+                     f"{slowed:>12}{'' if abs(error) <= TOLERANCE else ' !'}")
     return lines, errors
 
 
@@ -673,22 +695,39 @@ def calibrate_and_validate(args) -> dict:
     connect(None, num_cpus=2)
     # Measured model by model, calibration and validation rows side by side: the machine's load drifts, and
     # rows measured minutes apart would fold that drift into the errors.
-    tagged = [r | {"role": role} for role, rows in (("calibration", CALIBRATION), ("validation", ONE_NODE))
+    tagged = [r | {"role": role, "round": 1} for role, rows in (("calibration", CALIBRATION), ("validation", ONE_NODE))
               for r in quick(rows, args.quick)]
     measured = run_rows(sorted(tagged, key=lambda r: param_count(r["layers"])))
     calibration = [r for r in measured if r["role"] == "calibration"]
-    validation = [r for r in measured if r["role"] == "validation"]
-    import ray
-
-    ray.shutdown()
-    if not args.no_two_nodes:
-        print("validation rows on a two-raylet cluster:", flush=True)
-        validation += two_raylet_rows(quick(TWO_RAYLETS, args.quick))
+    validation = [r for r in measured if r["role"] == "validation"] + validation_rounds(args, first=2)
     # The rows, not the terms: --predict-only fits them again, so a change to the fit needs no new measurement.
     saved = {"calibration": calibration, "validation": validation, "u2": sum_cost(), "cross_path": CROSS_PATH,
              "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
     CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     return saved
+
+
+def validation_rounds(args, first: int = 1) -> list[dict]:
+    """The validation rows measured again, rounds ``first``..--rounds on one node (Ray already up when first > 1)
+    and every round on the two-raylet cluster: on this VM the same row's compute moves up to 2x within minutes, so a
+    row is judged by the median of rounds measured minutes apart, each with its own contention timing."""
+    import ray
+
+    from polyak.service.engine.placement import connect
+
+    rows = sorted(quick(ONE_NODE, args.quick), key=lambda r: param_count(r["layers"]))
+    out = []
+    for i in range(first, args.rounds + 1):
+        if not ray.is_initialized():
+            connect(None, num_cpus=2)
+        print(f"validation rows on one node, round {i} of {args.rounds}:", flush=True)
+        out += run_rows([r | {"role": "validation", "round": i} for r in rows])
+    ray.shutdown()
+    if not args.no_two_nodes:
+        print(f"validation rows on a two-raylet cluster, {args.rounds} round(s) in turn:", flush=True)
+        out += two_raylet_rows([r | {"role": "validation", "round": i} for i in range(1, args.rounds + 1)
+                                for r in quick(TWO_RAYLETS, args.quick)])
+    return out
 
 
 def micro_again(saved: dict) -> dict:
@@ -727,6 +766,10 @@ def main() -> None:
     parser.add_argument("--predict-only", action="store_true", help=f"read {CALIBRATION_FILE.name}, measure nothing")
     parser.add_argument("--micro-only", action="store_true",
                         help=f"time u2 and contention again into {CALIBRATION_FILE.name}, then refit (no Ray)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each validation row is measured, minutes apart (default 3; its median is judged)")
+    parser.add_argument("--validate-only", action="store_true",
+                        help=f"measure the validation rows again into {CALIBRATION_FILE.name}, keep its calibration")
     parser.add_argument("--driver", nargs=2, metavar=("ADDRESS", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:  # the two-raylet rows, in a driver joined to that cluster
@@ -736,13 +779,20 @@ def main() -> None:
         wait_for_cpus(3)
         print(json.dumps(run_rows(json.loads(args.driver[1]), auto_path=True)))
         return
-    if args.predict_only or args.micro_only:
+    if args.rounds < 1:
+        sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
+    if args.predict_only or args.micro_only or args.validate_only:
         if not CALIBRATION_FILE.exists():
-            sys.exit(f"error: --predict-only and --micro-only read {CALIBRATION_FILE}, which does not exist: run "
-                     "without them first")
+            sys.exit(f"error: --predict-only, --micro-only and --validate-only read {CALIBRATION_FILE}, which does "
+                     "not exist: run without them first")
         saved = json.loads(CALIBRATION_FILE.read_text())
         if args.micro_only:
             saved = micro_again(saved)
+        if args.validate_only:
+            load_at_start = os.getloadavg()[0]
+            saved = saved | {"validation": validation_rounds(args),
+                             "load": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}}
+        if args.micro_only or args.validate_only:
             CALIBRATION_FILE.write_text(json.dumps(saved, indent=1) + "\n")
     else:
         saved = calibrate_and_validate(args)

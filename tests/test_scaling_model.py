@@ -107,13 +107,26 @@ def test_slowdown_and_overlap_from_timings():
 
 
 def test_validation_flags_rows_beyond_the_bound():
-    good, bad = (sm.row(sm.M256, 1024, 10, 2) for _ in range(2))
+    good, bad = sm.row(sm.M256, 1024, 10, 2), sm.row(sm.M256, 512, 10, 2)
     good.update(sm.predict_row(TERMS, good))
     bad.update({k: v * 2 for k, v in sm.predict_row(TERMS, bad).items()})
     lines, errors = sm.validation_lines(TERMS, [good, bad])
     assert errors == pytest.approx([0.0, -0.5])
     assert not lines[1].endswith("!") and lines[2].endswith("!")
     assert np.isfinite(errors).all()
+
+
+def test_a_row_measured_in_rounds_is_judged_by_the_median_of_its_errors():
+    rounds = []
+    for i, factor in enumerate((1 / 1.1, 1 / 1.6, 1 / 0.95), start=1):  # errors +10%, +60%, -5%
+        r = sm.row(sm.M256, 1024, 10, 2) | {"round": i}
+        rounds.append(r | {k: v * factor for k, v in sm.predict_row(TERMS, r).items()})
+    lines, errors = sm.validation_lines(TERMS, rounds)
+    assert errors == pytest.approx([0.10])  # one row, the median round; the +60% one alone would fail it
+    assert len(lines) == 2 and not lines[1].endswith("!")
+    assert "-5%..+60% (3)" in lines[1]
+    lines, errors = sm.validation_lines(TERMS, rounds[1:2])
+    assert errors == pytest.approx([0.60]) and lines[1].endswith("!")
 
 
 def test_a_sweep_whose_comm_does_not_grow_with_bytes_is_refused():
