@@ -358,12 +358,22 @@ def test_the_helper_needs_the_token(cluster, workdir):
 
 
 def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
-    """The service joined to the cluster by its GCS address: a two-worker job trains there.
+    """The service joined to the cluster by its GCS address, confined to a data root: a two-worker job trains there,
+    its workers opening a file of the root under the same confinement (the roots travel in the job's runtime_env).
 
     Written against DESIGN.md's contract (HTTP API, client.Client); it needs `polyak serve`.
     """
+    import numpy as np
+    from sklearn.datasets import load_iris
+
     from polyak import Client, JobState
 
+    root = tmp_path / "root"
+    root.mkdir()
+    X, y = load_iris(return_X_y=True)
+    np.save(root / "iris.npy", np.column_stack([X, y]))
+    iris_file = {**IRIS, "data": {"source": "file", "path": "iris.npy", "standardize": True,
+                                  "validation_fraction": 0.2}}
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
@@ -372,7 +382,7 @@ def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
     with log.open("wb") as out:
         serve = subprocess.Popen(
             [sys.executable, "-m", "polyak", "serve", "--ray-address", cluster.gcs_address,
-             "--port", str(port), "--data-dir", str(tmp_path / "data")],
+             "--port", str(port), "--data-dir", str(tmp_path / "data"), "--data-root", str(root)],
             cwd=tmp_path, env=cluster.env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -386,7 +396,7 @@ def test_polyak_serve_runs_jobs_on_the_cluster(cluster, tmp_path):
                 except PolyakError:
                     assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
                     time.sleep(0.5)
-            job = client.submit(IRIS)
+            job = client.submit(iris_file)
             info = job.wait(timeout=180)
             assert info.state == JobState.SUCCEEDED, (info.error, log.read_text(errors="replace")[-4000:])
             history = job.metrics()

@@ -10,6 +10,7 @@ from ray.exceptions import AuthenticationError
 import polyak.shipping
 from polyak.contract.errors import RAY_AUTH_HINT
 from polyak.service.engine.placement import connect
+from polyak.workers.readers import DATA_ROOTS, confine_data
 
 ADDRESS = "10.0.0.1:6379"
 
@@ -21,6 +22,7 @@ def refused(monkeypatch):
     monkeypatch.setattr(polyak.shipping, "shippable_package", lambda: "/staged/polyak")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv(DATA_ROOTS, raising=False)
 
     def attempt(error: Exception) -> Exception:
         def init(**kwargs):
@@ -60,3 +62,18 @@ def test_an_error_is_classified_by_its_type_not_its_text(refused):
     """A message that talks of authentication is no AuthenticationError: it passes through untouched."""
     original = RuntimeError("authentication token mismatch in the GCS")
     assert refused(original) is original
+
+
+def test_a_joined_cluster_gets_the_data_roots_this_process_is_confined_to(monkeypatch, tmp_path):
+    """polyak serve --data-root confines this process; a local Ray inherits the environment, a running cluster's
+    workers get the roots through the job's runtime_env (their check where a file is opened needs them)."""
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(polyak.shipping, "shippable_package", lambda: "/staged/polyak")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv(DATA_ROOTS, "")  # restored after the test: confine_data sets the process's environment
+    confine_data([tmp_path / "a", tmp_path / "b"])
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    connect(ADDRESS)
+    roots = f"{(tmp_path / 'a').resolve()}:{(tmp_path / 'b').resolve()}"
+    assert seen["runtime_env"] == {"py_modules": ["/staged/polyak"], "env_vars": {DATA_ROOTS: roots}}

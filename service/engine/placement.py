@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from polyak.contract.errors import RAY_AUTH_HINT
 from polyak.service.engine.engine import ClusterFault
 from polyak.workers.backend import worker_device
+from polyak.workers.readers import DATA_ROOTS
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     # A Ray job's actors inherit the job's runtime_env, which already carries the code (its working_dir or
     # py_modules); Ray refuses a second py_modules beside the job's own.
-    runtime_env = None if in_ray_job else {"py_modules": [shippable_package()]}
+    runtime_env = None if in_ray_job else {"py_modules": [shippable_package()], **confined_env()}
     _join(address, runtime_env)
     return False
+
+
+def confined_env() -> dict:
+    """The data roots this process is confined to (``polyak serve --data-root``), for the workers of a cluster it
+    joins: a local Ray inherits them from this process's environment, a running cluster's raylets do not, and a
+    worker without them would open whatever path it is handed."""
+    roots = os.environ.get(DATA_ROOTS)
+    return {"env_vars": {DATA_ROOTS: roots}} if roots else {}
 
 
 def _join(address: str, runtime_env: dict | None) -> None:

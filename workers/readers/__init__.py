@@ -30,7 +30,8 @@ from polyak.workers.readers.source import Source, check_n
 
 _UNSUPPORTED = "use .npy, .parquet (read in part), .npz or .csv (read whole)"
 # The folders a server confines data to (``polyak serve --data-root``, and its uploads' folder), os.pathsep
-# between them. In the environment: the local Ray the server starts, and so every worker, inherits it.
+# between them. In the environment: the local Ray the server starts, and so every worker, inherits it; a cluster it
+# joins gets it in the job's runtime_env (placement.confined_env).
 DATA_ROOTS = "POLYAK_DATA_ROOTS"
 
 
