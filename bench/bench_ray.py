@@ -91,7 +91,7 @@ def measure(spec, sync_path: str | None = None, sync_split_of=None) -> dict:
         seen.append(m)
         if spec.cluster.num_workers:
             timings["workers"] = ray.get([w.take_timings.remote() for w in engine.workers])
-            timings["server"] = ray.get(engine.ps.take_timings.remote())
+            timings["server"] = last_shard(ray.get([server.take_timings.remote() for server in engine.servers]))
 
     try:
         run(spec, info, engine, "bench", Hooks(on_epoch=on_epoch))
@@ -105,6 +105,21 @@ def measure(spec, sync_path: str | None = None, sync_split_of=None) -> dict:
     split = (sync_split_of or sync_split) if spec.cluster.mode == "sync" else async_split
     return out | dict(zip(("step", "compute", "comm", "update"), split(timings["workers"], timings["server"]),
                           strict=True))
+
+
+def last_shard(per_shard: list[list[tuple]]) -> list[tuple]:
+    """The S shards' update spans (key, start, end) as one server's: of the S spans of a step (in async, of a
+    worker's push: spans pair up key by key, in order), the one that ended last, whose end the step waited for."""
+    if len(per_shard) == 1:
+        return per_shard[0]
+    keys = dict.fromkeys(key for spans in per_shard for key, _, _ in spans)  # None for sync, a worker's shard else
+    merged = []
+    for key in keys:
+        columns = [[span for span in spans if span[0] == key] for spans in per_shard]
+        if len({len(c) for c in columns}) > 1:
+            raise ValueError(f"the shards timed different numbers of updates for {key}: {[len(c) for c in columns]}")
+        merged += [max(spans, key=lambda span: span[2]) for spans in zip(*columns, strict=True)]
+    return merged
 
 
 def sync_split(workers: list[list], server: list) -> tuple[float, ...]:

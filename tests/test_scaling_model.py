@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import scaling_model as sm  # noqa: E402
+from bench_ray import last_shard  # noqa: E402
 
 P = 1000  # parameters
 F = sm.FLOAT_BYTES
@@ -151,3 +152,16 @@ def test_a_step_waits_on_one_hop_for_each_actor_beyond_one_worker_and_one_server
     two, four = (sm.step_parts(TERMS, sm.M256, 512, T(k)) for k in (2, 4))
     p, compiled = sm.param_count(list(sm.M256)), TERMS["compiled"]
     assert four["comm"] - two["comm"] == pytest.approx(2 * compiled["hop"] + 2 * p * sm.FLOAT_BYTES / compiled["rate"])
+
+
+def test_the_shards_timings_merge_into_the_span_each_step_waited_for():
+    one = [(None, 0.0, 1.0), (None, 2.0, 3.0)]
+    assert last_shard([one]) == one
+    other = [(None, 0.1, 1.5), (None, 2.0, 2.5)]  # shard 1 ended last in step 0, shard 0 in step 1
+    assert last_shard([one, other]) == [(None, 0.1, 1.5), (None, 2.0, 3.0)]
+    # async: pushes pair up worker by worker, in order, whatever the interleaving on each shard
+    a = [(0, 0.0, 1.0), (1, 0.5, 0.7), (0, 2.0, 2.2)]
+    b = [(1, 0.4, 0.9), (0, 0.0, 0.8), (0, 2.0, 2.6)]
+    assert last_shard([a, b]) == [(0, 0.0, 1.0), (0, 2.0, 2.6), (1, 0.4, 0.9)]
+    with pytest.raises(ValueError, match="different numbers of updates for None"):
+        last_shard([one, one[:1]])
