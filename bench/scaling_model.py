@@ -558,7 +558,7 @@ def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[flo
         error = float(np.median(each))
         errors.append(error)
         med = lambda parts, k, width=8: f"{np.median([d[k] for d in parts]) * 1e3:{width}.2f}"  # noqa: E731
-        spread_ = f"{min(each):+.0%}..{max(each):+.0%} ({len(each)})" if len(each) > 1 else ""
+        band = f"{min(each):+.0%}..{max(each):+.0%} ({len(each)})" if len(each) > 1 else ""
         overlaps = [r["overlap"] for r in measured if r.get("overlap") is not None]
         beside = f"{np.median(overlaps):>8.0%}" if overlaps else f"{'':8}"
         first = measured[0]
@@ -566,7 +566,7 @@ def validation_lines(terms: dict, rows: list[dict]) -> tuple[list[str], list[flo
             *np.median([row_slowdown(r) for r in measured], axis=0))
         lines.append(f"{name:<58}{med(measured, 'step', 18)}{med(measured, 'compute')}{med(measured, 'comm')}"
                      f"{med(measured, 'update', 7)}{med(predicted, 'step', 17)}{med(predicted, 'compute')}"
-                     f"{med(predicted, 'comm')}{med(predicted, 'update', 7)}{error:>+8.0%}{spread_:>16}{beside}"
+                     f"{med(predicted, 'comm')}{med(predicted, 'update', 7)}{error:>+8.0%}{band:>16}{beside}"
                      f"{slowed:>12}{'' if abs(error) <= TOLERANCE else ' !'}")
     return lines, errors
 
