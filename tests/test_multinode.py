@@ -195,7 +195,9 @@ def test_async_trains_across_two_nodes(two_nodes, tmp_path):
             "stopping": {"max_epochs": 6}}
     proc = train_on(two_nodes, spec, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + two_nodes.tails()
-    assert "running async on Ray" in proc.stderr and "worker 2 on" in proc.stderr
+    assert "running async on Ray" in proc.stderr
+    # The head has one CPU for two workers: one of them at least runs on the second node, whichever Ray put there.
+    assert re.search(r"workers? [\d,]+ on \w{8} \(192\.0\.2\.2\)", proc.stderr), proc.stderr[-3000:]
     streamed = metrics_of(proc.stdout)
     assert len(streamed) == 6 and streamed[-1].val_accuracy >= 0.9
     assert streamed[-1].staleness_max is not None
