@@ -3,6 +3,8 @@ by its text, and becomes one line saying what to do. ray.init is replaced here: 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 from ray.exceptions import AuthenticationError
@@ -16,11 +18,18 @@ ADDRESS = "10.0.0.1:6379"
 
 
 @pytest.fixture
-def refused(monkeypatch):
-    """refused(error): connect() to ADDRESS where ray.init raises ``error``; returns what connect raised."""
+def joining(monkeypatch):
+    """connect() to ADDRESS from outside a Ray job, with no Ray running and the package staged at /staged/polyak."""
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(polyak.shipping, "shippable_package", lambda: "/staged/polyak")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def refused(joining):
+    """refused(error): connect() to ADDRESS where ray.init raises ``error``; returns what connect raised."""
+    monkeypatch = joining
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv(DATA_ROOTS, raising=False)
 
@@ -64,16 +73,14 @@ def test_an_error_is_classified_by_its_type_not_its_text(refused):
     assert refused(original) is original
 
 
-def test_a_joined_cluster_gets_the_data_roots_this_process_is_confined_to(monkeypatch, tmp_path):
+def test_a_joined_cluster_gets_the_data_roots_this_process_is_confined_to(joining, tmp_path):
     """polyak serve --data-root confines this process; a local Ray inherits the environment, a running cluster's
     workers get the roots through the job's runtime_env (their check where a file is opened needs them)."""
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(polyak.shipping, "shippable_package", lambda: "/staged/polyak")
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch = joining
     monkeypatch.setenv(DATA_ROOTS, "")  # restored after the test: confine_data sets the process's environment
     confine_data([tmp_path / "a", tmp_path / "b"])
     seen = {}
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     connect(ADDRESS)
-    roots = f"{(tmp_path / 'a').resolve()}:{(tmp_path / 'b').resolve()}"
+    roots = os.pathsep.join(str((tmp_path / name).resolve()) for name in ("a", "b"))
     assert seen["runtime_env"] == {"py_modules": ["/staged/polyak"], "env_vars": {DATA_ROOTS: roots}}
